@@ -1,0 +1,16 @@
+//! `ambit-agent`: the node agent.
+//!
+//! Layout:
+//! - [`config`]: command line / environment, parsed then validated.
+//! - [`cni_server`]: the plugin's Unix socket (peer-credential check, framing, SCM_RIGHTS).
+//! - [`workloads`]: captured pods and their proxies; add, delete, check, GC, reconcile.
+//! - [`state`]: the on-disk record of captured pods, for re-adoption after a restart.
+//! - [`sockets`]: the `SocketFactory` that creates every pod socket inside the pod's netns.
+
+#![forbid(unsafe_code)]
+
+pub mod cni_server;
+pub mod config;
+pub mod sockets;
+pub mod state;
+pub mod workloads;

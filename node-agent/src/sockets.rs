@@ -1,0 +1,76 @@
+//! Every socket of a pod is created inside the pod's network namespace and carries the
+//! agent's mark, so the pod's redirect rules let it through.
+
+use std::io;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use ambit_common::netns::Netns;
+use ambit_proxy::socket::SocketFactory;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpSocket;
+
+pub struct InPodSockets {
+    pub netns: Arc<Netns>,
+    pub mark: u32,
+}
+
+fn in_ns<T>(ns: &Netns, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    ns.run(f).map_err(io::Error::other)?
+}
+
+impl SocketFactory for InPodSockets {
+    fn listener(&self, port: u16) -> io::Result<std::net::TcpListener> {
+        let mark = self.mark;
+        in_ns(&self.netns, || {
+            // Dual-stack where the pod has IPv6, IPv4 only where it has not.
+            let (s, addr) = match Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))
+                .and_then(|s| {
+                    s.set_only_v6(false)?;
+                    Ok(s)
+                }) {
+                Ok(s) => (s, SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)),
+                Err(_) => (
+                    Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?,
+                    SocketAddr::from(([0, 0, 0, 0], port)),
+                ),
+            };
+            s.set_reuse_address(true)?;
+            // A new agent can bind beside the old one during an upgrade.
+            s.set_reuse_port(true)?;
+            s.set_mark(mark)?;
+            s.set_nonblocking(true)?;
+            s.bind(&addr.into())?;
+            s.listen(1024)?;
+            Ok(s.into())
+        })
+    }
+
+    fn upstream(&self, dst: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpSocket> {
+        let mark = self.mark;
+        in_ns(&self.netns, || {
+            let domain = if dst.is_ipv4() {
+                Domain::IPV4
+            } else {
+                Domain::IPV6
+            };
+            let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+            s.set_mark(mark)?;
+            s.set_nonblocking(true)?;
+            if let Some(src) = source {
+                match src {
+                    IpAddr::V4(_) => {
+                        s.set_ip_transparent_v4(true)?;
+                        s.set_freebind_v4(true)?;
+                    }
+                    IpAddr::V6(_) => {
+                        s.set_ip_transparent_v6(true)?;
+                        s.set_freebind_v6(true)?;
+                    }
+                }
+                s.bind(&SocketAddr::new(src, 0).into())?;
+            }
+            Ok(TcpSocket::from_std_stream(s.into()))
+        })
+    }
+}

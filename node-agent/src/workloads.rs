@@ -1,0 +1,217 @@
+//! Captured pods and their proxies.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ambit_common::netns::{Netns, NetnsId};
+use ambit_common::protocol::PodInfo;
+use ambit_proxy::passthrough::PodContext;
+use ambit_proxy::pod::PodProxy;
+use tracing::{info, warn};
+
+use crate::sockets::InPodSockets;
+use crate::state::{PodRecord, STATE_VERSION, StateDir};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot bind the listeners of {pod} in {netns}: {source}")]
+    Listen {
+        pod: String,
+        netns: NetnsId,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    State(#[from] crate::state::Error),
+}
+
+struct Entry {
+    pod: PodInfo,
+    netns: NetnsId,
+    _proxy: PodProxy,
+}
+
+/// What a restart found in the state directory.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Adoption {
+    pub adopted: usize,
+    pub gone: usize,
+    pub failed: usize,
+}
+
+pub struct Manager {
+    pods: Mutex<HashMap<String, Entry>>,
+    state: StateDir,
+    mark: u32,
+    ready: AtomicBool,
+}
+
+fn label(p: &PodInfo) -> String {
+    format!("{}/{} ({})", p.namespace, p.name, p.container_id)
+}
+
+impl Manager {
+    pub fn new(state: StateDir, mark: u32) -> Arc<Self> {
+        Arc::new(Self {
+            pods: Mutex::new(HashMap::new()),
+            state,
+            mark,
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.pods.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Captures a pod: binds its listeners inside `netns`, records it, then returns (the
+    /// caller acks the plugin). Idempotent for the same namespace; a new namespace for the same
+    /// container id replaces the old proxy. Must run inside the tokio runtime.
+    pub fn add(&self, pod: PodInfo, netns: Netns) -> Result<(), Error> {
+        let id = netns.id();
+        let mut pods = self.lock();
+        if let Some(e) = pods.get_mut(&pod.container_id)
+            && e.netns == id
+        {
+            e.pod = pod.clone();
+            self.state.save(&PodRecord {
+                version: STATE_VERSION,
+                pod,
+                netns: id,
+            })?;
+            return Ok(());
+        }
+        // A replaced entry must release its ports before the new listeners bind.
+        pods.remove(&pod.container_id);
+        let ctx = PodContext {
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
+            ips: pod.ips.clone(),
+        };
+        let factory = Arc::new(InPodSockets {
+            netns: Arc::new(netns),
+            mark: self.mark,
+        });
+        let proxy = PodProxy::start(factory, ctx).map_err(|source| Error::Listen {
+            pod: label(&pod),
+            netns: id,
+            source,
+        })?;
+        self.state.save(&PodRecord {
+            version: STATE_VERSION,
+            pod: pod.clone(),
+            netns: id,
+        })?;
+        info!(pod = %label(&pod), netns = %id, ips = ?pod.ips, "pod captured");
+        pods.insert(
+            pod.container_id.clone(),
+            Entry {
+                pod,
+                netns: id,
+                _proxy: proxy,
+            },
+        );
+        Ok(())
+    }
+
+    /// Forgets a pod: closes its listeners and connections and drops its record. Idempotent.
+    pub fn del(&self, container_id: &str) -> bool {
+        let removed = self.lock().remove(container_id);
+        self.state.remove(container_id);
+        if let Some(e) = &removed {
+            info!(pod = %label(&e.pod), "pod released");
+        }
+        removed.is_some()
+    }
+
+    /// Ok when the pod is served from listeners in the namespace its path still names.
+    pub fn check(&self, container_id: &str) -> Result<(), String> {
+        let pods = self.lock();
+        let e = pods
+            .get(container_id)
+            .ok_or_else(|| format!("pod {container_id} is not captured by this agent"))?;
+        match Netns::open(&e.pod.netns_path) {
+            Ok(ns) if ns.id() == e.netns => Ok(()),
+            Ok(ns) => Err(format!(
+                "{} now names namespace {}, but the pod was captured in {}",
+                e.pod.netns_path.display(),
+                ns.id(),
+                e.netns
+            )),
+            Err(err) => Err(format!("the pod's namespace is gone: {err}")),
+        }
+    }
+
+    /// Forgets every pod not in `valid`; returns the container ids removed.
+    pub fn gc(&self, valid: &[String]) -> Vec<String> {
+        let stale: Vec<String> = self
+            .lock()
+            .keys()
+            .filter(|k| !valid.contains(k))
+            .cloned()
+            .collect();
+        for id in &stale {
+            self.del(id);
+        }
+        stale
+    }
+
+    /// Re-adopts the pods of the state directory after a restart: each namespace is reopened
+    /// by path and must still be the one recorded; pods whose namespace is gone are forgotten.
+    pub fn adopt(&self) -> Result<Adoption, Error> {
+        let mut summary = Adoption::default();
+        for rec in self.state.load()? {
+            let ns = match Netns::open(&rec.pod.netns_path) {
+                Ok(ns) if ns.id() == rec.netns => ns,
+                _ => {
+                    info!(pod = %label(&rec.pod), "pod gone while the agent was away; forgotten");
+                    self.state.remove(&rec.pod.container_id);
+                    summary.gone += 1;
+                    continue;
+                }
+            };
+            let l = label(&rec.pod);
+            match self.add(rec.pod, ns) {
+                Ok(()) => summary.adopted += 1,
+                Err(e) => {
+                    warn!(pod = %l, "cannot re-adopt pod: {e}");
+                    summary.failed += 1;
+                }
+            }
+        }
+        self.ready.store(summary.failed == 0, Ordering::SeqCst);
+        Ok(summary)
+    }
+
+    /// Forgets pods whose namespace has disappeared (their DEL never reached us).
+    pub fn reconcile(&self) -> usize {
+        let gone: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, e)| !still_there(&e.pod.netns_path, e.netns))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in &gone {
+            info!(container_id = %id, "namespace gone without DEL; pod forgotten");
+            self.del(id);
+        }
+        gone.len()
+    }
+
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn still_there(path: &Path, id: NetnsId) -> bool {
+    Netns::open(path).is_ok_and(|ns| ns.id() == id)
+}

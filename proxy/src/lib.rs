@@ -1,0 +1,16 @@
+//! Ambit's per-pod data path.
+//!
+//! The proxy never switches namespaces itself: it asks a [`socket::SocketFactory`] for
+//! listeners and upstream sockets, and the node agent's factory creates them inside the pod's
+//! network namespace (so outbound connections carry the pod's own IP).
+//!
+//! Layout:
+//! - [`socket`]: the factory trait, socket options, original-destination lookup.
+//! - [`passthrough`]: 15001 outbound and 15006 inbound plaintext forwarding.
+//! - [`pod`]: starts and stops the set of listeners of one pod.
+
+#![forbid(unsafe_code)]
+
+pub mod passthrough;
+pub mod pod;
+pub mod socket;

@@ -1,0 +1,122 @@
+//! Plaintext forwarding: outbound (15001) to the original destination, inbound plaintext
+//! (15006) to the app, keeping the client's source address.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::socket::{SocketFactory, canonical, original_dst};
+
+/// Ports that must never be a forwarding destination (loop protection).
+pub const RESERVED_PORTS: [u16; 3] = [15001, 15006, 15008];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// Facts a listener needs about its pod.
+#[derive(Clone, Debug)]
+pub struct PodContext {
+    pub name: String,
+    pub namespace: String,
+    pub ips: Vec<IpAddr>,
+}
+
+/// Accepts until `stop` fires; every connection runs in its own task, also bound to `stop`.
+pub async fn serve(
+    dir: Direction,
+    listener: TcpListener,
+    factory: Arc<dyn SocketFactory>,
+    pod: Arc<PodContext>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(pod = %pod.name, dir = dir.as_str(), "accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (factory, pod, stop) = (factory.clone(), pod.clone(), stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = forward(dir, stream, canonical(peer), factory, pod) => {}
+            }
+        });
+    }
+}
+
+async fn forward(
+    dir: Direction,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    factory: Arc<dyn SocketFactory>,
+    pod: Arc<PodContext>,
+) {
+    let start = Instant::now();
+    let dst = match original_dst(&client) {
+        Ok(d) => d,
+        Err(e) => {
+            debug!(%peer, dir = dir.as_str(), "no original destination ({e}); closing");
+            return;
+        }
+    };
+    if RESERVED_PORTS.contains(&dst.port()) {
+        debug!(%peer, %dst, "destination is a reserved Ambit port; closing");
+        return;
+    }
+    // Inbound: connect to the app from the client's own address, unless the client is the pod
+    // itself (then the ordinary local address is already right).
+    let source = match dir {
+        Direction::Inbound if !pod.ips.contains(&peer.ip()) && !peer.ip().is_loopback() => {
+            Some(peer.ip())
+        }
+        _ => None,
+    };
+    let upstream = match factory.upstream(dst, source) {
+        Ok(s) => s.connect(dst).await,
+        Err(e) => Err(e),
+    };
+    let mut upstream = match upstream {
+        Ok(u) => u,
+        Err(e) => {
+            info!(target: "access", direction = dir.as_str(), src.addr = %peer, dst.addr = %dst,
+                pod = %pod.name, namespace = %pod.namespace, error = %e, "connection failed");
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let (sent, recv, err) = match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((a, b)) => (a, b, None),
+        Err(e) => (0, 0, Some(e)),
+    };
+    info!(target: "access",
+        direction = dir.as_str(), src.addr = %peer, dst.addr = %dst,
+        pod = %pod.name, namespace = %pod.namespace,
+        bytes_sent = sent, bytes_recv = recv,
+        duration_ms = start.elapsed().as_millis() as u64,
+        error = err.map(|e| e.to_string()).unwrap_or_default(),
+        "connection complete");
+}

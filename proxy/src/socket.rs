@@ -1,0 +1,48 @@
+//! Socket creation is delegated to a factory; socket options live here.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+
+use socket2::SockRef;
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Creates sockets in the right network namespace.
+pub trait SocketFactory: Send + Sync + 'static {
+    /// A non-blocking listener bound to `port` on every address of the pod.
+    fn listener(&self, port: u16) -> io::Result<std::net::TcpListener>;
+    /// An unconnected socket for `dst`; when `source` is set the socket is transparent and bound
+    /// to that (non-local) address, so the peer sees the original client IP.
+    fn upstream(&self, dst: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpSocket>;
+}
+
+/// The destination a connection had before REDIRECT rewrote it.
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = SockRef::from(stream);
+    let peer = canonical(stream.peer_addr()?);
+    let addr = if peer.is_ipv4() {
+        sock.original_dst_v4()?
+    } else {
+        sock.original_dst_v6()?
+    };
+    addr.as_socket()
+        .map(canonical)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "original destination is not IP"))
+}
+
+/// Maps `[::ffff:a.b.c.d]:p` (seen on dual-stack listeners) to `a.b.c.d:p`.
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_mapped_addresses_become_v4() {
+        let m: SocketAddr = "[::ffff:10.1.2.3]:80".parse().unwrap();
+        assert_eq!(canonical(m), "10.1.2.3:80".parse::<SocketAddr>().unwrap());
+        let v6: SocketAddr = "[fd00::1]:80".parse().unwrap();
+        assert_eq!(canonical(v6), v6);
+    }
+}
