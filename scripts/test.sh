@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs every test of Ambit on a fresh Debian bookworm machine, as root:
+# installs what the tests need (Debian packages), then lints, builds and runs the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "scripts/test.sh: the end-to-end tests create network namespaces: run as root" >&2
+  exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+need_apt=0
+for bin in go nft ip jq podman runc containerd protoc tcpdump; do
+  command -v "$bin" >/dev/null 2>&1 || need_apt=1
+done
+[ -d /usr/share/gocode/src/github.com/containernetworking/cni/libcni ] || need_apt=1
+[ -x /usr/lib/cni/bridge ] || need_apt=1
+if [ "$need_apt" = 1 ]; then
+  apt-get update -q
+  apt-get install -y -q \
+    golang-go golang-github-appc-cni-dev containernetworking-plugins \
+    iproute2 nftables iptables jq busybox-static iputils-ping util-linux \
+    podman runc containerd protobuf-compiler tcpdump
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo build --workspace --locked
+cargo test --workspace --locked

@@ -1,0 +1,449 @@
+//! Test harness: node and pod network namespaces, the real `bridge` + `host-local` plugins,
+//! `ambit-cni` and `ambit-agent` as built binaries, and a libcni client built from source.
+//!
+//! Every namespace, bridge, subnet and directory gets a unique name, and every resource is an
+//! RAII guard, so a failing test cleans up too. Tests need root: they fail (never skip) without
+//! it. Plain forwarding of test traffic stays inside namespaces the test created.
+
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use ambit_common::netns::Netns;
+use anyhow::{Context, Result, bail, ensure};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A short name unique on this machine for this run: `<prefix><pid><n>` (fits IFNAMSIZ).
+pub fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    format!("{prefix}{}x{n}", std::process::id() % 100_000)
+}
+
+/// Fails the test when not root: these tests cannot run without privileges, and must not be
+/// silently skipped.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test creates network namespaces and must run as root (CI runs it as root)"
+    );
+}
+
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    Ok(out)
+}
+
+pub fn run_ok(cmd: &mut Command) -> Result<String> {
+    let out = run(cmd)?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Paths of the Ambit binaries, built once per test process.
+pub struct Bins {
+    pub cni: PathBuf,
+    pub agent: PathBuf,
+}
+
+pub fn bins() -> &'static Bins {
+    static BINS: OnceLock<Bins> = OnceLock::new();
+    BINS.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        run_ok(
+            Command::new(cargo)
+                .current_dir(workspace_root())
+                .args(["build", "--locked", "-p", "ambit-cni", "-p", "ambit-agent"]),
+        )
+        .expect("building ambit-cni and ambit-agent");
+        let dir = target_dir().join("debug");
+        Bins {
+            cni: dir.join("ambit-cni"),
+            agent: dir.join("ambit-agent"),
+        }
+    })
+}
+
+/// The libcni client (tests/cnitool/main.go) built against Debian's libcni, once per process.
+pub fn cnitool() -> &'static Path {
+    static TOOL: OnceLock<PathBuf> = OnceLock::new();
+    TOOL.get_or_init(|| {
+        let base = target_dir().join("cnitool");
+        let src = base.join("gopath/src/cnitool");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::copy(workspace_root().join("tests/cnitool/main.go"), src.join("main.go")).unwrap();
+        let out = base.join(format!("cnitool-{}", std::process::id()));
+        run_ok(
+            Command::new("go")
+                .args(["build", "-o"])
+                .arg(&out)
+                .arg("cnitool")
+                .env("GO111MODULE", "off")
+                .env("GOPATH", format!("{}:/usr/share/gocode", base.join("gopath").display()))
+                .env("GOCACHE", base.join("gocache"))
+                .env("GOFLAGS", "-mod=mod"),
+        )
+        .expect("building the libcni client (needs golang-go and golang-github-appc-cni-dev)");
+        out
+    })
+}
+
+/// A named network namespace, deleted on drop.
+pub struct NsGuard {
+    pub name: String,
+}
+
+impl NsGuard {
+    pub fn new(name: String) -> Result<Self> {
+        run_ok(Command::new("ip").args(["netns", "add", &name]))?;
+        let g = Self { name };
+        run_ok(Command::new("ip").args(["-n", &g.name, "link", "set", "lo", "up"]))?;
+        Ok(g)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/var/run/netns/{}", self.name))
+    }
+
+    pub fn open(&self) -> Netns {
+        Netns::open(&self.path()).expect("opening a test namespace")
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        run_ok(Command::new("ip").args(["netns", "exec", &self.name]).args(args))
+    }
+}
+
+impl Drop for NsGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// A scratch directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("ambit-test-{}", unique(tag)));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A node: a network namespace with a CNI bridge, a conflist chaining `ambit-cni` after
+/// `bridge`, and (optionally running) an `ambit-agent`.
+pub struct Node {
+    pub ns: NsGuard,
+    pub dir: TempDir,
+    pub net: String,
+    pub bridge: String,
+    pub subnet: String,
+    pub cni_version: String,
+    agent: Option<Child>,
+    pods: Vec<String>,
+}
+
+/// A pod created through the CNI chain.
+pub struct Pod {
+    pub ns: NsGuard,
+    pub name: String,
+    pub container_id: String,
+    pub ip: IpAddr,
+}
+
+fn subnet_prefix() -> String {
+    // 10.<100..=249>.<n>.0/24: unique per process and node within this run.
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    format!("10.{}.{}", 100 + std::process::id() % 150, n % 250)
+}
+
+impl Node {
+    pub fn new(cni_version: &str) -> Result<Self> {
+        Self::with_plugin_conf(cni_version, serde_json::json!({}))
+    }
+
+    /// `extra` is merged into ambit-cni's entry in the conflist.
+    pub fn with_plugin_conf(cni_version: &str, extra: serde_json::Value) -> Result<Self> {
+        require_root();
+        let bins = bins();
+        let ns = NsGuard::new(unique("amn"))?;
+        let dir = TempDir::new("node");
+        let bridge = unique("ab");
+        let prefix = subnet_prefix();
+        let net = unique("anet");
+        for d in ["net.d", "bin", "cache", "ipam"] {
+            std::fs::create_dir_all(dir.0.join(d))?;
+        }
+        std::os::unix::fs::symlink(&bins.cni, dir.0.join("bin/ambit-cni"))?;
+        let mut plugin = serde_json::json!({
+            "type": "ambit-cni",
+            "agentSocket": dir.0.join("agent.sock"),
+            "agentTimeoutSeconds": 5,
+            "logLevel": "debug",
+            "logFile": dir.0.join("cni.log"),
+            "logStderr": false,
+            "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+        });
+        if let (Some(p), Some(e)) = (plugin.as_object_mut(), extra.as_object()) {
+            p.extend(e.clone());
+        }
+        let conf = serde_json::json!({
+            "cniVersion": cni_version,
+            "name": net,
+            "plugins": [
+                {"type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": false, "hairpinMode": true,
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": format!("{prefix}.0/24")}]],
+                          "routes": [{"dst": "0.0.0.0/0"}], "dataDir": dir.0.join("ipam")}},
+                plugin,
+            ]
+        });
+        std::fs::write(dir.0.join("net.d/10-ambit-test.conflist"), serde_json::to_vec_pretty(&conf)?)?;
+        run_ok(Command::new("ip").args(["netns", "exec", &ns.name, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+        Ok(Self {
+            ns,
+            dir,
+            net,
+            bridge,
+            subnet: format!("{prefix}.0/24"),
+            cni_version: cni_version.into(),
+            agent: None,
+            pods: Vec::new(),
+        })
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.0.join("agent.sock")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.0.join("state")
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn cni_log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("cni.log")).unwrap_or_default()
+    }
+
+    /// Starts the agent inside the node namespace and waits until its socket exists.
+    pub fn start_agent(&mut self) -> Result<()> {
+        let _ = std::fs::remove_file(self.socket());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.0.join("agent.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns.name])
+            .arg(&bins().agent)
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .args(["--log", "debug", "--reconcile-seconds", "0.5"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.agent = Some(child);
+        wait_for(Duration::from_secs(10), || self.socket().exists())
+            .context("the agent did not create its socket")?;
+        Ok(())
+    }
+
+    /// SIGKILLs the agent (the crash case).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs the libcni client inside the node namespace.
+    pub fn cnitool(&self, op: &str, pod_ns: &NsGuard, container_id: &str, args: &str) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns.name])
+            .arg(cnitool())
+            .args([op, &self.net])
+            .arg(pod_ns.path())
+            .env("NETCONFPATH", self.dir.0.join("net.d"))
+            .env("CNI_PATH", format!("/usr/lib/cni:{}", self.dir.0.join("bin").display()))
+            .env("CNI_CACHEDIR", self.dir.0.join("cache"))
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_ARGS", args)
+            .output()
+            .expect("running cnitool")
+    }
+
+    /// Creates a pod namespace and ADDs it through libcni (namespace `default`).
+    pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
+        let ns = NsGuard::new(unique("ap"))?;
+        let container_id = format!("c{}", unique(name).replace('x', "0"));
+        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name};K8S_POD_UID=uid-{name}");
+        let out = self.cnitool("add", &ns, &container_id, &args);
+        ensure!(
+            out.status.success(),
+            "ADD {name} failed: {}{}\ncni log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.cni_log()
+        );
+        let result: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let ip = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .context("ADD result has no IP")?
+            .parse()?;
+        self.pods.push(container_id.clone());
+        Ok(Pod {
+            ns,
+            name: name.into(),
+            container_id,
+            ip,
+        })
+    }
+
+    pub fn pod_args(pod: &Pod) -> String {
+        format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={};K8S_POD_UID=uid-{}",
+            pod.name, pod.name
+        )
+    }
+
+    /// Runs the plugin binary directly with the spec's environment (STATUS/GC, bad input).
+    pub fn invoke_plugin(&self, env: &[(&str, &str)], stdin: &[u8]) -> Output {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns.name])
+            .arg(&bins().cni)
+            .env_remove("CNI_COMMAND")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawning ambit-cni");
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// The plugin's own entry of the conflist, as libcni would hand it over.
+    pub fn plugin_conf(&self) -> serde_json::Value {
+        let list: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(self.dir.0.join("net.d/10-ambit-test.conflist")).unwrap(),
+        )
+        .unwrap();
+        let mut p = list["plugins"][1].clone();
+        p["cniVersion"] = list["cniVersion"].clone();
+        p["name"] = list["name"].clone();
+        p
+    }
+
+    /// Container ids the agent has recorded in its state directory.
+    pub fn recorded_pods(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.state_dir())
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        n.strip_prefix("pod-")?.strip_suffix(".json").map(String::from)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill_agent();
+        // The bridge lives in the node namespace and dies with it; IPAM and cache are in dir.
+    }
+}
+
+/// Polls `f` every 20 ms until it holds or `limit` passes.
+pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> Result<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return Ok(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("condition not met within {limit:?}")
+}
+
+/// A TCP server inside `ns` that answers each connection with `peer=<ip>;` followed by
+/// everything it read, for `conns` connections; returns its thread.
+pub fn echo_server(ns: &Netns, port: u16, conns: usize) -> std::thread::JoinHandle<()> {
+    let l = ns
+        .run(|| TcpListener::bind(("0.0.0.0", port)))
+        .unwrap()
+        .expect("binding the test server");
+    std::thread::spawn(move || {
+        for _ in 0..conns {
+            let Ok((mut c, peer)) = l.accept() else { return };
+            let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut data = Vec::new();
+            let _ = c.read_to_end(&mut data);
+            let mut reply = format!("peer={};", peer.ip()).into_bytes();
+            reply.extend_from_slice(&data);
+            let _ = c.write_all(&reply);
+        }
+    })
+}
+
+/// Connects from inside `ns` to `dst`, sends `msg`, half-closes, and returns the reply.
+pub fn talk(ns: &Netns, dst: SocketAddr, msg: &[u8]) -> std::io::Result<String> {
+    let mut s = ns
+        .run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(3)))
+        .map_err(std::io::Error::other)??;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(msg)?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// Access-log lines of the agent with `direction` whose destination is `dst`.
+pub fn access_lines(log: &str, direction: &str, dst: SocketAddr) -> usize {
+    log.lines()
+        .filter(|l| l.contains("connection complete"))
+        .filter(|l| l.contains(&format!("direction=\"{direction}\"")))
+        .filter(|l| l.contains(&format!("dst.addr={dst} ")))
+        .count()
+}
