@@ -237,6 +237,10 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<String>, CniError> {
 /// primary plugin's cleanup. Whatever cannot be reached now, the agent reconciles later.
 fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let container_id = env.container_id()?;
+    info!(
+        "DEL {container_id}: CNI_NETNS={:?}",
+        env.netns().unwrap_or("")
+    );
     match agent_call(
         conf,
         &Request::Del {

@@ -53,7 +53,10 @@ pub fn run_ok(cmd: &mut Command) -> Result<String> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 fn target_dir() -> PathBuf {
@@ -72,11 +75,14 @@ pub fn bins() -> &'static Bins {
     static BINS: OnceLock<Bins> = OnceLock::new();
     BINS.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        run_ok(
-            Command::new(cargo)
-                .current_dir(workspace_root())
-                .args(["build", "--locked", "-p", "ambit-cni", "-p", "ambit-agent"]),
-        )
+        run_ok(Command::new(cargo).current_dir(workspace_root()).args([
+            "build",
+            "--locked",
+            "-p",
+            "ambit-cni",
+            "-p",
+            "ambit-agent",
+        ]))
         .expect("building ambit-cni and ambit-agent");
         let dir = target_dir().join("debug");
         Bins {
@@ -93,7 +99,11 @@ pub fn cnitool() -> &'static Path {
         let base = target_dir().join("cnitool");
         let src = base.join("gopath/src/cnitool");
         std::fs::create_dir_all(&src).unwrap();
-        std::fs::copy(workspace_root().join("tests/cnitool/main.go"), src.join("main.go")).unwrap();
+        std::fs::copy(
+            workspace_root().join("tests/cnitool/main.go"),
+            src.join("main.go"),
+        )
+        .unwrap();
         let out = base.join(format!("cnitool-{}", std::process::id()));
         run_ok(
             Command::new("go")
@@ -101,7 +111,10 @@ pub fn cnitool() -> &'static Path {
                 .arg(&out)
                 .arg("cnitool")
                 .env("GO111MODULE", "off")
-                .env("GOPATH", format!("{}:/usr/share/gocode", base.join("gopath").display()))
+                .env(
+                    "GOPATH",
+                    format!("{}:/usr/share/gocode", base.join("gopath").display()),
+                )
                 .env("GOCACHE", base.join("gocache"))
                 .env("GOFLAGS", "-mod=mod"),
         )
@@ -133,13 +146,19 @@ impl NsGuard {
 
     /// Runs a command inside the namespace.
     pub fn exec(&self, args: &[&str]) -> Result<String> {
-        run_ok(Command::new("ip").args(["netns", "exec", &self.name]).args(args))
+        run_ok(
+            Command::new("ip")
+                .args(["netns", "exec", &self.name])
+                .args(args),
+        )
     }
 }
 
 impl Drop for NsGuard {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -227,8 +246,18 @@ impl Node {
                 plugin,
             ]
         });
-        std::fs::write(dir.0.join("net.d/10-ambit-test.conflist"), serde_json::to_vec_pretty(&conf)?)?;
-        run_ok(Command::new("ip").args(["netns", "exec", &ns.name, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+        std::fs::write(
+            dir.0.join("net.d/10-ambit-test.conflist"),
+            serde_json::to_vec_pretty(&conf)?,
+        )?;
+        run_ok(Command::new("ip").args([
+            "netns",
+            "exec",
+            &ns.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]))?;
         Ok(Self {
             ns,
             dir,
@@ -298,7 +327,10 @@ impl Node {
             .args([op, &self.net])
             .arg(pod_ns.path())
             .env("NETCONFPATH", self.dir.0.join("net.d"))
-            .env("CNI_PATH", format!("/usr/lib/cni:{}", self.dir.0.join("bin").display()))
+            .env(
+                "CNI_PATH",
+                format!("/usr/lib/cni:{}", self.dir.0.join("bin").display()),
+            )
             .env("CNI_CACHEDIR", self.dir.0.join("cache"))
             .env("CNI_CONTAINERID", container_id)
             .env("CNI_ARGS", args)
@@ -310,7 +342,9 @@ impl Node {
     pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
         let ns = NsGuard::new(unique("ap"))?;
         let container_id = format!("c{}", unique(name).replace('x', "0"));
-        let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name};K8S_POD_UID=uid-{name}");
+        let args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name};K8S_POD_UID=uid-{name}"
+        );
         let out = self.cnitool("add", &ns, &container_id, &args);
         ensure!(
             out.status.success(),
@@ -377,7 +411,9 @@ impl Node {
                 d.flatten()
                     .filter_map(|e| {
                         let n = e.file_name().to_string_lossy().into_owned();
-                        n.strip_prefix("pod-")?.strip_suffix(".json").map(String::from)
+                        n.strip_prefix("pod-")?
+                            .strip_suffix(".json")
+                            .map(String::from)
                     })
                     .collect()
             })
@@ -415,7 +451,9 @@ pub fn echo_server(ns: &Netns, port: u16, conns: usize) -> std::thread::JoinHand
         .expect("binding the test server");
     std::thread::spawn(move || {
         for _ in 0..conns {
-            let Ok((mut c, peer)) = l.accept() else { return };
+            let Ok((mut c, peer)) = l.accept() else {
+                return;
+            };
             let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
             let mut data = Vec::new();
             let _ = c.read_to_end(&mut data);

@@ -36,7 +36,13 @@ fn pod(id: &str) -> PodInfo {
 }
 
 fn still_serves(node: &Node) {
-    let r = protocol::call(&node.socket(), &Request::Status, None, Duration::from_secs(5)).unwrap();
+    let r = protocol::call(
+        &node.socket(),
+        &Request::Status,
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
     assert!(r.ok, "agent stopped serving: {r:?}");
 }
 
@@ -55,7 +61,14 @@ fn hostile_clients_are_refused_and_the_agent_keeps_serving() {
     let n = s.send_with_fd(&frame, &[file.as_raw_fd()]).unwrap();
     s.write_all(&frame[n..]).unwrap();
     let r = read_response(&mut s);
-    assert!(!r.ok && r.error.as_deref().unwrap().contains("not a network namespace"), "{r:?}");
+    assert!(
+        !r.ok
+            && r.error
+                .as_deref()
+                .unwrap()
+                .contains("not a network namespace"),
+        "{r:?}"
+    );
 
     // Another namespace type (uts) is refused too.
     let uts = std::fs::File::open("/proc/self/ns/uts").unwrap();
@@ -65,7 +78,13 @@ fn hostile_clients_are_refused_and_the_agent_keeps_serving() {
     assert!(!read_response(&mut s).ok);
 
     // Add without an fd, and a non-add with an fd.
-    let r = protocol::call(&sock, &Request::Add { pod: pod("cnofd") }, None, Duration::from_secs(5)).unwrap();
+    let r = protocol::call(
+        &sock,
+        &Request::Add { pod: pod("cnofd") },
+        None,
+        Duration::from_secs(5),
+    )
+    .unwrap();
     assert!(!r.ok && r.error.unwrap().contains("exactly one descriptor"));
     let ns = std::fs::File::open("/proc/self/ns/net").unwrap();
     let r = protocol::call(
@@ -103,7 +122,10 @@ fn hostile_clients_are_refused_and_the_agent_keeps_serving() {
     assert!(!read_response(&mut s).ok);
 
     still_serves(&node);
-    assert!(node.recorded_pods().is_empty(), "a refused request recorded a pod");
+    assert!(
+        node.recorded_pods().is_empty(),
+        "a refused request recorded a pod"
+    );
 
     // A non-root peer is refused by SO_PEERCRED even when the file mode would let it in.
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
@@ -114,12 +136,19 @@ fn hostile_clients_are_refused_and_the_agent_keeps_serving() {
          h=s.recv(4); print(s.recv(struct.unpack('>I',h)[0]).decode())",
         sock.to_str().unwrap()
     );
-    let out = run_ok(
-        Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", &script]),
-    )
+    let out = run_ok(Command::new("setpriv").args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "/usr/bin/python3",
+        "-c",
+        &script,
+    ]))
     .unwrap();
     let r: Response = serde_json::from_str(out.trim()).unwrap();
-    assert!(!r.ok && r.error.unwrap().contains("uid is not allowed"), "{out}");
+    assert!(
+        !r.ok && r.error.unwrap().contains("uid is not allowed"),
+        "{out}"
+    );
     still_serves(&node);
 }

@@ -27,11 +27,17 @@ fn add_check_del_del_for_every_libcni_version() {
             "ip saddr 169.254.7.127 accept",
             "ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff accept",
         ] {
-            assert!(rules.contains(want), "{version}: missing {want:?} in\n{rules}");
+            assert!(
+                rules.contains(want),
+                "{version}: missing {want:?} in\n{rules}"
+            );
         }
         let rule = pod.ns.exec(&["ip", "rule"]).unwrap();
         assert!(rule.contains("fwmark 0x111/0xfff lookup 100"), "{rule}");
-        let route = pod.ns.exec(&["ip", "route", "show", "table", "100"]).unwrap();
+        let route = pod
+            .ns
+            .exec(&["ip", "route", "show", "table", "100"])
+            .unwrap();
         assert!(route.contains("local default dev lo"), "{route}");
         assert_eq!(node.recorded_pods(), vec![pod.container_id.clone()]);
 
@@ -39,14 +45,28 @@ fn add_check_del_del_for_every_libcni_version() {
         if version != "0.3.1" {
             // libcni itself refuses CHECK below 0.4.0.
             let out = node.cnitool("check", &pod.ns, &pod.container_id, &args);
-            assert!(out.status.success(), "{version} CHECK: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{version} CHECK: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         for round in 0..2 {
             let out = node.cnitool("del", &pod.ns, &pod.container_id, &args);
-            assert!(out.status.success(), "{version} DEL #{round}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{version} DEL #{round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        assert!(!ruleset(&pod).contains("table inet ambit"), "{version}: rules left after DEL");
-        assert!(node.recorded_pods().is_empty(), "{version}: agent still records the pod");
+        assert!(
+            !ruleset(&pod).contains("table inet ambit"),
+            "{version}: rules left after DEL"
+        );
+        assert!(
+            node.recorded_pods().is_empty(),
+            "{version}: agent still records the pod"
+        );
     }
 }
 
@@ -55,7 +75,9 @@ fn check_fails_when_rules_are_flushed() {
     let mut node = Node::new("1.0.0").unwrap();
     node.start_agent().unwrap();
     let pod = node.add_pod("flushed").unwrap();
-    pod.ns.exec(&["nft", "delete", "table", "inet", "ambit"]).unwrap();
+    pod.ns
+        .exec(&["nft", "delete", "table", "inet", "ambit"])
+        .unwrap();
     let out = node.cnitool("check", &pod.ns, &pod.container_id, &Node::pod_args(&pod));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -69,7 +91,8 @@ fn add_twice_replaces_rules_atomically() {
     let pod = node.add_pod("twice").unwrap();
     let before = ruleset(&pod);
     let mut conf = node.plugin_conf();
-    conf["prevResult"] = serde_json::json!({"cniVersion": "1.0.0", "ips": [{"address": format!("{}/24", pod.ip)}]});
+    conf["prevResult"] =
+        serde_json::json!({"cniVersion": "1.0.0", "ips": [{"address": format!("{}/24", pod.ip)}]});
     let path = pod.ns.path();
     let out = node.invoke_plugin(
         &[
@@ -81,9 +104,16 @@ fn add_twice_replaces_rules_atomically() {
         ],
         conf.to_string().as_bytes(),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let after = ruleset(&pod);
-    assert_eq!(before, after, "a second ADD must leave exactly one copy of the rule set");
+    assert_eq!(
+        before, after,
+        "a second ADD must leave exactly one copy of the rule set"
+    );
     assert_eq!(after.matches("redirect to :15001").count(), 1);
     // The second ADD prints prevResult back unchanged.
     let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -106,7 +136,12 @@ fn capture_is_proven_on_the_data_path() {
         let log = node.agent_log();
         access_lines(&log, "outbound", dst) == 1 && access_lines(&log, "inbound", dst) == 1
     })
-    .unwrap_or_else(|_| panic!("agent did not log the proxied connection:\n{}", node.agent_log()));
+    .unwrap_or_else(|_| {
+        panic!(
+            "agent did not log the proxied connection:\n{}",
+            node.agent_log()
+        )
+    });
 
     // B's own loopback traffic is not captured.
     let lo = SocketAddr::from(([127, 0, 0, 1], 8080));
@@ -115,7 +150,11 @@ fn capture_is_proven_on_the_data_path() {
     server.join().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let log = node.agent_log();
-    assert_eq!(access_lines(&log, "outbound", lo), 0, "loopback was captured:\n{log}");
+    assert_eq!(
+        access_lines(&log, "outbound", lo),
+        0,
+        "loopback was captured:\n{log}"
+    );
     assert_eq!(access_lines(&log, "inbound", dst), 1);
 }
 
@@ -134,17 +173,35 @@ fn agent_down_fails_closed_and_restart_recaptures_without_cni() {
 
     // A new pod cannot start while the agent is down: ADD fails with code 11.
     let c = NsGuard::new(unique("ap")).unwrap();
-    let out = node.cnitool("add", &c, "cdown1", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=c");
+    let out = node.cnitool(
+        "add",
+        &c,
+        "cdown1",
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=c",
+    );
     assert!(!out.status.success());
     let log = node.cni_log();
-    assert!(log.contains("ambit-agent is not reachable") && log.contains("(11)"), "{log}");
+    assert!(
+        log.contains("ambit-agent is not reachable") && log.contains("(11)"),
+        "{log}"
+    );
     // ...and it was left fail-closed: its rules are in place.
-    assert!(c.exec(&["nft", "list", "ruleset"]).unwrap().contains("redirect to :15001"));
+    assert!(
+        c.exec(&["nft", "list", "ruleset"])
+            .unwrap()
+            .contains("redirect to :15001")
+    );
 
     let started = std::time::Instant::now();
     node.start_agent().unwrap();
-    let took = wait_for(Duration::from_secs(5), || talk(&a.ns.open(), dst, b"x").is_ok()).unwrap();
-    eprintln!("re-adopted and serving {:?} after restart", started.elapsed());
+    let took = wait_for(Duration::from_secs(5), || {
+        talk(&a.ns.open(), dst, b"x").is_ok()
+    })
+    .unwrap();
+    eprintln!(
+        "re-adopted and serving {:?} after restart",
+        started.elapsed()
+    );
     assert!(took < Duration::from_secs(5));
     server.join().unwrap();
     let log = node.agent_log();
@@ -156,7 +213,8 @@ fn status_and_gc_for_spec_1_1_0() {
     let mut node = Node::new("1.0.0").unwrap();
     let mut conf = node.plugin_conf();
     conf["cniVersion"] = "1.1.0".into();
-    let status = |node: &Node| node.invoke_plugin(&[("CNI_COMMAND", "STATUS")], conf.to_string().as_bytes());
+    let status =
+        |node: &Node| node.invoke_plugin(&[("CNI_COMMAND", "STATUS")], conf.to_string().as_bytes());
 
     // Agent down: code 50.
     let out = status(&node);
@@ -167,24 +225,36 @@ fn status_and_gc_for_spec_1_1_0() {
 
     node.start_agent().unwrap();
     let out = status(&node);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(out.stdout.is_empty());
 
     let keep = node.add_pod("keep").unwrap();
     let drop = node.add_pod("drop").unwrap();
     assert_eq!(node.recorded_pods().len(), 2);
     let mut gc = conf.clone();
-    gc["cni.dev/valid-attachments"] = serde_json::json!([{"containerID": keep.container_id, "ifname": "eth0"}]);
+    gc["cni.dev/valid-attachments"] =
+        serde_json::json!([{"containerID": keep.container_id, "ifname": "eth0"}]);
     let out = node.invoke_plugin(
         &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/usr/lib/cni")],
         gc.to_string().as_bytes(),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_eq!(node.recorded_pods(), vec![keep.container_id.clone()]);
     assert!(!node.recorded_pods().contains(&drop.container_id));
 
     // STATUS and GC do not exist before 1.1.0.
-    let out = node.invoke_plugin(&[("CNI_COMMAND", "STATUS")], node.plugin_conf().to_string().as_bytes());
+    let out = node.invoke_plugin(
+        &[("CNI_COMMAND", "STATUS")],
+        node.plugin_conf().to_string().as_bytes(),
+    );
     let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(err["code"], 1);
 }
@@ -200,7 +270,10 @@ fn version_answers_without_side_effects() {
         v["supportedVersions"],
         serde_json::json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
     );
-    assert!(!node.dir.0.join("cni.log").exists(), "VERSION must not even open the log");
+    assert!(
+        !node.dir.0.join("cni.log").exists(),
+        "VERSION must not even open the log"
+    );
 }
 
 #[test]
@@ -212,7 +285,8 @@ fn bad_input_gets_the_exact_error_code_and_leaves_nothing() {
     let netns = path.to_str().unwrap();
     let good = {
         let mut c = node.plugin_conf();
-        c["prevResult"] = serde_json::json!({"cniVersion": "1.0.0", "ips": [{"address": "10.250.0.9/24"}]});
+        c["prevResult"] =
+            serde_json::json!({"cniVersion": "1.0.0", "ips": [{"address": "10.250.0.9/24"}]});
         c.to_string()
     };
     let with = |f: &dyn Fn(&mut serde_json::Value)| {
@@ -226,7 +300,10 @@ fn bad_input_gets_the_exact_error_code_and_leaves_nothing() {
             ("CNI_CONTAINERID", "cbad1".into()),
             ("CNI_NETNS", netns.into()),
             ("CNI_IFNAME", "eth0".into()),
-            ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=bad".into()),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=bad".into(),
+            ),
         ];
         for (k, v) in extra {
             e.retain(|(ek, _)| ek != k);
@@ -239,30 +316,95 @@ fn bad_input_gets_the_exact_error_code_and_leaves_nothing() {
     type Case<'a> = (&'a str, Vec<(&'a str, String)>, String, u32);
     let cases: Vec<Case> = vec![
         ("invalid JSON", env_ok(&[]), "{\"cniVersion\": ".into(), 6),
-        ("missing prevResult", env_ok(&[]), with(&|c| { c.as_object_mut().unwrap().remove("prevResult"); }), 7),
-        ("invalid prevResult", env_ok(&[]), with(&|c| c["prevResult"] = "nope".into()), 7),
-        ("bad prevResult IP", env_ok(&[]), with(&|c| c["prevResult"]["ips"][0]["address"] = "300.1.1.1/24".into()), 7),
-        ("unsupported cniVersion", env_ok(&[]), with(&|c| c["cniVersion"] = "0.2.0".into()), 1),
-        ("missing CNI_NETNS", env_ok(&[("CNI_NETNS", "")]), good.clone(), 4),
-        ("missing CNI_CONTAINERID", env_ok(&[("CNI_CONTAINERID", "")]), good.clone(), 4),
-        ("netns is not a netns", env_ok(&[("CNI_NETNS", "/proc/self/status")]), good.clone(), 4),
-        ("netns path missing", env_ok(&[("CNI_NETNS", "/var/run/netns/ambit-no-such-ns")]), good.clone(), 4),
-        ("malformed CNI_ARGS", env_ok(&[("CNI_ARGS", "K8S_POD_NAME")]), good.clone(), 4),
-        ("unknown command", env_ok(&[("CNI_COMMAND", "FROB")]), good.clone(), 4),
+        (
+            "missing prevResult",
+            env_ok(&[]),
+            with(&|c| {
+                c.as_object_mut().unwrap().remove("prevResult");
+            }),
+            7,
+        ),
+        (
+            "invalid prevResult",
+            env_ok(&[]),
+            with(&|c| c["prevResult"] = "nope".into()),
+            7,
+        ),
+        (
+            "bad prevResult IP",
+            env_ok(&[]),
+            with(&|c| c["prevResult"]["ips"][0]["address"] = "300.1.1.1/24".into()),
+            7,
+        ),
+        (
+            "unsupported cniVersion",
+            env_ok(&[]),
+            with(&|c| c["cniVersion"] = "0.2.0".into()),
+            1,
+        ),
+        (
+            "missing CNI_NETNS",
+            env_ok(&[("CNI_NETNS", "")]),
+            good.clone(),
+            4,
+        ),
+        (
+            "missing CNI_CONTAINERID",
+            env_ok(&[("CNI_CONTAINERID", "")]),
+            good.clone(),
+            4,
+        ),
+        (
+            "netns is not a netns",
+            env_ok(&[("CNI_NETNS", "/proc/self/status")]),
+            good.clone(),
+            4,
+        ),
+        (
+            "netns path missing",
+            env_ok(&[("CNI_NETNS", "/var/run/netns/ambit-no-such-ns")]),
+            good.clone(),
+            4,
+        ),
+        (
+            "malformed CNI_ARGS",
+            env_ok(&[("CNI_ARGS", "K8S_POD_NAME")]),
+            good.clone(),
+            4,
+        ),
+        (
+            "unknown command",
+            env_ok(&[("CNI_COMMAND", "FROB")]),
+            good.clone(),
+            4,
+        ),
     ];
     for (what, env, stdin, code) in cases {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let out = node.invoke_plugin(&env, stdin.as_bytes());
         assert!(!out.status.success(), "{what}: succeeded");
-        let err: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{what}: stdout is not an error object ({e}): {:?}", out.stdout));
+        let err: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{what}: stdout is not an error object ({e}): {:?}",
+                out.stdout
+            )
+        });
         assert_eq!(err["code"], code, "{what}: {err}");
-        assert!(err["msg"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {err}");
-        assert!(err["details"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {err}");
+        assert!(
+            err["msg"].as_str().is_some_and(|m| !m.is_empty()),
+            "{what}: {err}"
+        );
+        assert!(
+            err["details"].as_str().is_some_and(|m| !m.is_empty()),
+            "{what}: {err}"
+        );
         // Nothing left behind: no rules in the pod, no record in the agent.
         let rules = pod.exec(&["nft", "list", "ruleset"]).unwrap();
         assert!(!rules.contains("ambit"), "{what}: rules left behind");
-        assert!(node.recorded_pods().is_empty(), "{what}: agent recorded a pod");
+        assert!(
+            node.recorded_pods().is_empty(),
+            "{what}: agent recorded a pod"
+        );
     }
 }
 
@@ -272,15 +414,29 @@ fn del_succeeds_without_netns_prevresult_or_agent() {
     let conf = node.plugin_conf().to_string();
     for netns in ["", "/var/run/netns/ambit-gone-ns"] {
         let out = node.invoke_plugin(
-            &[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "cgone"), ("CNI_NETNS", netns), ("CNI_IFNAME", "eth0")],
+            &[
+                ("CNI_COMMAND", "DEL"),
+                ("CNI_CONTAINERID", "cgone"),
+                ("CNI_NETNS", netns),
+                ("CNI_IFNAME", "eth0"),
+            ],
             conf.as_bytes(),
         );
-        assert!(out.status.success(), "DEL netns={netns:?}: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "DEL netns={netns:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         assert!(out.stdout.is_empty());
     }
     node.start_agent().unwrap();
     let out = node.invoke_plugin(
-        &[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "cgone"), ("CNI_NETNS", ""), ("CNI_IFNAME", "eth0")],
+        &[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "cgone"),
+            ("CNI_NETNS", ""),
+            ("CNI_IFNAME", "eth0"),
+        ],
         conf.as_bytes(),
     );
     assert!(out.status.success());
@@ -291,15 +447,27 @@ fn excluded_and_opted_out_pods_pass_through_uncaptured() {
     let mut node = Node::new("1.0.0").unwrap();
     node.start_agent().unwrap();
     let cases = [
-        ("IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=dns", None),
-        ("IgnoreUnknown=1;K8S_POD_NAMESPACE=ambit-system;K8S_POD_NAME=ambit-agent-x", None),
-        ("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=optout", Some("disabled")),
+        (
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=dns",
+            None,
+        ),
+        (
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=ambit-system;K8S_POD_NAME=ambit-agent-x",
+            None,
+        ),
+        (
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=optout",
+            Some("disabled"),
+        ),
     ];
     for (i, (args, ann)) in cases.iter().enumerate() {
         let ns = NsGuard::new(unique("ap")).unwrap();
         let mut cmd_env = vec![];
         if let Some(v) = ann {
-            cmd_env.push(serde_json::json!({"io.kubernetes.cri.pod-annotations": {"ambit.dev/capture": v}}).to_string());
+            cmd_env.push(
+                serde_json::json!({"io.kubernetes.cri.pod-annotations": {"ambit.dev/capture": v}})
+                    .to_string(),
+            );
         }
         let out = std::process::Command::new("ip")
             .args(["netns", "exec", &node.ns.name])
@@ -307,15 +475,27 @@ fn excluded_and_opted_out_pods_pass_through_uncaptured() {
             .args(["add", &node.net])
             .arg(ns.path())
             .env("NETCONFPATH", node.dir.0.join("net.d"))
-            .env("CNI_PATH", format!("/usr/lib/cni:{}", node.dir.0.join("bin").display()))
+            .env(
+                "CNI_PATH",
+                format!("/usr/lib/cni:{}", node.dir.0.join("bin").display()),
+            )
             .env("CNI_CACHEDIR", node.dir.0.join("cache"))
             .env("CNI_CONTAINERID", format!("cskip{i}"))
             .env("CNI_ARGS", args)
             .env("CAP_ARGS", cmd_env.first().cloned().unwrap_or_default())
             .output()
             .unwrap();
-        assert!(out.status.success(), "{args}: {}", String::from_utf8_lossy(&out.stderr));
-        assert!(!ns.exec(&["nft", "list", "ruleset"]).unwrap().contains("ambit"), "{args} was captured");
+        assert!(
+            out.status.success(),
+            "{args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !ns.exec(&["nft", "list", "ruleset"])
+                .unwrap()
+                .contains("ambit"),
+            "{args} was captured"
+        );
     }
     assert!(node.recorded_pods().is_empty());
 }

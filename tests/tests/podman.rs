@@ -52,7 +52,15 @@ fn busybox_image(dir: &Path) -> std::path::PathBuf {
     std::fs::write(rootfs.join("etc/group"), "root:x:0:\n").unwrap();
     std::fs::write(rootfs.join("www/index.html"), "hello-through-ambit\n").unwrap();
     let tar = dir.join("busybox.tar");
-    run_ok(Command::new("tar").arg("-C").arg(&rootfs).arg("-cf").arg(&tar).arg(".")).unwrap();
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(&tar)
+            .arg("."),
+    )
+    .unwrap();
     tar
 }
 
@@ -80,32 +88,92 @@ fn two_podman_containers_talk_through_the_agent() {
         conf,
     };
     let tar = busybox_image(&pm_dir);
-    pm.ok(&["import", "--change", "CMD [\"/bin/sh\"]", "--change", "ENV PATH=/bin", tar.to_str().unwrap(), "localhost/ambit-busybox:test"]);
-    assert_eq!(pm.ok(&["info", "--format", "{{.Host.NetworkBackend}}"]).trim(), "cni");
+    pm.ok(&[
+        "import",
+        "--change",
+        "CMD [\"/bin/sh\"]",
+        "--change",
+        "ENV PATH=/bin",
+        tar.to_str().unwrap(),
+        "localhost/ambit-busybox:test",
+    ]);
+    assert_eq!(
+        pm.ok(&["info", "--format", "{{.Host.NetworkBackend}}"])
+            .trim(),
+        "cni"
+    );
 
     let srv = unique("srv");
-    pm.ok(&["run", "-d", "--name", &srv, "--network", &node.net, "localhost/ambit-busybox:test",
-        "httpd", "-f", "-p", "8080", "-h", "/www"]);
+    pm.ok(&[
+        "run",
+        "-d",
+        "--name",
+        &srv,
+        "--network",
+        &node.net,
+        "localhost/ambit-busybox:test",
+        "httpd",
+        "-f",
+        "-p",
+        "8080",
+        "-h",
+        "/www",
+    ]);
     let ip = pm
-        .ok(&["inspect", "-f", &format!("{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}", node.net), &srv])
+        .ok(&[
+            "inspect",
+            "-f",
+            &format!(
+                "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
+                node.net
+            ),
+            &srv,
+        ])
         .trim()
         .to_string();
     assert!(!ip.is_empty(), "no IP for the server container");
-    assert_eq!(node.recorded_pods().len(), 1, "the server container was not captured");
+    assert_eq!(
+        node.recorded_pods().len(),
+        1,
+        "the server container was not captured"
+    );
 
     let url = format!("http://{ip}:8080/index.html");
     let mut body = String::new();
     let got = wait_for(Duration::from_secs(10), || {
-        let out = pm.cmd(&["run", "--rm", "--network", &node.net, "localhost/ambit-busybox:test", "wget", "-q", "-O-", &url]).output().unwrap();
+        let out = pm
+            .cmd(&[
+                "run",
+                "--rm",
+                "--network",
+                &node.net,
+                "localhost/ambit-busybox:test",
+                "wget",
+                "-q",
+                "-O-",
+                &url,
+            ])
+            .output()
+            .unwrap();
         body = String::from_utf8_lossy(&out.stdout).into_owned();
         out.status.success()
     });
-    assert!(got.is_ok(), "client container could not fetch {url}: {body}\nagent:\n{}", node.agent_log());
+    assert!(
+        got.is_ok(),
+        "client container could not fetch {url}: {body}\nagent:\n{}",
+        node.agent_log()
+    );
     assert_eq!(body, "hello-through-ambit\n");
     let dst: std::net::SocketAddr = format!("{ip}:8080").parse().unwrap();
     let log = node.agent_log();
-    assert!(access_lines(&log, "outbound", dst) >= 1, "not seen outbound:\n{log}");
-    assert!(access_lines(&log, "inbound", dst) >= 1, "not seen inbound:\n{log}");
+    assert!(
+        access_lines(&log, "outbound", dst) >= 1,
+        "not seen outbound:\n{log}"
+    );
+    assert!(
+        access_lines(&log, "inbound", dst) >= 1,
+        "not seen inbound:\n{log}"
+    );
     // The client container's DEL (on exit) released it: only the server is still captured.
     wait_for(Duration::from_secs(5), || node.recorded_pods().len() == 1).unwrap();
 }
