@@ -16,15 +16,25 @@ for bin in go nft ip jq podman runc containerd protoc tcpdump; do
 done
 [ -d /usr/share/gocode/src/github.com/containernetworking/cni/libcni ] || need_apt=1
 [ -x /usr/lib/cni/bridge ] || need_apt=1
+[ -x /usr/bin/python3 ] || need_apt=1
 if [ "$need_apt" = 1 ]; then
   apt-get update -q
   apt-get install -y -q \
     golang-go golang-github-appc-cni-dev containernetworking-plugins \
     iproute2 nftables iptables jq busybox-static iputils-ping util-linux \
-    podman runc containerd protobuf-compiler tcpdump
+    podman runc containerd protobuf-compiler tcpdump python3
 fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --locked
-cargo test --workspace --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --all-targets --locked 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite (cargo prints one result line per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

@@ -198,6 +198,8 @@ pub struct Pod {
     pub name: String,
     pub container_id: String,
     pub ip: IpAddr,
+    /// How long the libcni ADD of the whole chain took.
+    pub add_time: Duration,
 }
 
 fn subnet_prefix() -> String {
@@ -311,6 +313,20 @@ impl Node {
         Ok(())
     }
 
+    /// The agent's pid (`ip netns exec` execs it in place).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
+    /// The agent's resident set size in KiB.
+    pub fn agent_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.agent_pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    }
+
     /// SIGKILLs the agent (the crash case).
     pub fn kill_agent(&mut self) {
         if let Some(mut c) = self.agent.take() {
@@ -345,7 +361,9 @@ impl Node {
         let args = format!(
             "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name};K8S_POD_UID=uid-{name}"
         );
+        let started = Instant::now();
         let out = self.cnitool("add", &ns, &container_id, &args);
+        let add_time = started.elapsed();
         ensure!(
             out.status.success(),
             "ADD {name} failed: {}{}\ncni log:\n{}",
@@ -365,6 +383,7 @@ impl Node {
             name: name.into(),
             container_id,
             ip,
+            add_time,
         })
     }
 
