@@ -337,6 +337,18 @@ impl Node {
 
     /// Runs the libcni client inside the node namespace.
     pub fn cnitool(&self, op: &str, pod_ns: &NsGuard, container_id: &str, args: &str) -> Output {
+        self.cnitool_with(op, pod_ns, container_id, args, &[])
+    }
+
+    /// [`Node::cnitool`] with extra environment, e.g. `CAP_ARGS`.
+    pub fn cnitool_with(
+        &self,
+        op: &str,
+        pod_ns: &NsGuard,
+        container_id: &str,
+        args: &str,
+        extra: &[(&str, &str)],
+    ) -> Output {
         Command::new("ip")
             .args(["netns", "exec", &self.ns.name])
             .arg(cnitool())
@@ -350,6 +362,7 @@ impl Node {
             .env("CNI_CACHEDIR", self.dir.0.join("cache"))
             .env("CNI_CONTAINERID", container_id)
             .env("CNI_ARGS", args)
+            .envs(extra.iter().copied())
             .output()
             .expect("running cnitool")
     }
@@ -447,6 +460,42 @@ impl Drop for Node {
         self.kill_agent();
         // The bridge lives in the node namespace and dies with it; IPAM and cache are in dir.
     }
+}
+
+/// Packs a minimal busybox root filesystem (Debian's static busybox, the given applets and
+/// extra files) into `dir/<name>.tar`, for podman/containerd images made offline.
+pub fn busybox_rootfs_tar(
+    dir: &Path,
+    name: &str,
+    applets: &[&str],
+    files: &[(&str, &str)],
+) -> PathBuf {
+    let rootfs = dir.join(format!("{name}-rootfs"));
+    for d in ["bin", "etc", "tmp", "proc", "sys", "dev"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox-static is installed");
+    for applet in applets {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\n").unwrap();
+    for (path, content) in files {
+        let p = rootfs.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+    let tar = dir.join(format!("{name}.tar"));
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(&tar)
+            .arg("."),
+    )
+    .unwrap();
+    tar
 }
 
 /// Polls `f` every 20 ms until it holds or `limit` passes.

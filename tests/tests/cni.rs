@@ -469,22 +469,9 @@ fn excluded_and_opted_out_pods_pass_through_uncaptured() {
                     .to_string(),
             );
         }
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &node.ns.name])
-            .arg(cnitool())
-            .args(["add", &node.net])
-            .arg(ns.path())
-            .env("NETCONFPATH", node.dir.0.join("net.d"))
-            .env(
-                "CNI_PATH",
-                format!("/usr/lib/cni:{}", node.dir.0.join("bin").display()),
-            )
-            .env("CNI_CACHEDIR", node.dir.0.join("cache"))
-            .env("CNI_CONTAINERID", format!("cskip{i}"))
-            .env("CNI_ARGS", args)
-            .env("CAP_ARGS", cmd_env.first().cloned().unwrap_or_default())
-            .output()
-            .unwrap();
+        let cap = cmd_env.first().cloned().unwrap_or_default();
+        let id = format!("cskip{i}");
+        let out = node.cnitool_with("add", &ns, &id, args, &[("CAP_ARGS", &cap)]);
         assert!(
             out.status.success(),
             "{args}: {}",

@@ -27,24 +27,7 @@ impl Drop for Containerd {
 }
 
 fn image_tar(dir: &Path) -> PathBuf {
-    let rootfs = dir.join("rootfs");
-    for d in ["bin", "etc", "tmp", "proc", "sys", "dev"] {
-        std::fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    for applet in ["sh", "sleep"] {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
-    }
-    let tar = dir.join("rootfs.tar");
-    run_ok(
-        Command::new("tar")
-            .arg("-C")
-            .arg(&rootfs)
-            .arg("-cf")
-            .arg(&tar)
-            .arg("."),
-    )
-    .unwrap();
+    let tar = busybox_rootfs_tar(dir, "pause", &["sh", "sleep"], &[]);
     // podman turns the rootfs into an image archive containerd can import (no registry here).
     let store = dir.join("pm");
     let pm = |args: &[&str]| {
@@ -66,7 +49,7 @@ fn image_tar(dir: &Path) -> PathBuf {
         tar.to_str().unwrap(),
         "localhost/ambit-pause:test",
     ]);
-    let archive = dir.join("pause.tar");
+    let archive = dir.join("pause-image.tar");
     pm(&[
         "save",
         "--format",

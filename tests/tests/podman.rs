@@ -1,7 +1,6 @@
 //! Tier "podman": podman 4.3 on its CNI backend, placed on a test node with `nsenter --net`.
 //! Two containers talk over the node's bridge, through the agent.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -39,31 +38,6 @@ impl Drop for Podman {
     }
 }
 
-fn busybox_image(dir: &Path) -> std::path::PathBuf {
-    let rootfs = dir.join("rootfs");
-    for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "www"] {
-        std::fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    for applet in ["sh", "httpd", "wget", "echo", "cat"] {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
-    std::fs::write(rootfs.join("etc/group"), "root:x:0:\n").unwrap();
-    std::fs::write(rootfs.join("www/index.html"), "hello-through-ambit\n").unwrap();
-    let tar = dir.join("busybox.tar");
-    run_ok(
-        Command::new("tar")
-            .arg("-C")
-            .arg(&rootfs)
-            .arg("-cf")
-            .arg(&tar)
-            .arg("."),
-    )
-    .unwrap();
-    tar
-}
-
 #[test]
 fn two_podman_containers_talk_through_the_agent() {
     let mut node = Node::new("1.0.0").unwrap();
@@ -87,7 +61,12 @@ fn two_podman_containers_talk_through_the_agent() {
         node_ns: node.ns.path(),
         conf,
     };
-    let tar = busybox_image(&pm_dir);
+    let tar = busybox_rootfs_tar(
+        &pm_dir,
+        "web",
+        &["sh", "httpd", "wget"],
+        &[("www/index.html", "hello-through-ambit\n")],
+    );
     pm.ok(&[
         "import",
         "--change",
