@@ -486,3 +486,47 @@ fn excluded_and_opted_out_pods_pass_through_uncaptured() {
     }
     assert!(node.recorded_pods().is_empty());
 }
+
+#[test]
+fn host_network_namespace_is_never_captured() {
+    let mut node = Node::new("1.0.0").unwrap();
+    node.start_agent().unwrap();
+    let mut conf = node.plugin_conf();
+    conf["prevResult"] = serde_json::json!({"cniVersion": "1.0.0", "ips": []});
+    // The plugin runs in the node's namespace; a "pod" whose namespace is that same one is a
+    // host-network pod: passed through, and the node's own namespace is left untouched.
+    let node_ns = node.ns.path();
+    let out = node.invoke_plugin(
+        &[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "chostnet"),
+            ("CNI_NETNS", node_ns.to_str().unwrap()),
+            ("CNI_IFNAME", "eth0"),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=hostnet",
+            ),
+        ],
+        conf.to_string().as_bytes(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed, conf["prevResult"]);
+    assert!(
+        !node
+            .ns
+            .exec(&["nft", "list", "ruleset"])
+            .unwrap()
+            .contains("ambit")
+    );
+    assert!(node.recorded_pods().is_empty());
+    assert!(
+        node.cni_log().contains("host-network pod"),
+        "{}",
+        node.cni_log()
+    );
+}
