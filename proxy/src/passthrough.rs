@@ -12,7 +12,11 @@ use tracing::{debug, info, warn};
 use crate::socket::{SocketFactory, canonical, original_dst};
 
 /// Ports that must never be a forwarding destination (loop protection).
-pub const RESERVED_PORTS: [u16; 3] = [15001, 15006, 15008];
+pub const RESERVED_PORTS: [u16; 3] = [
+    ambit_common::OUTBOUND_PORT,
+    ambit_common::INBOUND_PLAINTEXT_PORT,
+    ambit_common::INBOUND_HBONE_PORT,
+];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {

@@ -10,9 +10,7 @@ use tracing::debug;
 use crate::passthrough::{self, Direction, PodContext};
 use crate::socket::SocketFactory;
 
-pub const OUTBOUND_PORT: u16 = 15001;
-pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
-pub const INBOUND_HBONE_PORT: u16 = 15008;
+pub use ambit_common::{INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 /// A running pod proxy; dropping it (or [`PodProxy::stop`]) closes its listeners and cuts its
 /// connections.
