@@ -194,15 +194,16 @@ fn agent_down_fails_closed_and_restart_recaptures_without_cni() {
 
     let started = std::time::Instant::now();
     node.start_agent().unwrap();
-    let took = wait_for(Duration::from_secs(5), || {
+    // Bounded wait so a broken re-adoption fails instead of hanging; the figure is printed,
+    // not asserted (speed belongs in benchmarks).
+    wait_for(Duration::from_secs(5), || {
         talk(&a.ns.open(), dst, b"x").is_ok()
     })
-    .unwrap();
+    .expect("the restarted agent did not serve the recorded pods again");
     eprintln!(
         "re-adopted and serving {:?} after restart",
         started.elapsed()
     );
-    assert!(took < Duration::from_secs(5));
     server.join().unwrap();
     let log = node.agent_log();
     assert!(log.contains("adopted: 2"), "{log}");
