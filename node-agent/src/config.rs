@@ -28,6 +28,31 @@ pub struct Config {
     /// Seconds between checks that every captured pod's namespace still exists.
     #[arg(long, env = "AMBIT_RECONCILE_SECONDS", default_value_t = 5.0)]
     pub reconcile_seconds: f64,
+    /// SPIFFE trust domain of this mesh's identities.
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local", value_parser = parse_trust_domain)]
+    pub trust_domain: String,
+    /// Lifetime of workload certificates (renewed at half-life), e.g. 24h, 90m, 10s.
+    #[arg(long, env = "AMBIT_CERT_LIFETIME", default_value = "24h", value_parser = parse_lifetime)]
+    pub cert_lifetime: Duration,
+    /// Plug-in CA certificate (PEM); without it the agent uses its embedded CA, generated once
+    /// in the state directory.
+    #[arg(long, env = "AMBIT_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// Private key of --ca-cert (PEM).
+    #[arg(long, env = "AMBIT_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Certificates above --ca-cert up to the root (PEM), when --ca-cert is an intermediate.
+    #[arg(long, env = "AMBIT_CA_CHAIN", requires = "ca_cert")]
+    pub ca_chain: Option<PathBuf>,
+    /// Directory of Kubernetes manifests (Pods, Namespaces) feeding the workload store.
+    #[arg(long, env = "AMBIT_MANIFESTS_DIR")]
+    pub manifests_dir: Option<PathBuf>,
+    /// Seconds between checks of --manifests-dir for changes.
+    #[arg(long, env = "AMBIT_MANIFESTS_POLL_SECONDS", default_value_t = 1.0)]
+    pub manifests_poll_seconds: f64,
+    /// A pooled HBONE connection without streams for this long is closed, e.g. 5m.
+    #[arg(long, env = "AMBIT_POOL_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_lifetime)]
+    pub pool_idle_timeout: Duration,
     /// Log filter (RUST_LOG syntax).
     #[arg(long, env = "AMBIT_LOG", default_value = "info")]
     pub log: String,
@@ -49,7 +74,39 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     Ok(v)
 }
 
+fn parse_trust_domain(s: &str) -> Result<String, String> {
+    ambit_proxy::identity::Identity::parse(&format!("spiffe://{s}/ns/n/sa/s"))
+        .map(|id| id.trust_domain)
+        .map_err(|_| format!("{s:?} is not a trust domain (letters, digits, '-', '.', '_')"))
+}
+
+fn parse_lifetime(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration: {e}"))?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s:?} is shorter than one second"));
+    }
+    Ok(d)
+}
+
 impl Config {
+    /// Where the CA comes from.
+    pub fn ca_source(&self) -> crate::ca::Source {
+        match (&self.ca_cert, &self.ca_key) {
+            (Some(cert), Some(key)) => crate::ca::Source::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                chain: self.ca_chain.clone(),
+            },
+            _ => crate::ca::Source::Embedded {
+                dir: self.state_dir.clone(),
+            },
+        }
+    }
+
+    pub fn manifests_poll(&self) -> Duration {
+        Duration::from_secs_f64(self.manifests_poll_seconds.clamp(0.05, 3600.0))
+    }
+
     pub fn reconcile_interval(&self) -> Duration {
         Duration::from_secs_f64(self.reconcile_seconds.clamp(0.1, 3600.0))
     }
@@ -74,5 +131,30 @@ mod tests {
         assert_eq!(c.allow_uids, vec![0]);
         assert_eq!(c.mark, 0x539);
         assert!(Config::try_parse_from(["ambit-agent", "--log-format", "xml"]).is_err());
+        assert_eq!(c.trust_domain, "cluster.local");
+        assert_eq!(c.cert_lifetime, Duration::from_secs(86_400));
+        assert!(matches!(c.ca_source(), crate::ca::Source::Embedded { .. }));
+    }
+
+    #[test]
+    fn identity_settings_are_validated() {
+        let parse = |args: &[&str]| {
+            let mut v = vec!["ambit-agent"];
+            v.extend_from_slice(args);
+            Config::try_parse_from(v)
+        };
+        assert!(parse(&["--trust-domain", "bad/td"]).is_err());
+        assert!(parse(&["--cert-lifetime", "10ms"]).is_err());
+        assert!(parse(&["--cert-lifetime", "soon"]).is_err());
+        assert_eq!(
+            parse(&["--cert-lifetime", "90m"]).unwrap().cert_lifetime,
+            Duration::from_secs(5400)
+        );
+        assert!(
+            parse(&["--ca-cert", "/x.pem"]).is_err(),
+            "a CA certificate needs its key"
+        );
+        let c = parse(&["--ca-cert", "/c.pem", "--ca-key", "/k.pem"]).unwrap();
+        assert!(matches!(c.ca_source(), crate::ca::Source::Files { .. }));
     }
 }

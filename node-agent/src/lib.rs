@@ -6,11 +6,17 @@
 //! - [`workloads`]: captured pods and their proxies; add, delete, check, GC, reconcile.
 //! - [`state`]: the on-disk record of captured pods, for re-adoption after a restart.
 //! - [`sockets`]: the `SocketFactory` that creates every pod socket inside the pod's netns.
+//! - [`store`], [`manifests`]: the workload store (Kubernetes objects) and its manifests source.
+//! - [`ca`], [`certs`]: the CA (embedded or plug-in) and the per-identity certificates.
 
 #![forbid(unsafe_code)]
 
+pub mod ca;
+pub mod certs;
 pub mod cni_server;
 pub mod config;
+pub mod manifests;
 pub mod sockets;
 pub mod state;
+pub mod store;
 pub mod workloads;

@@ -2,9 +2,14 @@
 
 use std::sync::Arc;
 
-use ambit_agent::{cni_server, config::Config, state::StateDir, workloads::Manager};
+use ambit_agent::{
+    ca::Ca, certs::CertManager, cni_server, config::Config, manifests, state::StateDir,
+    store::Store, workloads::Manager,
+};
+use ambit_proxy::mesh::{Mesh, Settings};
 use anyhow::Context;
 use clap::Parser;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -32,7 +37,37 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let state = StateDir::open(&config.state_dir)?;
-    let mgr = Manager::new(state, config.mark);
+    let ca = Ca::load(&config.ca_source(), &config.trust_domain).context("loading the CA")?;
+    info!(ca = %ca.description, trust_domain = %config.trust_domain, "certificate authority ready");
+    let certs = Arc::new(CertManager::new(ca, config.cert_lifetime));
+    let store = Store::new(&config.trust_domain);
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    if let Some(dir) = &config.manifests_dir {
+        // The first load happens before pods are re-adopted, so their identities are right
+        // from the first connection.
+        let (objects, problems) = manifests::load(dir);
+        for p in &problems {
+            tracing::warn!(file = %p.file.display(), "invalid manifest skipped: {}", p.message);
+        }
+        store.set_manifests(objects);
+        tasks.push(tokio::spawn(manifests::watch(
+            dir.clone(),
+            store.clone(),
+            config.manifests_poll(),
+            stop.clone(),
+        )));
+    }
+    let mesh = Arc::new(Mesh {
+        directory: store.clone(),
+        certs: certs.clone(),
+        trust_domain: config.trust_domain.clone(),
+        settings: Settings {
+            pool_idle_timeout: config.pool_idle_timeout,
+            ..Settings::default()
+        },
+    });
+    let mgr = Manager::new(state, config.mark, mesh, store.clone());
     let started = std::time::Instant::now();
     let summary = mgr.adopt()?;
     info!(
@@ -42,14 +77,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
     let listener = cni_server::bind(&config.socket)?;
     info!(socket = %config.socket.display(), "listening for the CNI plugin");
-    let stop = CancellationToken::new();
     let server = tokio::spawn(cni_server::serve(
         listener,
         mgr.clone(),
         Arc::new(config.allow_uids.clone()),
         stop.clone(),
     ));
-    let reconciler = {
+    tasks.push({
         let (mgr, stop, every) = (mgr.clone(), stop.clone(), config.reconcile_interval());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -60,7 +94,31 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 }
             }
         })
-    };
+    });
+    tasks.push({
+        // Renewal at half-life is checked often enough for short test lifetimes too.
+        let every =
+            (config.cert_lifetime / 20).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {
+                        let present = store.local_identities();
+                        // Issue (or renew) the certificate of every local identity ahead of use.
+                        for id in &present {
+                            if let Err(e) = certs.get(id) {
+                                tracing::warn!(identity = %id, "cannot issue a certificate: {e}");
+                            }
+                        }
+                        certs.maintain(&present);
+                    }
+                }
+            }
+        })
+    });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: stopping"),
@@ -68,7 +126,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     stop.cancel();
     let _ = server.await;
-    let _ = reconciler.await;
+    for t in tasks {
+        let _ = t.await;
+    }
     // Pod records stay in the state directory: the next agent re-adopts the pods.
     let _ = std::fs::remove_file(&config.socket);
     info!(pods = mgr.len(), "stopped");

@@ -7,12 +7,14 @@ use std::sync::{Arc, Mutex};
 
 use ambit_common::netns::{Netns, NetnsId};
 use ambit_common::protocol::PodInfo;
+use ambit_proxy::mesh::Mesh;
 use ambit_proxy::passthrough::PodContext;
 use ambit_proxy::pod::PodProxy;
 use tracing::{info, warn};
 
 use crate::sockets::InPodSockets;
 use crate::state::{PodRecord, STATE_VERSION, StateDir};
+use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -45,6 +47,8 @@ pub struct Manager {
     state: StateDir,
     mark: u32,
     ready: AtomicBool,
+    mesh: Arc<Mesh>,
+    store: Arc<Store>,
 }
 
 fn label(p: &PodInfo) -> String {
@@ -52,12 +56,14 @@ fn label(p: &PodInfo) -> String {
 }
 
 impl Manager {
-    pub fn new(state: StateDir, mark: u32) -> Arc<Self> {
+    pub fn new(state: StateDir, mark: u32, mesh: Arc<Mesh>, store: Arc<Store>) -> Arc<Self> {
         Arc::new(Self {
             pods: Mutex::new(HashMap::new()),
             state,
             mark,
             ready: AtomicBool::new(false),
+            mesh,
+            store,
         })
     }
 
@@ -75,6 +81,7 @@ impl Manager {
             && e.netns == id
         {
             e.pod = pod.clone();
+            self.store.pod_added(&pod);
             self.state.save(&PodRecord {
                 version: STATE_VERSION,
                 pod,
@@ -93,17 +100,20 @@ impl Manager {
             netns: Arc::new(netns),
             mark: self.mark,
         });
-        let proxy = PodProxy::start(factory, ctx).map_err(|source| Error::Listen {
-            pod: label(&pod),
-            netns: id,
-            source,
-        })?;
+        let proxy =
+            PodProxy::start(factory, ctx, self.mesh.clone()).map_err(|source| Error::Listen {
+                pod: label(&pod),
+                netns: id,
+                source,
+            })?;
         self.state.save(&PodRecord {
             version: STATE_VERSION,
             pod: pod.clone(),
             netns: id,
         })?;
-        info!(pod = %label(&pod), netns = %id, ips = ?pod.ips, "pod captured");
+        self.store.pod_added(&pod);
+        info!(pod = %label(&pod), netns = %id, ips = ?pod.ips,
+            identity = %self.store.identity_of_pod(&pod), "pod captured");
         pods.insert(
             pod.container_id.clone(),
             Entry {
@@ -119,6 +129,7 @@ impl Manager {
     pub fn del(&self, container_id: &str) -> bool {
         let removed = self.lock().remove(container_id);
         self.state.remove(container_id);
+        self.store.pod_removed(container_id);
         if let Some(e) = &removed {
             info!(pod = %label(&e.pod), "pod released");
         }

@@ -8,9 +8,16 @@
 //! - [`socket`]: the factory trait, socket options, original-destination lookup.
 //! - [`passthrough`]: 15001 outbound and 15006 inbound plaintext forwarding.
 //! - [`pod`]: starts and stops the set of listeners of one pod.
+//! - [`hbone`]: HTTP/2 CONNECT over mutual TLS 1.3 (client pool, 15008 server).
+//! - [`identity`], [`tls`]: SPIFFE identities and the rustls configurations that check them.
+//! - [`mesh`]: what the data path asks of the node (workload store, certificates).
 
 #![forbid(unsafe_code)]
 
+pub mod hbone;
+pub mod identity;
+pub mod mesh;
 pub mod passthrough;
 pub mod pod;
 pub mod socket;
+pub mod tls;

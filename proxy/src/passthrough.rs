@@ -1,5 +1,6 @@
-//! Plaintext forwarding: outbound (15001) to the original destination, inbound plaintext
-//! (15006) to the app, keeping the client's source address.
+//! The 15001 and 15006 listeners. Outbound (15001): a destination the workload store knows as
+//! a captured workload goes through HBONE; anything else is forwarded as is. Inbound plaintext
+//! (15006): forwarded to the app, keeping the client's source address.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -9,7 +10,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::socket::{SocketFactory, canonical, original_dst};
+use crate::hbone;
+use crate::mesh::Workload;
+use crate::pod::PodShared;
+use crate::socket::{canonical, original_dst};
 
 /// Ports that must never be a forwarding destination (loop protection).
 pub const RESERVED_PORTS: [u16; 3] = [
@@ -45,8 +49,7 @@ pub struct PodContext {
 pub async fn serve(
     dir: Direction,
     listener: TcpListener,
-    factory: Arc<dyn SocketFactory>,
-    pod: Arc<PodContext>,
+    pod: Arc<PodShared>,
     stop: CancellationToken,
 ) {
     loop {
@@ -55,29 +58,24 @@ pub async fn serve(
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    warn!(pod = %pod.name, dir = dir.as_str(), "accept failed: {e}");
+                    warn!(pod = %pod.ctx.name, dir = dir.as_str(), "accept failed: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let (factory, pod, stop) = (factory.clone(), pod.clone(), stop.clone());
+        let (pod, stop) = (pod.clone(), stop.clone());
         tokio::spawn(async move {
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = forward(dir, stream, canonical(peer), factory, pod) => {}
+                _ = forward(dir, stream, canonical(peer), pod) => {}
             }
         });
     }
 }
 
-async fn forward(
-    dir: Direction,
-    mut client: TcpStream,
-    peer: SocketAddr,
-    factory: Arc<dyn SocketFactory>,
-    pod: Arc<PodContext>,
-) {
+async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared: Arc<PodShared>) {
+    let pod = &shared.ctx;
     let start = Instant::now();
     let dst = match original_dst(&client) {
         Ok(d) => d,
@@ -90,6 +88,12 @@ async fn forward(
         debug!(%peer, %dst, "destination is a reserved Ambit port; closing");
         return;
     }
+    if dir == Direction::Outbound
+        && let Some(w) = shared.mesh.directory.by_ip(dst.ip())
+        && w.hbone
+    {
+        return outbound_hbone(client, peer, dst, &w, &shared, start).await;
+    }
     // Inbound: connect to the app from the client's own address, unless the client is the pod
     // itself (then the ordinary local address is already right).
     let source = match dir {
@@ -98,7 +102,7 @@ async fn forward(
         }
         _ => None,
     };
-    let upstream = match factory.upstream(dst, source) {
+    let upstream = match shared.factory.upstream(dst, source) {
         Ok(s) => s.connect(dst).await,
         Err(e) => Err(e),
     };
@@ -122,5 +126,53 @@ async fn forward(
         bytes_sent = sent, bytes_recv = recv,
         duration_ms = start.elapsed().as_millis() as u64,
         error = err.map(|e| e.to_string()).unwrap_or_default(),
+        "connection complete");
+}
+
+/// Outbound to a captured workload: one CONNECT stream through the pod's HBONE pool.
+async fn outbound_hbone(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    dst_workload: &Workload,
+    shared: &PodShared,
+    start: Instant,
+) {
+    let pod = &shared.ctx;
+    let src_identity = shared.identity();
+    let req = hbone::client::Request {
+        src_identity: src_identity.clone(),
+        dst_identity: dst_workload.identity.clone(),
+        target: dst,
+        client: peer,
+        baggage: format!(
+            "k8s.namespace.name={},k8s.pod.name={}",
+            pod.namespace, pod.name
+        ),
+    };
+    let (mut tunnel, _guard) = match shared.pool.connect(&req).await {
+        Ok(t) => t,
+        Err(e) => {
+            info!(target: "access", direction = "outbound", protocol = "hbone",
+                src.addr = %peer, src.identity = %src_identity, dst.addr = %dst,
+                dst.identity = %dst_workload.identity, pod = %pod.name, namespace = %pod.namespace,
+                error = %e, "connection failed");
+            // The app sees its connection reset, never a silent plaintext fallback.
+            let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let (sent, recv, err) =
+        match hbone::relay(&mut client, &mut tunnel, shared.mesh.settings.copy_buffer).await {
+            Ok((a, b)) => (a, b, String::new()),
+            Err(e) => (0, 0, e.to_string()),
+        };
+    info!(target: "access",
+        direction = "outbound", protocol = "hbone", src.addr = %peer, src.identity = %src_identity,
+        dst.addr = %dst, dst.identity = %dst_workload.identity,
+        pod = %pod.name, namespace = %pod.namespace,
+        bytes_sent = sent, bytes_recv = recv,
+        duration_ms = start.elapsed().as_millis() as u64, error = err,
         "connection complete");
 }

@@ -7,6 +7,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod mesh;
+pub mod pcap;
+
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -187,7 +190,11 @@ pub struct Node {
     pub net: String,
     pub bridge: String,
     pub subnet: String,
+    /// The pods' IPv6 subnet, on a dual-stack node.
+    pub subnet6: Option<String>,
     pub cni_version: String,
+    /// Extra arguments for every agent start (CA, trust domain, manifests...).
+    pub agent_args: Vec<String>,
     agent: Option<Child>,
     pods: Vec<String>,
 }
@@ -196,8 +203,11 @@ pub struct Node {
 pub struct Pod {
     pub ns: NsGuard,
     pub name: String,
+    pub namespace: String,
     pub container_id: String,
     pub ip: IpAddr,
+    /// Every address of the pod (IPv4 first, then IPv6 on a dual-stack node).
+    pub ips: Vec<IpAddr>,
     /// How long the libcni ADD of the whole chain took.
     pub add_time: Duration,
 }
@@ -213,8 +223,17 @@ impl Node {
         Self::with_plugin_conf(cni_version, serde_json::json!({}))
     }
 
+    /// A node whose pods get an IPv4 and an IPv6 address.
+    pub fn dual_stack(cni_version: &str) -> Result<Self> {
+        Self::create(cni_version, serde_json::json!({}), true)
+    }
+
     /// `extra` is merged into ambit-cni's entry in the conflist.
     pub fn with_plugin_conf(cni_version: &str, extra: serde_json::Value) -> Result<Self> {
+        Self::create(cni_version, extra, false)
+    }
+
+    fn create(cni_version: &str, extra: serde_json::Value, dual_stack: bool) -> Result<Self> {
         require_root();
         let bins = bins();
         let ns = NsGuard::new(unique("amn"))?;
@@ -238,13 +257,24 @@ impl Node {
         if let (Some(p), Some(e)) = (plugin.as_object_mut(), extra.as_object()) {
             p.extend(e.clone());
         }
+        let mut ranges = vec![serde_json::json!([{"subnet": format!("{prefix}.0/24")}])];
+        let mut routes = vec![serde_json::json!({"dst": "0.0.0.0/0"})];
+        // fdXX:YYYY:ZZ::/64 mirrors the IPv4 prefix, so it is as unique.
+        let subnet6 = dual_stack.then(|| {
+            let p: Vec<&str> = prefix.split('.').collect();
+            format!("fd00:a:{}:{}::/64", p[1], p[2])
+        });
+        if let Some(s6) = &subnet6 {
+            ranges.push(serde_json::json!([{"subnet": s6}]));
+            routes.push(serde_json::json!({"dst": "::/0"}));
+        }
         let conf = serde_json::json!({
             "cniVersion": cni_version,
             "name": net,
             "plugins": [
                 {"type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": false, "hairpinMode": true,
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": format!("{prefix}.0/24")}]],
-                          "routes": [{"dst": "0.0.0.0/0"}], "dataDir": dir.0.join("ipam")}},
+                 "ipam": {"type": "host-local", "ranges": ranges,
+                          "routes": routes, "dataDir": dir.0.join("ipam")}},
                 plugin,
             ]
         });
@@ -259,6 +289,7 @@ impl Node {
             "sysctl",
             "-qw",
             "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
         ]))?;
         Ok(Self {
             ns,
@@ -266,7 +297,9 @@ impl Node {
             net,
             bridge,
             subnet: format!("{prefix}.0/24"),
+            subnet6,
             cni_version: cni_version.into(),
+            agent_args: Vec::new(),
             agent: None,
             pods: Vec::new(),
         })
@@ -303,6 +336,7 @@ impl Node {
             .arg("--state-dir")
             .arg(self.state_dir())
             .args(["--log", "debug", "--reconcile-seconds", "0.5"])
+            .args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -369,10 +403,15 @@ impl Node {
 
     /// Creates a pod namespace and ADDs it through libcni (namespace `default`).
     pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
+        self.add_pod_in("default", name)
+    }
+
+    /// Creates a pod namespace and ADDs it through libcni as `namespace/name`.
+    pub fn add_pod_in(&mut self, namespace: &str, name: &str) -> Result<Pod> {
         let ns = NsGuard::new(unique("ap"))?;
         let container_id = format!("c{}", unique(name).replace('x', "0"));
         let args = format!(
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name};K8S_POD_UID=uid-{name}"
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_UID=uid-{name}"
         );
         let started = Instant::now();
         let out = self.cnitool("add", &ns, &container_id, &args);
@@ -385,17 +424,22 @@ impl Node {
             self.cni_log()
         );
         let result: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        let ip = result["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .context("ADD result has no IP")?
-            .parse()?;
+        let mut ips: Vec<IpAddr> = result["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["address"].as_str()?.split('/').next()?.parse().ok())
+            .collect();
+        ips.sort_by_key(|ip| ip.is_ipv6());
+        let ip = *ips.first().context("ADD result has no IP")?;
         self.pods.push(container_id.clone());
         Ok(Pod {
             ns,
             name: name.into(),
+            namespace: namespace.into(),
             container_id,
             ip,
+            ips,
             add_time,
         })
     }
@@ -513,8 +557,9 @@ pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> Result<Duration
 /// A TCP server inside `ns` that answers each connection with `peer=<ip>;` followed by
 /// everything it read, for `conns` connections; returns its thread.
 pub fn echo_server(ns: &Netns, port: u16, conns: usize) -> std::thread::JoinHandle<()> {
+    // Dual-stack where the namespace has IPv6 (IPV6_V6ONLY is off by default on Linux).
     let l = ns
-        .run(|| TcpListener::bind(("0.0.0.0", port)))
+        .run(|| TcpListener::bind(("::", port)).or_else(|_| TcpListener::bind(("0.0.0.0", port))))
         .unwrap()
         .expect("binding the test server");
     std::thread::spawn(move || {
@@ -525,7 +570,7 @@ pub fn echo_server(ns: &Netns, port: u16, conns: usize) -> std::thread::JoinHand
             let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
             let mut data = Vec::new();
             let _ = c.read_to_end(&mut data);
-            let mut reply = format!("peer={};", peer.ip()).into_bytes();
+            let mut reply = format!("peer={};", peer.ip().to_canonical()).into_bytes();
             reply.extend_from_slice(&data);
             let _ = c.write_all(&reply);
         }

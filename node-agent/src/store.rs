@@ -1,0 +1,303 @@
+//! The workload store: Kubernetes objects (Pods, Namespaces) from every source the agent
+//! has — a directory of manifests today, the API server later — plus the pods this node's
+//! CNI plugin handed over. The data path asks it who owns an address and which identity a
+//! local pod has.
+//!
+//! Objects are kept as the API's own types (k8s-openapi), so the Kubernetes watch will feed
+//! the same store without translation.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+
+use ambit_common::protocol::PodInfo;
+use ambit_proxy::identity::Identity;
+use ambit_proxy::mesh::{Directory, Workload};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+
+/// Set on a Pod by the agent that captured it (the Kubernetes source will write it; in a
+/// manifests directory the operator does): the pod serves HBONE on 15008. Only such pods of
+/// other nodes get HBONE — a pod that is not captured would refuse it.
+pub const REDIRECTION_ANNOTATION: &str = "ambit.dev/redirection";
+
+/// Objects of one source.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    /// Keyed by (namespace, name).
+    pub pods: BTreeMap<(String, String), Pod>,
+    pub namespaces: BTreeMap<String, Namespace>,
+}
+
+#[derive(Default)]
+struct Inner {
+    manifests: Objects,
+    /// Pods captured on this node, by container id.
+    local: HashMap<String, PodInfo>,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+}
+
+pub struct Store {
+    trust_domain: String,
+    inner: RwLock<Inner>,
+}
+
+fn service_account(pod: Option<&Pod>) -> &str {
+    pod.and_then(|p| p.spec.as_ref())
+        .and_then(|s| s.service_account_name.as_deref())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default")
+}
+
+/// Addresses of a running pod (none for host-network or finished pods: their IPs are not
+/// theirs, or no longer).
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    if pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
+    {
+        return Vec::new();
+    }
+    let Some(status) = &pod.status else {
+        return Vec::new();
+    };
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return Vec::new();
+    }
+    let mut ips: Vec<IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if ips.is_empty()
+        && let Some(ip) = status.pod_ip.as_deref().and_then(|s| s.parse().ok())
+    {
+        ips.push(ip);
+    }
+    ips
+}
+
+impl Store {
+    pub fn new(trust_domain: &str) -> Arc<Self> {
+        Arc::new(Self {
+            trust_domain: trust_domain.into(),
+            inner: RwLock::new(Inner::default()),
+        })
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn identity(&self, namespace: &str, pod: Option<&Pod>) -> Identity {
+        Identity::new(&self.trust_domain, namespace, service_account(pod))
+    }
+
+    /// Replaces everything the manifests directory said.
+    pub fn set_manifests(&self, objects: Objects) {
+        let mut inner = self.write();
+        inner.manifests = objects;
+        self.reindex(&mut inner);
+    }
+
+    /// A pod this node captured (CNI ADD or re-adoption).
+    pub fn pod_added(&self, pod: &PodInfo) {
+        let mut inner = self.write();
+        inner.local.insert(pod.container_id.clone(), pod.clone());
+        self.reindex(&mut inner);
+    }
+
+    pub fn pod_removed(&self, container_id: &str) {
+        let mut inner = self.write();
+        if inner.local.remove(container_id).is_some() {
+            self.reindex(&mut inner);
+        }
+    }
+
+    /// Identities of the pods captured on this node (the certificates worth keeping).
+    pub fn local_identities(&self) -> HashSet<Identity> {
+        let inner = self.read();
+        inner
+            .local
+            .values()
+            .map(|p| {
+                let obj = inner
+                    .manifests
+                    .pods
+                    .get(&(p.namespace.clone(), p.name.clone()));
+                self.identity(&p.namespace, obj)
+            })
+            .collect()
+    }
+
+    /// The identity of a pod this node captured.
+    pub fn identity_of_pod(&self, pod: &PodInfo) -> Identity {
+        self.identity_of(&pod.namespace, &pod.name)
+    }
+
+    /// (pods, namespaces) known from manifests.
+    pub fn counts(&self) -> (usize, usize) {
+        let inner = self.read();
+        (inner.manifests.pods.len(), inner.manifests.namespaces.len())
+    }
+
+    fn reindex(&self, inner: &mut Inner) {
+        let mut by_ip = HashMap::new();
+        for ((ns, name), pod) in &inner.manifests.pods {
+            let hbone = pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(REDIRECTION_ANNOTATION))
+                .is_some_and(|v| v == "enabled");
+            let w = Arc::new(Workload {
+                name: name.clone(),
+                namespace: ns.clone(),
+                identity: self.identity(ns, Some(pod)),
+                hbone,
+            });
+            for ip in pod_ips(pod) {
+                by_ip.insert(ip, w.clone());
+            }
+        }
+        // What this node captured is authoritative for its own addresses.
+        for p in inner.local.values() {
+            let obj = inner
+                .manifests
+                .pods
+                .get(&(p.namespace.clone(), p.name.clone()));
+            let w = Arc::new(Workload {
+                name: p.name.clone(),
+                namespace: p.namespace.clone(),
+                identity: self.identity(&p.namespace, obj),
+                hbone: true,
+            });
+            for ip in &p.ips {
+                by_ip.insert(*ip, w.clone());
+            }
+        }
+        inner.by_ip = by_ip;
+    }
+}
+
+impl Directory for Store {
+    fn by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {
+        self.read().by_ip.get(&ip.to_canonical()).cloned()
+    }
+
+    fn identity_of(&self, namespace: &str, name: &str) -> Identity {
+        let inner = self.read();
+        let obj = inner
+            .manifests
+            .pods
+            .get(&(namespace.to_owned(), name.to_owned()));
+        self.identity(namespace, obj)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(ns: &str, name: &str, sa: Option<&str>, ip: &str, captured: bool) -> Pod {
+        let mut v = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"containers": []},
+            "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
+        });
+        if let Some(sa) = sa {
+            v["spec"]["serviceAccountName"] = sa.into();
+        }
+        if captured {
+            v["metadata"]["annotations"] = serde_json::json!({REDIRECTION_ANNOTATION: "enabled"});
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn objects(pods: Vec<Pod>) -> Objects {
+        let mut o = Objects::default();
+        for p in pods {
+            let key = (
+                p.metadata.namespace.clone().unwrap(),
+                p.metadata.name.clone().unwrap(),
+            );
+            o.pods.insert(key, p);
+        }
+        o
+    }
+
+    fn local(name: &str, ip: &str) -> PodInfo {
+        PodInfo {
+            container_id: format!("c-{name}"),
+            ifname: "eth0".into(),
+            namespace: "default".into(),
+            name: name.into(),
+            uid: String::new(),
+            ips: vec![ip.parse().unwrap()],
+            annotations: Default::default(),
+            netns_path: "/proc/self/ns/net".into(),
+        }
+    }
+
+    #[test]
+    fn identities_come_from_the_pod_object_or_default() {
+        let s = Store::new("cluster1");
+        s.pod_added(&local("ratings", "10.0.0.2"));
+        let ip: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(
+            s.by_ip(ip).unwrap().identity.to_string(),
+            "spiffe://cluster1/ns/default/sa/default",
+            "unknown Pod object: service account default"
+        );
+        s.set_manifests(objects(vec![pod(
+            "default",
+            "ratings",
+            Some("bookinfo-ratings"),
+            "10.0.0.2",
+            false,
+        )]));
+        let w = s.by_ip(ip).unwrap();
+        assert_eq!(
+            w.identity.principal(),
+            "cluster1/ns/default/sa/bookinfo-ratings"
+        );
+        assert!(w.hbone, "a pod this node captured serves HBONE");
+        assert_eq!(s.identity_of("default", "ratings"), w.identity);
+        assert_eq!(s.local_identities().len(), 1);
+        s.pod_removed("c-ratings");
+        assert!(
+            !s.by_ip(ip).unwrap().hbone,
+            "known from manifests only, not annotated"
+        );
+    }
+
+    #[test]
+    fn remote_pods_need_the_redirection_annotation_and_an_address() {
+        let s = Store::new("td");
+        let mut host = pod("kube-system", "proxy", None, "192.168.0.1", true);
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        let mut done = pod("default", "job", None, "10.1.0.9", true);
+        done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        s.set_manifests(objects(vec![
+            pod("default", "a", None, "10.1.0.2", true),
+            pod("default", "b", None, "fd00::2", false),
+            host,
+            done,
+        ]));
+        assert!(s.by_ip("10.1.0.2".parse().unwrap()).unwrap().hbone);
+        assert!(!s.by_ip("fd00::2".parse().unwrap()).unwrap().hbone);
+        assert!(s.by_ip("192.168.0.1".parse().unwrap()).is_none());
+        assert!(s.by_ip("10.1.0.9".parse().unwrap()).is_none());
+        assert!(
+            s.by_ip("::ffff:10.1.0.2".parse().unwrap()).is_some(),
+            "v4-mapped addresses are found too"
+        );
+    }
+}

@@ -1,0 +1,283 @@
+//! The HBONE client of one pod: pooled mutual-TLS HTTP/2 connections to destination pods,
+//! one CONNECT stream per proxied TCP connection.
+//!
+//! Pool key: (source identity, destination identity, destination `ip:15008`). A connection
+//! carries at most `max_streams_per_connection` streams (or fewer if the peer says so); a
+//! full one makes the pool open another. Connecting happens under the key's lock, so a burst
+//! of new connections to one destination shares one handshake instead of racing many.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use rustls::pki_types::ServerName;
+use tokio::sync::Mutex as AsyncMutex;
+use tracing::{debug, info};
+
+use super::{Error, H2Stream};
+use crate::identity::Identity;
+use crate::mesh::Mesh;
+use crate::socket::SocketFactory;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    src: Identity,
+    dst: Identity,
+    addr: SocketAddr,
+}
+
+struct Conn {
+    send: SendRequest<Bytes>,
+    streams: AtomicUsize,
+    max_streams: usize,
+    idle_since: Mutex<Instant>,
+    closed: Arc<AtomicBool>,
+    /// New streams only until either side's certificate expires: a pooled connection never
+    /// extends the life of an identity proof beyond its certificate.
+    fresh_until: Instant,
+}
+
+impl Conn {
+    fn usable(&self) -> bool {
+        !self.closed.load(Ordering::Acquire)
+            && self.streams.load(Ordering::Acquire) < self.max_streams
+            && Instant::now() < self.fresh_until
+    }
+}
+
+/// When a certificate stops being valid, as an `Instant` (now if it cannot be read).
+fn expiry(cert: &rustls::pki_types::CertificateDer<'_>) -> Instant {
+    let not_after = x509_parser::parse_x509_certificate(cert)
+        .ok()
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .and_then(|t| u64::try_from(t).ok())
+        .map(|t| SystemTime::UNIX_EPOCH + Duration::from_secs(t));
+    let left = not_after
+        .and_then(|t| t.duration_since(SystemTime::now()).ok())
+        .unwrap_or_default();
+    Instant::now() + left
+}
+
+/// Keeps a pooled connection counted as busy while a stream uses it.
+pub struct StreamGuard(Arc<Conn>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.0.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+    }
+}
+
+type Slot = Arc<AsyncMutex<Vec<Arc<Conn>>>>;
+
+pub struct Pool {
+    factory: Arc<dyn SocketFactory>,
+    mesh: Arc<Mesh>,
+    slots: Mutex<HashMap<Key, Slot>>,
+}
+
+/// What the outbound side knows about one proxied connection.
+pub struct Request {
+    pub src_identity: Identity,
+    pub dst_identity: Identity,
+    /// The app's original destination (`:authority`).
+    pub target: SocketAddr,
+    /// The app's own address (the `forwarded` header).
+    pub client: SocketAddr,
+    /// `baggage` describing the source workload.
+    pub baggage: String,
+}
+
+impl Pool {
+    pub fn new(factory: Arc<dyn SocketFactory>, mesh: Arc<Mesh>) -> Self {
+        Self {
+            factory,
+            mesh,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn slot(&self, key: &Key) -> Slot {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Opens a CONNECT stream to `req.target` through the destination pod's 15008. Succeeds
+    /// only on a 200 answer.
+    pub async fn connect(&self, req: &Request) -> Result<(H2Stream, StreamGuard), Error> {
+        let addr = SocketAddr::new(req.target.ip(), ambit_common::INBOUND_HBONE_PORT);
+        let key = Key {
+            src: req.src_identity.clone(),
+            dst: req.dst_identity.clone(),
+            addr,
+        };
+        let timeout = self.mesh.settings.connect_timeout;
+        let guard = {
+            let slot = self.slot(&key);
+            let mut conns = slot.lock().await;
+            conns.retain(|c| !c.closed.load(Ordering::Acquire) && Instant::now() < c.fresh_until);
+            let conn = match conns.iter().find(|c| c.usable()) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = Arc::new(
+                        tokio::time::timeout(timeout, self.open(&key))
+                            .await
+                            .map_err(|_| Error::Timeout {
+                                addr,
+                                what: "HBONE connection setup",
+                            })??,
+                    );
+                    conns.push(c.clone());
+                    c
+                }
+            };
+            conn.streams.fetch_add(1, Ordering::AcqRel);
+            StreamGuard(conn)
+        };
+        let h2err = |source| Error::H2 { addr, source };
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(req.target.to_string())
+            .version(http::Version::HTTP_2)
+            .header("forwarded", format!("for=\"{}\"", req.client))
+            .header("baggage", req.baggage.as_str())
+            .body(())
+            .expect("a CONNECT request from a socket address is always valid");
+        let exchange = async {
+            let mut send = guard.0.send.clone().ready().await.map_err(h2err)?;
+            let (response, stream) = send.send_request(request, false).map_err(h2err)?;
+            let response = response.await.map_err(h2err)?;
+            Ok::<_, Error>((response, stream))
+        };
+        let (response, stream) =
+            tokio::time::timeout(timeout, exchange)
+                .await
+                .map_err(|_| Error::Timeout {
+                    addr,
+                    what: "CONNECT",
+                })??;
+        if response.status() != http::StatusCode::OK {
+            return Err(Error::Status {
+                addr,
+                status: response.status(),
+            });
+        }
+        Ok((H2Stream::new(stream, response.into_body()), guard))
+    }
+
+    async fn open(&self, key: &Key) -> Result<Conn, Error> {
+        let addr = key.addr;
+        let s = &self.mesh.settings;
+        let cert =
+            self.mesh
+                .certs
+                .certified_key(&key.src)
+                .map_err(|reason| Error::Certificate {
+                    identity: key.src.to_string(),
+                    reason,
+                })?;
+        let own_expiry = expiry(&cert.cert[0]);
+        let config =
+            crate::tls::client_config(cert, self.mesh.certs.roots(), vec![key.dst.clone()])?;
+        let socket = self
+            .factory
+            .upstream(addr, None)
+            .map_err(|source| Error::Connect { addr, source })?;
+        let tcp = socket
+            .connect(addr)
+            .await
+            .map_err(|source| Error::Connect { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+            .await
+            .map_err(|source| Error::Tls { addr, source })?;
+        let peer_expiry = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(expiry)
+            .unwrap_or_else(Instant::now);
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(s.stream_window)
+            .initial_connection_window_size(s.connection_window)
+            .max_frame_size(s.max_frame_size)
+            .max_header_list_size(16 << 10)
+            .max_send_buffer_size(s.stream_window as usize)
+            .enable_push(false)
+            .initial_max_send_streams(s.max_streams_per_connection)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| Error::H2 { addr, source })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        {
+            let closed = closed.clone();
+            let (src, dst) = (key.src.clone(), key.dst.clone());
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    debug!(%addr, "HBONE connection ended: {e}");
+                }
+                closed.store(true, Ordering::Release);
+                debug!(%addr, %src, %dst, "HBONE connection closed");
+            });
+        }
+        info!(%addr, src = %key.src, dst = %key.dst, "HBONE connection established");
+        let max_streams = s
+            .max_streams_per_connection
+            .min(send.current_max_send_streams().max(1));
+        Ok(Conn {
+            send,
+            streams: AtomicUsize::new(0),
+            max_streams,
+            idle_since: Mutex::new(Instant::now()),
+            closed,
+            fresh_until: own_expiry.min(peer_expiry),
+        })
+    }
+
+    /// Closes connections idle for longer than `idle` and forgets empty keys; returns how many
+    /// connections were released.
+    pub fn reap(&self, idle: Duration) -> usize {
+        let mut released = 0;
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.retain(|_, slot| {
+            // A slot being connected right now is busy, not idle.
+            let Ok(mut conns) = slot.try_lock() else {
+                return true;
+            };
+            let before = conns.len();
+            conns.retain(|c| {
+                !c.closed.load(Ordering::Acquire)
+                    && (c.streams.load(Ordering::Acquire) > 0
+                        || c.idle_since
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .elapsed()
+                            < idle)
+            });
+            released += before - conns.len();
+            !conns.is_empty()
+        });
+        released
+    }
+
+    /// Open pooled connections (for tests and metrics).
+    pub fn connections(&self) -> usize {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|s| s.try_lock().map(|c| c.len()).unwrap_or(0))
+            .sum()
+    }
+}

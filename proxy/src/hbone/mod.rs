@@ -1,0 +1,56 @@
+//! HBONE: TCP carried as HTTP/2 CONNECT streams inside mutual TLS 1.3, to port 15008 of the
+//! destination pod. Wire contract as the anchor's (`reference/istio-ambient.md` §4).
+
+pub mod client;
+pub mod server;
+pub mod stream;
+
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+
+pub use stream::H2Stream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("TLS handshake with {addr}: {source}")]
+    Tls { addr: SocketAddr, source: io::Error },
+    #[error("HTTP/2 with {addr}: {source}")]
+    H2 { addr: SocketAddr, source: h2::Error },
+    #[error("{addr} answered CONNECT with {status}")]
+    Status {
+        addr: SocketAddr,
+        status: http::StatusCode,
+    },
+    #[error("{what} with {addr} timed out")]
+    Timeout {
+        addr: SocketAddr,
+        what: &'static str,
+    },
+    #[error("no certificate for {identity}: {reason}")]
+    Certificate { identity: String, reason: String },
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// Copies both ways between a TCP socket and an HBONE stream until both directions ended.
+/// Returns (bytes TCP→stream, bytes stream→TCP). On failure the stream is reset and the TCP
+/// connection aborted (RST), so a reset on one side is a reset on the other.
+pub async fn relay(
+    tcp: &mut TcpStream,
+    h2: &mut H2Stream,
+    buffer: usize,
+) -> Result<(u64, u64), io::Error> {
+    match tokio::io::copy_bidirectional_with_sizes(tcp, h2, buffer, buffer).await {
+        Ok(n) => Ok(n),
+        Err(e) => {
+            h2.reset();
+            let _ = SockRef::from(&*tcp).set_linger(Some(std::time::Duration::ZERO));
+            Err(e)
+        }
+    }
+}

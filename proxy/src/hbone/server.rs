@@ -1,0 +1,229 @@
+//! The HBONE server of one pod (15008): TLS terminated with the pod's own certificate, client
+//! certificate required; each CONNECT stream is delivered to the app from the client's real
+//! address.
+//!
+//! Answers: 400 for anything but CONNECT, an authority that is not `<this pod's IP>:<port>`, or
+//! an Ambit port; 503 when the app's port refuses; 200 only once the app connection exists.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{H2Stream, relay};
+use crate::identity::Identity;
+use crate::passthrough::RESERVED_PORTS;
+use crate::pod::PodShared;
+use crate::socket::canonical;
+use crate::tls::{ResolveWith, identities, server_config};
+
+/// A TLS handshake that has not finished by then is dropped (slow or stuck clients).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn serve(listener: TcpListener, pod: Arc<PodShared>, stop: CancellationToken) {
+    let resolver = {
+        let pod = pod.clone();
+        ResolveWith(move || {
+            let id = pod.identity();
+            match pod.mesh.certs.certified_key(&id) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    warn!(pod = %pod.ctx.name, identity = %id, "no certificate to serve HBONE: {e}");
+                    None
+                }
+            }
+        })
+    };
+    let config = match server_config(
+        Arc::new(resolver),
+        pod.mesh.certs.roots(),
+        &pod.mesh.trust_domain,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(pod = %pod.ctx.name, "HBONE server configuration failed: {e}");
+            return;
+        }
+    };
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(pod = %pod.ctx.name, "HBONE accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, pod, stop) = (acceptor.clone(), pod.clone(), stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = connection(tcp, canonical(peer), acceptor, pod) => {}
+            }
+        });
+    }
+}
+
+async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod: Arc<PodShared>) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            info!(pod = %pod.ctx.name, %peer, "HBONE handshake refused: {e}");
+            return;
+        }
+        Err(_) => {
+            info!(pod = %pod.ctx.name, %peer, "HBONE handshake timed out");
+            return;
+        }
+    };
+    let peer_id = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| identities(c).into_iter().next());
+    let Some(peer_id) = peer_id else {
+        // The verifier only lets identified clients through; this is defence in depth.
+        warn!(pod = %pod.ctx.name, %peer, "HBONE client without identity after handshake");
+        return;
+    };
+    let s = &pod.mesh.settings;
+    let mut conn = match h2::server::Builder::new()
+        .initial_window_size(s.stream_window)
+        .initial_connection_window_size(s.connection_window)
+        .max_frame_size(s.max_frame_size)
+        .max_concurrent_streams(200)
+        .max_header_list_size(64 << 10)
+        .max_send_buffer_size(400 << 10)
+        .handshake::<_, Bytes>(tls)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(pod = %pod.ctx.name, %peer, "HTTP/2 handshake failed: {e}");
+            return;
+        }
+    };
+    debug!(pod = %pod.ctx.name, %peer, client = %peer_id, "HBONE connection accepted");
+    let peer_id = Arc::new(peer_id);
+    while let Some(next) = conn.accept().await {
+        match next {
+            Ok((req, respond)) => {
+                tokio::spawn(stream(req, respond, peer, peer_id.clone(), pod.clone()));
+            }
+            Err(e) => {
+                debug!(pod = %pod.ctx.name, %peer, "HBONE connection ended: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn answer(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let r = Response::builder()
+        .status(status)
+        .body(())
+        .expect("a bare status response is always valid");
+    let _ = respond.send_response(r, true);
+}
+
+/// The target of a CONNECT, if it is acceptable for this pod.
+fn target(req: &Request<h2::RecvStream>, pod_ips: &[IpAddr]) -> Result<SocketAddr, &'static str> {
+    if req.method() != http::Method::CONNECT {
+        return Err("not a CONNECT request");
+    }
+    let authority = req.uri().authority().ok_or("no :authority")?;
+    let addr: SocketAddr = authority
+        .as_str()
+        .parse()
+        .map_err(|_| "the authority is not <ip>:<port>")?;
+    let addr = canonical(addr);
+    if !pod_ips.contains(&addr.ip()) {
+        return Err("the authority is not this pod's address");
+    }
+    if RESERVED_PORTS.contains(&addr.port()) || addr.port() == 0 {
+        return Err("the authority names a reserved port");
+    }
+    Ok(addr)
+}
+
+async fn stream(
+    req: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer: SocketAddr,
+    peer_id: Arc<Identity>,
+    pod: Arc<PodShared>,
+) {
+    let start = Instant::now();
+    let dst = match target(&req, &pod.ctx.ips) {
+        Ok(d) => d,
+        Err(why) => {
+            info!(target: "access", direction = "inbound", src.addr = %peer, src.identity = %peer_id,
+                authority = %req.uri(), pod = %pod.ctx.name, namespace = %pod.ctx.namespace,
+                error = why, "HBONE stream refused (400)");
+            answer(&mut respond, StatusCode::BAD_REQUEST);
+            return;
+        }
+    };
+    // The app sees the client's own address (transparent bind), unless the client is this pod.
+    let source =
+        (!pod.ctx.ips.contains(&peer.ip()) && !peer.ip().is_loopback()).then_some(peer.ip());
+    let upstream = match pod.factory.upstream(dst, source) {
+        Ok(s) => tokio::time::timeout(pod.mesh.settings.connect_timeout, s.connect(dst))
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                ))
+            }),
+        Err(e) => Err(e),
+    };
+    let mut upstream = match upstream {
+        Ok(u) => u,
+        Err(e) => {
+            info!(target: "access", direction = "inbound", src.addr = %peer, src.identity = %peer_id,
+                dst.addr = %dst, pod = %pod.ctx.name, namespace = %pod.ctx.namespace,
+                error = %e, "HBONE stream refused (503)");
+            answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let ok = Response::builder()
+        .status(StatusCode::OK)
+        .body(())
+        .expect("a bare status response is always valid");
+    let send = match respond.send_response(ok, false) {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(%peer, %dst, "HBONE stream gone before 200: {e}");
+            return;
+        }
+    };
+    let mut tunnel = H2Stream::new(send, req.into_body());
+    let result = relay(&mut upstream, &mut tunnel, pod.mesh.settings.copy_buffer).await;
+    let (sent, recv, err) = match result {
+        Ok((to_client, to_app)) => (to_app, to_client, String::new()),
+        // (sent = client to app, recv = app to client)
+        Err(e) => (0, 0, e.to_string()),
+    };
+    info!(target: "access",
+        direction = "inbound", protocol = "hbone", src.addr = %peer, src.identity = %peer_id,
+        dst.addr = %dst, pod = %pod.ctx.name, namespace = %pod.ctx.namespace,
+        bytes_sent = sent, bytes_recv = recv,
+        duration_ms = start.elapsed().as_millis() as u64, error = err,
+        "connection complete");
+}

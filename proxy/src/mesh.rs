@@ -1,0 +1,66 @@
+//! What the data path needs to know about the mesh: who is at an address (the workload
+//! store) and the certificates of this node's identities.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::identity::Identity;
+use crate::tls::Certificates;
+
+/// A workload as the data path sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub identity: Identity,
+    /// Captured by an Ambit agent, so it serves HBONE on 15008.
+    pub hbone: bool,
+}
+
+/// The workload store, seen from the data path.
+pub trait Directory: Send + Sync + 'static {
+    /// The workload that owns `ip`, if the store knows one.
+    fn by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>>;
+    /// The current identity of a pod of this node (service account `default` while its Pod
+    /// object is unknown).
+    fn identity_of(&self, namespace: &str, name: &str) -> Identity;
+}
+
+/// HBONE tuning; defaults follow the anchor (see ARCHITECTURE notes in the reference).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Streams carried by one pooled connection before another is opened.
+    pub max_streams_per_connection: usize,
+    /// A pooled connection with no stream for this long is closed.
+    pub pool_idle_timeout: Duration,
+    /// TCP connect plus TLS and HTTP/2 handshakes, and the CONNECT response.
+    pub connect_timeout: Duration,
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_frame_size: u32,
+    /// Bytes per direction buffered between a TCP socket and an HBONE stream.
+    pub copy_buffer: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            max_streams_per_connection: 100,
+            pool_idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(10),
+            stream_window: 4 << 20,
+            connection_window: 16 << 20,
+            max_frame_size: 1 << 20,
+            copy_buffer: 64 << 10,
+        }
+    }
+}
+
+/// Everything a pod proxy shares with the rest of the node.
+pub struct Mesh {
+    pub directory: Arc<dyn Directory>,
+    pub certs: Arc<dyn Certificates>,
+    pub trust_domain: String,
+    pub settings: Settings,
+}

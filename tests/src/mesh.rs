@@ -1,0 +1,353 @@
+//! Mesh fixtures: a CA the test controls, Pod manifests for the agents' workload store, a
+//! veth "wire" between two nodes, packet captures, and a raw HBONE client for refusals.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+};
+
+use crate::{Node, Pod, run_ok, unique, wait_for};
+
+/// A CA of the test's own: agents load it as their plug-in CA, and the test can mint any
+/// certificate it needs (foreign trust domain, expired...).
+pub struct TestCa {
+    pub cert_pem: String,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// A certificate and key in PEM.
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Self {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, format!("test root {name}"));
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = p.self_signed(&key).unwrap();
+        let key_pem = key.serialize_pem();
+        Self {
+            cert_pem: cert.pem(),
+            key_pem,
+            issuer: Issuer::new(p, key),
+        }
+    }
+
+    /// Writes ca-cert.pem / ca-key.pem into `dir` and returns the agent arguments using them.
+    pub fn agent_args(&self, dir: &Path) -> Vec<String> {
+        std::fs::create_dir_all(dir).unwrap();
+        let (c, k) = (dir.join("ca-cert.pem"), dir.join("ca-key.pem"));
+        std::fs::write(&c, &self.cert_pem).unwrap();
+        std::fs::write(&k, &self.key_pem).unwrap();
+        vec![
+            "--ca-cert".into(),
+            c.display().to_string(),
+            "--ca-key".into(),
+            k.display().to_string(),
+        ]
+    }
+
+    /// A workload certificate for `uri`, valid over [not_before, not_after].
+    pub fn leaf(&self, uri: &str, not_before: SystemTime, not_after: SystemTime) -> Leaf {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.not_before = not_before.into();
+        p.not_after = not_after.into();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// A certificate for `uri` valid for the next hour.
+    pub fn valid_leaf(&self, uri: &str) -> Leaf {
+        let now = SystemTime::now();
+        self.leaf(
+            uri,
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(3600),
+        )
+    }
+}
+
+/// Writes a Pod manifest for `pod` into `dir` (as the Kubernetes API would describe it).
+pub fn write_pod_manifest(dir: &Path, pod: &Pod, service_account: &str, captured: bool) {
+    write_manifest(
+        dir,
+        &pod.namespace,
+        &pod.name,
+        &pod.ips,
+        service_account,
+        captured,
+    );
+}
+
+/// Writes a Pod manifest with explicit fields (for pods that are not what they claim).
+pub fn write_manifest(
+    dir: &Path,
+    namespace: &str,
+    name: &str,
+    ips: &[IpAddr],
+    service_account: &str,
+    captured: bool,
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    let annotations = if captured {
+        serde_json::json!({"ambit.dev/redirection": "enabled"})
+    } else {
+        serde_json::json!({})
+    };
+    let pod = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app": name},
+                     "annotations": annotations},
+        "spec": {"serviceAccountName": service_account, "containers": [{"name": "app", "image": "busybox"}]},
+        "status": {"phase": "Running",
+                   "podIPs": ips.iter().map(|ip| serde_json::json!({"ip": ip.to_string()})).collect::<Vec<_>>()},
+    });
+    let file = dir.join(format!("{namespace}-{name}.json"));
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&pod).unwrap()).unwrap();
+    std::fs::rename(tmp, file).unwrap();
+}
+
+/// A veth pair joining two node namespaces, with routes to each other's pod subnets.
+pub fn link_nodes(a: &Node, b: &Node) -> Result<String> {
+    let (ea, eb) = (unique("aw"), unique("aw"));
+    let ip = |args: &[&str]| run_ok(Command::new("ip").args(args));
+    ip(&[
+        "-n", &a.ns.name, "link", "add", &ea, "type", "veth", "peer", "name", &eb, "netns",
+        &b.ns.name,
+    ])?;
+    for (ns, dev, v4, v6) in [
+        (&a.ns.name, &ea, "192.0.2.1/30", "2001:db8::1/64"),
+        (&b.ns.name, &eb, "192.0.2.2/30", "2001:db8::2/64"),
+    ] {
+        ip(&["-n", ns, "addr", "add", v4, "dev", dev])?;
+        ip(&["-n", ns, "addr", "add", v6, "dev", dev, "nodad"])?;
+        ip(&["-n", ns, "link", "set", dev, "up"])?;
+    }
+    for (from, to, via4, via6) in [
+        (a, b, "192.0.2.2", "2001:db8::2"),
+        (b, a, "192.0.2.1", "2001:db8::1"),
+    ] {
+        ip(&["-n", &from.ns.name, "route", "add", &to.subnet, "via", via4])?;
+        if let Some(s6) = &to.subnet6 {
+            ip(&["-n", &from.ns.name, "-6", "route", "add", s6, "via", via6])?;
+        }
+    }
+    Ok(ea)
+}
+
+/// tcpdump on every interface of a namespace (`-i any`), stopped and read on [`Capture::finish`].
+pub struct Capture {
+    child: Option<Child>,
+    pub file: PathBuf,
+    err: PathBuf,
+}
+
+impl Capture {
+    pub fn start(netns: &str, dir: &Path) -> Result<Self> {
+        let file = dir.join(format!("{}.pcap", unique("cap")));
+        let err = dir.join(format!("{}.err", unique("cap")));
+        let child = Command::new("ip")
+            // A 64 MiB buffer: a proof of absence needs a capture that dropped nothing.
+            .args([
+                "netns", "exec", netns, "tcpdump", "-i", "any", "-nn", "-U", "-s", "0", "-B",
+                "65536", "-w",
+            ])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err)?)
+            .spawn()
+            .context("starting tcpdump (package tcpdump)")?;
+        let cap = Self {
+            child: Some(child),
+            file,
+            err: err.clone(),
+        };
+        wait_for(Duration::from_secs(10), || {
+            std::fs::read_to_string(&err).is_ok_and(|s| s.contains("listening on"))
+        })
+        .context("tcpdump did not start")?;
+        Ok(cap)
+    }
+
+    /// Stops the capture and returns the file's bytes; fails if the kernel dropped packets.
+    pub fn finish(mut self) -> Result<Vec<u8>> {
+        if let Some(c) = self.child.take() {
+            // SIGINT lets tcpdump flush and close the file.
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let mut c = c;
+            let _ = c.wait();
+        }
+        let report = std::fs::read_to_string(&self.err)?;
+        let dropped = report
+            .lines()
+            .find(|l| l.contains("dropped by kernel"))
+            .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .context("tcpdump reported no drop count")?;
+        anyhow::ensure!(
+            dropped == 0,
+            "the capture dropped {dropped} packets: {report}"
+        );
+        Ok(std::fs::read(&self.file)?)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// What a raw HBONE attempt got.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HboneOutcome {
+    /// The TLS handshake (or the first read after it) failed: no stream was possible.
+    Refused(String),
+    /// The CONNECT was answered with this status.
+    Status(u16),
+}
+
+fn pem_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[derive(Debug)]
+struct AcceptAnyServer;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        ambit_proxy::tls::provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// From inside `netns`, opens TLS to `server` presenting `client` (or no certificate), then
+/// sends one CONNECT for `authority` (or another method) and reports the outcome.
+pub fn hbone_attempt(
+    netns: &ambit_common::netns::Netns,
+    server: SocketAddr,
+    client: Option<&Leaf>,
+    method: &str,
+    authority: &str,
+) -> Result<HboneOutcome> {
+    let tcp = netns
+        .run(|| std::net::TcpStream::connect_timeout(&server, Duration::from_secs(3)))
+        .map_err(anyhow::Error::msg)??;
+    tcp.set_nonblocking(true)?;
+    let builder = rustls::ClientConfig::builder_with_provider(ambit_proxy::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer));
+    let mut config = match client {
+        Some(leaf) => {
+            use rustls::pki_types::pem::PemObject;
+            builder.with_client_auth_cert(
+                pem_certs(&leaf.cert_pem),
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?,
+            )?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (method, authority) = (method.to_owned(), authority.to_owned());
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::from_std(tcp)?;
+        let name = rustls::pki_types::ServerName::IpAddress(server.ip().into());
+        let tls = match tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => return Ok(HboneOutcome::Refused(e.to_string())),
+        };
+        // TLS 1.3: a rejected client certificate is reported after the client's handshake
+        // ends, so the refusal shows on the first exchange.
+        let (send, conn) = match h2::client::handshake(tls).await {
+            Ok(x) => x,
+            Err(e) => return Ok(HboneOutcome::Refused(e.to_string())),
+        };
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = http::Request::builder()
+            .method(method.as_str())
+            .uri(if method == "CONNECT" {
+                authority.clone()
+            } else {
+                format!("http://{authority}/")
+            })
+            .body(())?;
+        let exchange = async { send.ready().await?.send_request(req, true)?.0.await };
+        match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+            Ok(Ok(resp)) => Ok(HboneOutcome::Status(resp.status().as_u16())),
+            Ok(Err(e)) => Ok(HboneOutcome::Refused(e.to_string())),
+            Err(_) => bail!("no answer to the CONNECT within 10 s"),
+        }
+    })
+}

@@ -1,0 +1,406 @@
+//! Tier "hbone": pod-to-pod traffic as HTTP/2 CONNECT over mutual TLS 1.3, on one node and
+//! across two nodes joined by a veth wire, IPv4 and IPv6, proven encrypted by packet capture;
+//! refusals on 15008; certificate rotation under load.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use ambit_tests::mesh::*;
+use ambit_tests::pcap;
+use ambit_tests::*;
+
+const TD: &str = "cluster1";
+
+fn mesh_args(ca: &TestCa, shared: &Path) -> Vec<String> {
+    let mut v = ca.agent_args(&shared.join("ca"));
+    v.extend(
+        [
+            "--trust-domain",
+            TD,
+            "--manifests-poll-seconds",
+            "0.1",
+            "--manifests-dir",
+        ]
+        .map(String::from),
+    );
+    v.push(shared.join("manifests").display().to_string());
+    v
+}
+
+/// Waits until `node`'s agent loaded a manifest snapshot with `pods` pods.
+fn wait_manifests(node: &Node, pods: usize) {
+    wait_for(Duration::from_secs(10), || {
+        node.agent_log().contains(&format!("pods={pods} "))
+    })
+    .unwrap_or_else(|_| panic!("manifests not loaded:\n{}", node.agent_log()));
+}
+
+/// `len` bytes of printable text with `marker` repeated through it.
+fn payload(marker: &str, len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + 64);
+    let mut i = 0u64;
+    while v.len() < len {
+        v.extend_from_slice(format!("{marker}:{i:08}|").as_bytes());
+        v.extend_from_slice(&[b'.'; 40]);
+        i += 1;
+    }
+    v.truncate(len);
+    v
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Everything a capture must show: TCP only to or from 15008, TLS records only, never the
+/// marker. Returns the TCP payload bytes seen (each segment once, whatever the interface).
+fn assert_only_tls(where_: &str, capture: &[u8], marker: &[u8]) -> usize {
+    assert!(
+        !contains(capture, marker),
+        "{where_}: the plaintext marker is on the wire"
+    );
+    let segments = pcap::tcp_segments(capture).unwrap();
+    assert!(!segments.is_empty(), "{where_}: nothing captured");
+    let stray: Vec<_> = segments
+        .iter()
+        .filter(|s| s.src.port() != 15008 && s.dst.port() != 15008)
+        .map(|s| format!("{} -> {}", s.src, s.dst))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "{where_}: TCP outside HBONE: {:?}",
+        &stray[..stray.len().min(5)]
+    );
+    let mut bytes = 0;
+    for ((src, dst), data) in pcap::streams(&segments) {
+        let (records, _) = pcap::tls_records(&data)
+            .unwrap_or_else(|e| panic!("{where_}: {src} -> {dst} is not TLS: {e}"));
+        assert!(
+            records > 0,
+            "{where_}: {src} -> {dst} carried no TLS record"
+        );
+        bytes += data.len();
+    }
+    bytes
+}
+
+#[test]
+fn pods_talk_over_hbone_on_one_node_and_across_nodes_and_the_wire_carries_only_tls() {
+    let ca = TestCa::new("mesh");
+    let shared = TempDir::new("mesh");
+    let manifests = shared.0.join("manifests");
+    let mut n1 = Node::dual_stack("1.0.0").unwrap();
+    let mut n2 = Node::dual_stack("1.0.0").unwrap();
+    link_nodes(&n1, &n2).unwrap();
+    for n in [&mut n1, &mut n2] {
+        n.agent_args = mesh_args(&ca, &shared.0);
+        n.start_agent().unwrap();
+    }
+    let a = n1.add_pod("productpage").unwrap();
+    let b = n1.add_pod("reviews").unwrap();
+    let c = n2.add_pod("ratings").unwrap();
+    assert_eq!(a.ips.len(), 2, "dual-stack pod: {:?}", a.ips);
+    for (p, sa) in [(&a, "productpage"), (&b, "reviews"), (&c, "ratings")] {
+        write_pod_manifest(&manifests, p, sa, true);
+    }
+    wait_manifests(&n1, 3);
+    wait_manifests(&n2, 3);
+
+    let cap1 = Capture::start(&n1.ns.name, &shared.0).unwrap();
+    let cap2 = Capture::start(&n2.ns.name, &shared.0).unwrap();
+    let marker = format!("AMBIT-MARKER-{}", unique("m"));
+    let msg = payload(&marker, 3 << 20);
+    let servers = [
+        echo_server(&b.ns.open(), 7001, 2),
+        echo_server(&c.ns.open(), 7002, 2),
+    ];
+    let mut targets = Vec::new();
+    for (family, idx) in [("IPv4", 0), ("IPv6", 1)] {
+        for (dst, port, where_) in [(&b, 7001, "same node"), (&c, 7002, "cross node")] {
+            let to = SocketAddr::new(dst.ips[idx], port);
+            let reply = talk(&a.ns.open(), to, &msg)
+                .unwrap_or_else(|e| panic!("{family} {where_} {to}: {e}\n{}", n1.agent_log()));
+            let want_prefix = format!("peer={};", a.ips[idx]);
+            assert!(
+                reply.starts_with(&want_prefix),
+                "{family} {where_}: the app must see A's address: {}",
+                &reply[..reply.len().min(80)]
+            );
+            assert!(
+                reply.as_bytes()[want_prefix.len()..] == msg[..],
+                "{family} {where_}: {} bytes came back, {} sent",
+                reply.len() - want_prefix.len(),
+                msg.len()
+            );
+            targets.push(to);
+        }
+    }
+    for s in servers {
+        s.join().unwrap();
+    }
+    let (pcap1, pcap2) = (cap1.finish().unwrap(), cap2.finish().unwrap());
+    let tls1 = assert_only_tls("node 1 (bridge, veths, wire)", &pcap1, marker.as_bytes());
+    let tls2 = assert_only_tls("node 2 (bridge, veths, wire)", &pcap2, marker.as_bytes());
+    // All four transfers (both ways) crossed node 1 as TLS, the two cross-node ones node 2.
+    assert!(
+        tls1 >= 4 * 2 * msg.len() && tls2 >= 2 * 2 * msg.len(),
+        "the transfers did not cross the captured interfaces: {tls1} / {tls2} TLS bytes"
+    );
+    eprintln!(
+        "capture: node1 {} pcap bytes, {tls1} TLS bytes; node2 {} pcap bytes, {tls2} TLS bytes",
+        pcap1.len(),
+        pcap2.len()
+    );
+
+    // The agents logged each connection as HBONE with both identities.
+    let log1 = n1.agent_log();
+    let src_id = format!("spiffe://{TD}/ns/default/sa/productpage");
+    for to in &targets {
+        let hits = log1
+            .lines()
+            .filter(|l| l.contains("connection complete") && l.contains("protocol=\"hbone\""))
+            .filter(|l| {
+                l.contains("direction=\"outbound\"") && l.contains(&format!("dst.addr={to} "))
+            })
+            .filter(|l| l.contains(&format!("src.identity={src_id}")))
+            .count();
+        assert_eq!(hits, 1, "outbound HBONE access line for {to}:\n{log1}");
+    }
+    let log2 = n2.agent_log();
+    assert!(
+        log2.lines().any(|l| l.contains("direction=\"inbound\"")
+            && l.contains("protocol=\"hbone\"")
+            && l.contains(&format!("src.identity={src_id}"))
+            && l.contains(&format!("bytes_sent={}", msg.len()))),
+        "inbound HBONE access line on node 2:\n{log2}"
+    );
+    assert!(log2.contains(&format!("spiffe://{TD}/ns/default/sa/ratings")));
+}
+
+/// A TLS server with a valid mesh certificate of the wrong identity; reports how its one
+/// handshake ended.
+fn impostor(ns: &ambit_common::netns::Netns, leaf: &Leaf) -> std::thread::JoinHandle<String> {
+    use rustls::pki_types::pem::PemObject;
+    let l = ns
+        .run(|| std::net::TcpListener::bind(("0.0.0.0", 15008)))
+        .unwrap()
+        .unwrap();
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(ambit_proxy::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let config = std::sync::Arc::new(config);
+    std::thread::spawn(move || {
+        let (mut tcp, _) = l.accept().unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut conn = rustls::ServerConnection::new(config).unwrap();
+        while conn.is_handshaking() {
+            if let Err(e) = conn.complete_io(&mut tcp) {
+                return format!("handshake failed: {e}");
+            }
+        }
+        let mut buf = [0u8; 64];
+        match rustls::Stream::new(&mut conn, &mut tcp).read(&mut buf) {
+            Ok(n) => format!("handshake completed, read {n} bytes"),
+            Err(e) => format!("handshake completed, then: {e}"),
+        }
+    })
+}
+
+#[test]
+fn port_15008_refuses_unauthenticated_foreign_and_expired_clients_and_clients_refuse_impostors() {
+    let ca = TestCa::new("mesh");
+    let other_ca = TestCa::new("other");
+    let shared = TempDir::new("mesh");
+    let manifests = shared.0.join("manifests");
+    let mut node = Node::new("1.0.0").unwrap();
+    node.agent_args = mesh_args(&ca, &shared.0);
+    node.start_agent().unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    let server = echo_server(&b.ns.open(), 7100, 1);
+    let hbone = SocketAddr::new(b.ip, 15008);
+    // Probes come from the node namespace: outside every pod, like another node would.
+    let probe = node.ns.open();
+    let uri = format!("spiffe://{TD}/ns/default/sa/tester");
+    let good = ca.valid_leaf(&uri);
+    let app = format!("{}:7100", b.ip);
+    let attempt = |leaf: Option<&Leaf>, method: &str, authority: &str| {
+        hbone_attempt(&probe, hbone, leaf, method, authority).unwrap()
+    };
+
+    // The control: a mesh certificate gets a stream to the app...
+    assert_eq!(
+        attempt(Some(&good), "CONNECT", &app),
+        HboneOutcome::Status(200)
+    );
+    server.join().unwrap();
+    // ...and bad requests get the contract's answers.
+    assert_eq!(
+        attempt(Some(&good), "CONNECT", "10.255.255.1:7100"),
+        HboneOutcome::Status(400),
+        "authority that is not this pod"
+    );
+    assert_eq!(
+        attempt(Some(&good), "CONNECT", &format!("{}:15001", b.ip)),
+        HboneOutcome::Status(400),
+        "authority naming an Ambit port"
+    );
+    assert_eq!(attempt(Some(&good), "GET", &app), HboneOutcome::Status(400));
+    assert_eq!(
+        attempt(Some(&good), "CONNECT", &format!("{}:7199", b.ip)),
+        HboneOutcome::Status(503),
+        "the app's port refuses"
+    );
+
+    // No stream without a certificate of this mesh, trust domain and time.
+    let now = SystemTime::now();
+    let cases = [
+        ("no certificate", None),
+        ("another CA", Some(other_ca.valid_leaf(&uri))),
+        (
+            "another trust domain",
+            Some(ca.valid_leaf("spiffe://elsewhere.td/ns/default/sa/tester")),
+        ),
+        (
+            "expired",
+            Some(ca.leaf(
+                &uri,
+                now - Duration::from_secs(7200),
+                now - Duration::from_secs(3600),
+            )),
+        ),
+        (
+            "not yet valid",
+            Some(ca.leaf(
+                &uri,
+                now + Duration::from_secs(3600),
+                now + Duration::from_secs(7200),
+            )),
+        ),
+    ];
+    for (what, leaf) in &cases {
+        let outcome = attempt(leaf.as_ref(), "CONNECT", &app);
+        assert!(
+            matches!(outcome, HboneOutcome::Refused(_)),
+            "{what}: {outcome:?}"
+        );
+    }
+    wait_for(Duration::from_secs(5), || {
+        node.agent_log().matches("HBONE handshake refused").count() >= cases.len()
+    })
+    .unwrap_or_else(|_| panic!("refusals not logged:\n{}", node.agent_log()));
+    let log = node.agent_log();
+    assert!(log.contains("not in trust domain cluster1"), "{log}");
+
+    // Impersonation: the store says "victim" (sa victim) lives at an address where an
+    // uncaptured pod presents a valid mesh certificate of another identity.
+    let fake = node.add_pod_in("kube-system", "fake").unwrap();
+    let served = impostor(
+        &fake.ns.open(),
+        &ca.valid_leaf(&format!("spiffe://{TD}/ns/kube-system/sa/fake")),
+    );
+    write_manifest(&manifests, "default", "victim", &[fake.ip], "victim", true);
+    wait_manifests(&node, 1);
+    let reply = talk(
+        &a.ns.open(),
+        SocketAddr::new(fake.ip, 8080),
+        b"secret-for-victim",
+    );
+    assert!(
+        reply.as_deref().unwrap_or("").is_empty(),
+        "the client's connection must not carry data: {reply:?}"
+    );
+    let end = served.join().unwrap();
+    assert!(end.starts_with("handshake failed"), "impostor: {end}");
+    let log = node.agent_log();
+    assert!(
+        log.contains("peer did not present the expected identity")
+            && log.contains(&format!("spiffe://{TD}/ns/default/sa/victim")),
+        "{log}"
+    );
+}
+
+#[test]
+fn certificates_rotate_during_a_long_transfer_that_continues_unbroken() {
+    let mut node = Node::new("1.0.0").unwrap();
+    node.agent_args = ["--cert-lifetime", "2s"].map(String::from).to_vec();
+    node.start_agent().unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    let long = echo_server(&b.ns.open(), 7200, 1);
+    let short = echo_server(&b.ns.open(), 7201, 64);
+    let long_dst = SocketAddr::new(b.ip, 7200);
+    let short_dst = SocketAddr::new(b.ip, 7201);
+
+    // One connection streaming for ~7 s (several certificate lifetimes)...
+    let ns = a.ns.open();
+    let mut s = ns
+        .run(|| std::net::TcpStream::connect_timeout(&long_dst, Duration::from_secs(3)))
+        .unwrap()
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let chunk = payload("rotation", 32 << 10);
+    let started = Instant::now();
+    let mut sent = 0usize;
+    let mut short_ok = 0;
+    let mut round = 0;
+    // Bounded: 70 rounds of ~100 ms.
+    while round < 70 {
+        s.write_all(&chunk).unwrap();
+        sent += chunk.len();
+        // ...while new connections keep being opened, across renewals.
+        if round % 10 == 5 {
+            let r = talk(&a.ns.open(), short_dst, b"ping").unwrap();
+            assert_eq!(r, format!("peer={};ping", a.ip));
+            short_ok += 1;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        round += 1;
+    }
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).unwrap();
+    let prefix = format!("peer={};", a.ip);
+    assert_eq!(
+        reply.len(),
+        prefix.len() + sent,
+        "bytes lost in the long transfer"
+    );
+    assert!(
+        reply[prefix.len()..]
+            .chunks(chunk.len())
+            .all(|c| c == &chunk[..])
+    );
+    long.join().unwrap();
+    drop(short);
+    eprintln!(
+        "long transfer: {sent} bytes over {:?}, {short_ok} new connections",
+        started.elapsed()
+    );
+
+    let log = node.agent_log();
+    let issued = log
+        .lines()
+        .filter(|l| l.contains("certificate issued") && l.contains("/ns/default/sa/default"))
+        .count();
+    assert!(
+        issued >= 4,
+        "expected renewals every second, saw {issued}:\n{log}"
+    );
+    // Pooled connections never outlive the certificates they were opened with.
+    let opened = log.matches("HBONE connection established").count();
+    assert!(
+        opened >= 3,
+        "expected new HBONE connections after expiry, saw {opened}"
+    );
+}
