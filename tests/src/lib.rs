@@ -78,16 +78,22 @@ pub fn bins() -> &'static Bins {
     static BINS: OnceLock<Bins> = OnceLock::new();
     BINS.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        run_ok(Command::new(cargo).current_dir(workspace_root()).args([
+        // AMBIT_PROFILE=release builds optimised binaries (benchmarks and measurements).
+        let release = std::env::var("AMBIT_PROFILE").is_ok_and(|p| p == "release");
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace_root()).args([
             "build",
             "--locked",
             "-p",
             "ambit-cni",
             "-p",
             "ambit-agent",
-        ]))
-        .expect("building ambit-cni and ambit-agent");
-        let dir = target_dir().join("debug");
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        run_ok(&mut cmd).expect("building ambit-cni and ambit-agent");
+        let dir = target_dir().join(if release { "release" } else { "debug" });
         Bins {
             cni: dir.join("ambit-cni"),
             agent: dir.join("ambit-agent"),
@@ -597,4 +603,10 @@ pub fn access_lines(log: &str, direction: &str, dst: SocketAddr) -> usize {
         .filter(|l| l.contains(&format!("direction=\"{direction}\"")))
         .filter(|l| l.contains(&format!("dst.addr={dst} ")))
         .count()
+}
+
+/// Closes a connection with a TCP reset (SO_LINGER 0), as a crashing peer would.
+pub fn abort_connection(s: TcpStream) {
+    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    drop(s);
 }

@@ -351,3 +351,111 @@ pub fn hbone_attempt(
         }
     })
 }
+
+/// What a test HBONE server saw of the one CONNECT it served.
+#[derive(Debug, Default)]
+pub struct SeenConnect {
+    pub method: String,
+    pub authority: String,
+    pub forwarded: String,
+    pub baggage: String,
+    /// URI SAN of the client certificate.
+    pub client_identity: String,
+    /// Bytes received on the stream (when answered 200).
+    pub data: Vec<u8>,
+}
+
+/// A destination's HBONE endpoint played by the test: mutual TLS with `leaf` (clients must
+/// chain to `ca`), one CONNECT answered with `status`; on 200 it echoes the stream's bytes
+/// back after END_STREAM.
+pub fn hbone_server(
+    netns: &ambit_common::netns::Netns,
+    leaf: &Leaf,
+    ca: &TestCa,
+    status: u16,
+) -> std::thread::JoinHandle<Result<SeenConnect>> {
+    use rustls::pki_types::pem::PemObject;
+    let l = netns
+        .run(|| std::net::TcpListener::bind(("0.0.0.0", 15008)))
+        .unwrap()
+        .unwrap();
+    l.set_nonblocking(true).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pem_certs(&ca.cert_pem).remove(0)).unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        ambit_proxy::tls::provider(),
+    )
+    .build()
+    .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(ambit_proxy::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(pem_certs(&leaf.cert_pem), key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            let (tcp, _) = tokio::time::timeout(Duration::from_secs(20), l.accept())
+                .await
+                .context("no HBONE connection arrived")??;
+            let tls = tokio_rustls::TlsAcceptor::from(Arc::new(config))
+                .accept(tcp)
+                .await?;
+            let client_identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| ambit_proxy::tls::identities(c).into_iter().next())
+                .map(|i| i.to_string())
+                .unwrap_or_default();
+            let mut conn = h2::server::handshake(tls).await?;
+            let (req, mut respond) = conn.accept().await.context("no stream")??;
+            let header = |n: &str| {
+                req.headers()
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let mut seen = SeenConnect {
+                method: req.method().to_string(),
+                authority: req.uri().to_string(),
+                forwarded: header("forwarded"),
+                baggage: header("baggage"),
+                client_identity,
+                data: Vec::new(),
+            };
+            let resp = http::Response::builder().status(status).body(())?;
+            if status != 200 {
+                respond.send_response(resp, true)?;
+                // Keep the connection driven until the client goes away.
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn.accept()).await;
+                return Ok(seen);
+            }
+            let mut send = respond.send_response(resp, false)?;
+            let driver =
+                tokio::spawn(async move { while let Some(Ok(_)) = conn.accept().await {} });
+            let mut body = req.into_body();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk?;
+                let _ = body.flow_control().release_capacity(chunk.len());
+                seen.data.extend_from_slice(&chunk);
+            }
+            let mut reply = b"ok:".to_vec();
+            reply.extend_from_slice(&seen.data);
+            send.send_data(bytes::Bytes::from(reply), true)?;
+            // Let the frames leave before the connection is dropped.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            driver.abort();
+            Ok(seen)
+        })
+    })
+}

@@ -404,3 +404,144 @@ fn certificates_rotate_during_a_long_transfer_that_continues_unbroken() {
         "expected new HBONE connections after expiry, saw {opened}"
     );
 }
+
+#[test]
+fn the_client_speaks_the_wire_contract_and_any_non_200_fails_the_connection() {
+    let ca = TestCa::new("mesh");
+    let shared = TempDir::new("mesh");
+    let manifests = shared.0.join("manifests");
+    let mut node = Node::new("1.0.0").unwrap();
+    node.agent_args = mesh_args(&ca, &shared.0);
+    node.start_agent().unwrap();
+    let a = node.add_pod("productpage").unwrap();
+    write_pod_manifest(&manifests, &a, "productpage", true);
+    // Two uncaptured pods play destinations' HBONE endpoints with the right identities.
+    let d1 = node.add_pod_in("kube-system", "details").unwrap();
+    let d2 = node.add_pod_in("kube-system", "broken").unwrap();
+    write_manifest(&manifests, "default", "details", &[d1.ip], "details", true);
+    write_manifest(&manifests, "default", "broken", &[d2.ip], "broken", true);
+    wait_manifests(&node, 3);
+    let leaf = |sa: &str| ca.valid_leaf(&format!("spiffe://{TD}/ns/default/sa/{sa}"));
+    let ok = hbone_server(&d1.ns.open(), &leaf("details"), &ca, 200);
+    let refused = hbone_server(&d2.ns.open(), &leaf("broken"), &ca, 503);
+
+    let reply = talk(&a.ns.open(), SocketAddr::new(d1.ip, 9080), b"hello").unwrap();
+    assert_eq!(reply, "ok:hello");
+    let seen = ok.join().unwrap().unwrap();
+    assert_eq!(seen.method, "CONNECT");
+    assert_eq!(seen.authority, format!("{}:9080", d1.ip));
+    assert!(
+        seen.forwarded.starts_with(&format!("for=\"{}:", a.ip)),
+        "forwarded: {}",
+        seen.forwarded
+    );
+    assert!(
+        seen.baggage.contains("k8s.namespace.name=default")
+            && seen.baggage.contains("k8s.pod.name=productpage"),
+        "baggage: {}",
+        seen.baggage
+    );
+    assert_eq!(
+        seen.client_identity,
+        format!("spiffe://{TD}/ns/default/sa/productpage"),
+        "the client certificate is the source's identity"
+    );
+
+    let reply = talk(&a.ns.open(), SocketAddr::new(d2.ip, 9080), b"hello");
+    assert!(
+        reply.as_deref().unwrap_or("").is_empty(),
+        "a 503 must fail the connection: {reply:?}"
+    );
+    let seen = refused.join().unwrap().unwrap();
+    assert_eq!(seen.authority, format!("{}:9080", d2.ip));
+    let log = node.agent_log();
+    assert!(log.contains("answered CONNECT with 503"), "{log}");
+}
+
+#[test]
+fn streams_share_a_pooled_connection_resets_propagate_and_idle_connections_close() {
+    let mut node = Node::new("1.0.0").unwrap();
+    node.agent_args = ["--pool-idle-timeout", "1s"].map(String::from).to_vec();
+    node.start_agent().unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+
+    // 20 concurrent connections: one HBONE connection carries them all.
+    let conns = 20;
+    let server = echo_server(&b.ns.open(), 7300, conns);
+    let dst = SocketAddr::new(b.ip, 7300);
+    let clients: Vec<_> = (0..conns)
+        .map(|i| {
+            let ns = a.ns.open();
+            std::thread::spawn(move || talk(&ns, dst, format!("m{i}").as_bytes()))
+        })
+        .collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        assert_eq!(c.join().unwrap().unwrap(), format!("peer={};m{i}", a.ip));
+    }
+    server.join().unwrap();
+    let log = node.agent_log();
+    assert_eq!(
+        log.matches("HBONE connection established").count(),
+        1,
+        "streams must share the pooled connection:\n{log}"
+    );
+    // Idle for longer than --pool-idle-timeout: released.
+    wait_for(Duration::from_secs(10), || {
+        node.agent_log().contains("HBONE connection closed")
+    })
+    .unwrap_or_else(|_| panic!("idle connection not released:\n{}", node.agent_log()));
+
+    // The app in B resets: the client in A sees a reset, not a clean end.
+    let l =
+        b.ns.open()
+            .run(|| std::net::TcpListener::bind(("0.0.0.0", 7301)))
+            .unwrap()
+            .unwrap();
+    let resetter = std::thread::spawn(move || {
+        let (c, _) = l.accept().unwrap();
+        let mut c = c;
+        let mut one = [0u8; 1];
+        c.read_exact(&mut one).unwrap();
+        ambit_tests::abort_connection(c);
+    });
+    let err = talk(&a.ns.open(), SocketAddr::new(b.ip, 7301), b"x").unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    resetter.join().unwrap();
+
+    // The client in A resets: the app in B sees a reset.
+    let l =
+        b.ns.open()
+            .run(|| std::net::TcpListener::bind(("0.0.0.0", 7302)))
+            .unwrap()
+            .unwrap();
+    let (got_tx, got_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut one = [0u8; 1];
+        c.read_exact(&mut one).unwrap();
+        got_tx.send(()).unwrap();
+        let mut rest = [0u8; 16];
+        c.read(&mut rest)
+    });
+    let mut c =
+        a.ns.open()
+            .run(|| {
+                std::net::TcpStream::connect_timeout(
+                    &SocketAddr::new(b.ip, 7302),
+                    Duration::from_secs(3),
+                )
+            })
+            .unwrap()
+            .unwrap();
+    c.write_all(b"x").unwrap();
+    got_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    ambit_tests::abort_connection(c);
+    let end = reader.join().unwrap();
+    assert_eq!(
+        end.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the app must see the client's reset"
+    );
+}
