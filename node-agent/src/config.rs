@@ -47,6 +47,9 @@ pub struct Config {
     /// Directory of Kubernetes manifests (Pods, Namespaces) feeding the workload store.
     #[arg(long, env = "AMBIT_MANIFESTS_DIR")]
     pub manifests_dir: Option<PathBuf>,
+    /// Namespace whose policies without selector apply to the whole mesh.
+    #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = "istio-system")]
+    pub root_namespace: String,
     /// Seconds between checks of --manifests-dir for changes.
     #[arg(long, env = "AMBIT_MANIFESTS_POLL_SECONDS", default_value_t = 1.0)]
     pub manifests_poll_seconds: f64,

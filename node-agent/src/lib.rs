@@ -7,6 +7,7 @@
 //! - [`state`]: the on-disk record of captured pods, for re-adoption after a restart.
 //! - [`sockets`]: the `SocketFactory` that creates every pod socket inside the pod's netns.
 //! - [`store`], [`manifests`]: the workload store (Kubernetes objects) and its manifests source.
+//! - [`policy`]: AuthorizationPolicy / PeerAuthentication validation and compilation.
 //! - [`ca`], [`certs`]: the CA (embedded or plug-in) and the per-identity certificates.
 
 #![forbid(unsafe_code)]
@@ -16,6 +17,7 @@ pub mod certs;
 pub mod cni_server;
 pub mod config;
 pub mod manifests;
+pub mod policy;
 pub mod sockets;
 pub mod state;
 pub mod store;

@@ -46,13 +46,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(dir) = &config.manifests_dir {
         // The first load happens before pods are re-adopted, so their identities are right
         // from the first connection.
-        let (objects, problems) = manifests::load(dir);
+        let (objects, problems) = manifests::load(dir, &config.root_namespace);
         for p in &problems {
             tracing::warn!(file = %p.file.display(), "invalid manifest skipped: {}", p.message);
         }
         store.set_manifests(objects);
         tasks.push(tokio::spawn(manifests::watch(
             dir.clone(),
+            config.root_namespace.clone(),
             store.clone(),
             config.manifests_poll(),
             stop.clone(),
@@ -66,6 +67,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             pool_idle_timeout: config.pool_idle_timeout,
             ..Settings::default()
         },
+        stats: Default::default(),
     });
     let mgr = Manager::new(state, config.mark, mesh, store.clone());
     let started = std::time::Instant::now();

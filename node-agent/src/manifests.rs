@@ -2,8 +2,8 @@
 //! objects too) as a source for the workload store. Polled: a change of any file's name, size
 //! or modification time reloads the whole directory, and the store gets the new snapshot at
 //! once. A file that does not parse is reported once (until it changes) and the rest still
-//! load. Kinds other than Pod and Namespace are skipped here (policies arrive with the
-//! authorization work).
+//! load. Kinds: Pod, Namespace, AuthorizationPolicy, PeerAuthentication (see [`crate::policy`]);
+//! others are skipped.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -60,6 +60,7 @@ fn fingerprint(files: &[PathBuf]) -> Fingerprint {
 fn add_object(
     value: serde_yaml_ng::Value,
     objects: &mut Objects,
+    root_ns: &str,
     depth: usize,
 ) -> Result<(), String> {
     let kind = value
@@ -98,8 +99,18 @@ fn add_object(
                 .cloned()
                 .unwrap_or_default();
             for item in items {
-                add_object(item, objects, depth + 1)?;
+                add_object(item, objects, root_ns, depth + 1)?;
             }
+        }
+        "AuthorizationPolicy" => {
+            let (policy, status) = crate::policy::authorization_policy(&value, root_ns);
+            objects.policies.extend(policy.map(Arc::new));
+            objects.statuses.push(status);
+        }
+        "PeerAuthentication" => {
+            let (pa, status) = crate::policy::peer_authentication(&value, root_ns);
+            objects.peer_auths.push(pa);
+            objects.statuses.push(status);
         }
         "" => return Err("document without kind".into()),
         _ => {}
@@ -107,8 +118,9 @@ fn add_object(
     Ok(())
 }
 
-/// Reads every manifest of `dir`; returns what parsed and what did not.
-pub fn load(dir: &Path) -> (Objects, Vec<Problem>) {
+/// Reads every manifest of `dir`; returns what parsed and what did not. `root_ns` is the
+/// namespace whose selector-less policies apply mesh-wide.
+pub fn load(dir: &Path, root_ns: &str) -> (Objects, Vec<Problem>) {
     let mut objects = Objects::default();
     let mut problems = Vec::new();
     for file in manifest_files(dir) {
@@ -136,7 +148,7 @@ pub fn load(dir: &Path) -> (Objects, Vec<Problem>) {
                 }
             };
             if !value.is_null()
-                && let Err(message) = add_object(value, &mut objects, 0)
+                && let Err(message) = add_object(value, &mut objects, root_ns, 0)
             {
                 problems.push(problem(message));
             }
@@ -146,8 +158,15 @@ pub fn load(dir: &Path) -> (Objects, Vec<Problem>) {
 }
 
 /// Loads `dir` into `store` now, then again whenever a file changes, until `stop`.
-pub async fn watch(dir: PathBuf, store: Arc<Store>, every: Duration, stop: CancellationToken) {
+pub async fn watch(
+    dir: PathBuf,
+    root_ns: String,
+    store: Arc<Store>,
+    every: Duration,
+    stop: CancellationToken,
+) {
     let mut seen: Option<Fingerprint> = None;
+    let mut reported = report_statuses(&store.policy_statuses(), &Default::default());
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
@@ -159,8 +178,8 @@ pub async fn watch(dir: PathBuf, store: Arc<Store>, every: Duration, stop: Cance
             continue;
         }
         let (objects, problems) = {
-            let dir = dir.clone();
-            match tokio::task::spawn_blocking(move || load(&dir)).await {
+            let (dir, root_ns) = (dir.clone(), root_ns.clone());
+            match tokio::task::spawn_blocking(move || load(&dir, &root_ns)).await {
                 Ok(r) => r,
                 Err(e) => {
                     warn!("loading manifests failed: {e}");
@@ -178,9 +197,36 @@ pub async fn watch(dir: PathBuf, store: Arc<Store>, every: Duration, stop: Cance
             invalid = problems.len(),
             "manifests loaded"
         );
+        // The store first: once a status is logged, it is in force.
+        let statuses = objects.statuses.clone();
         store.set_manifests(objects);
+        reported = report_statuses(&statuses, &reported);
         seen = Some(fp);
     }
+}
+
+/// Logs each policy status not logged before (a status is logged once, until it changes);
+/// returns the set now current.
+pub fn report_statuses(
+    statuses: &[crate::policy::Status],
+    before: &std::collections::HashSet<String>,
+) -> std::collections::HashSet<String> {
+    use crate::policy::State;
+    let mut now = std::collections::HashSet::new();
+    for s in statuses {
+        let line = s.to_string();
+        if !before.contains(&line) {
+            match s.state {
+                State::Accepted => info!(kind = s.kind, policy = %s.key, "policy accepted"),
+                State::Converted | State::Ignored => {
+                    warn!(kind = s.kind, policy = %s.key, "{line}")
+                }
+                State::Rejected => warn!(kind = s.kind, policy = %s.key, "policy rejected: {line}"),
+            }
+        }
+        now.insert(line);
+    }
+    now
 }
 
 #[cfg(test)]
@@ -207,7 +253,7 @@ mod tests {
         .unwrap();
         std::fs::write(dir.path().join("c.yaml"), "kind: Pod\nmetadata: [1, 2\n").unwrap();
         std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
-        let (objects, problems) = load(dir.path());
+        let (objects, problems) = load(dir.path(), "istio-system");
         assert_eq!(objects.namespaces.len(), 1);
         let keys: Vec<_> = objects.pods.keys().cloned().collect();
         assert_eq!(

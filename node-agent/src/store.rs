@@ -11,9 +11,12 @@ use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
 use ambit_common::protocol::PodInfo;
+use ambit_proxy::authz::{self, Connection, Decision, PeerAuthentication, Policy};
 use ambit_proxy::identity::Identity;
 use ambit_proxy::mesh::{Directory, Workload};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+
+use crate::policy::Status;
 
 /// Set on a Pod by the agent that captured it (the Kubernetes source will write it; in a
 /// manifests directory the operator does): the pod serves HBONE on 15008. Only such pods of
@@ -26,6 +29,11 @@ pub struct Objects {
     /// Keyed by (namespace, name).
     pub pods: BTreeMap<(String, String), Pod>,
     pub namespaces: BTreeMap<String, Namespace>,
+    /// Compiled AuthorizationPolicies (rejected ones in their fail-closed form).
+    pub policies: Vec<Arc<Policy>>,
+    pub peer_auths: Vec<PeerAuthentication>,
+    /// How each policy object was taken (for logs and the admin view).
+    pub statuses: Vec<Status>,
 }
 
 #[derive(Default)]
@@ -39,6 +47,24 @@ struct Inner {
 pub struct Store {
     trust_domain: String,
     inner: RwLock<Inner>,
+    policy_version: tokio::sync::watch::Sender<u64>,
+}
+
+/// Labels decide which selector policies apply: a label change is a policy change.
+fn labels_changed(a: &Objects, b: &Objects) -> bool {
+    let labels = |o: &Objects| -> Vec<(String, String, BTreeMap<String, String>)> {
+        o.pods
+            .iter()
+            .map(|((ns, n), p)| {
+                (
+                    ns.clone(),
+                    n.clone(),
+                    p.metadata.labels.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    labels(a) != labels(b)
 }
 
 fn service_account(pod: Option<&Pod>) -> &str {
@@ -84,6 +110,7 @@ impl Store {
         Arc::new(Self {
             trust_domain: trust_domain.into(),
             inner: RwLock::new(Inner::default()),
+            policy_version: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -102,8 +129,20 @@ impl Store {
     /// Replaces everything the manifests directory said.
     pub fn set_manifests(&self, objects: Objects) {
         let mut inner = self.write();
+        let policies_changed = inner.manifests.policies != objects.policies
+            || inner.manifests.peer_auths != objects.peer_auths
+            || labels_changed(&inner.manifests, &objects);
         inner.manifests = objects;
         self.reindex(&mut inner);
+        drop(inner);
+        if policies_changed {
+            self.policy_version.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// How every policy object was taken.
+    pub fn policy_statuses(&self) -> Vec<Status> {
+        self.read().manifests.statuses.clone()
     }
 
     /// A pod this node captured (CNI ADD or re-adoption).
@@ -198,6 +237,27 @@ impl Directory for Store {
             .pods
             .get(&(namespace.to_owned(), name.to_owned()));
         self.identity(namespace, obj)
+    }
+
+    fn authorize(&self, namespace: &str, name: &str, conn: &Connection) -> Decision {
+        let inner = self.read();
+        let labels = inner
+            .manifests
+            .pods
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .and_then(|p| p.metadata.labels.clone())
+            .unwrap_or_default();
+        authz::evaluate(
+            &inner.manifests.policies,
+            &inner.manifests.peer_auths,
+            namespace,
+            &labels,
+            conn,
+        )
+    }
+
+    fn policy_updates(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.policy_version.subscribe()
     }
 }
 

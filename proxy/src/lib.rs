@@ -14,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod hbone;
 pub mod identity;
 pub mod mesh;

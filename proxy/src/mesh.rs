@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::authz::{Connection, Decision};
 use crate::identity::Identity;
 use crate::tls::Certificates;
 
@@ -25,6 +26,10 @@ pub trait Directory: Send + Sync + 'static {
     /// The current identity of a pod of this node (service account `default` while its Pod
     /// object is unknown).
     fn identity_of(&self, namespace: &str, name: &str) -> Identity;
+    /// The authorization decision for a connection to the pod `namespace/name` of this node.
+    fn authorize(&self, namespace: &str, name: &str, conn: &Connection) -> Decision;
+    /// Changes whenever policies change; open connections are then re-evaluated.
+    fn policy_updates(&self) -> tokio::sync::watch::Receiver<u64>;
 }
 
 /// HBONE tuning; defaults follow the anchor (see ARCHITECTURE notes in the reference).
@@ -57,10 +62,20 @@ impl Default for Settings {
     }
 }
 
+/// Node-wide counters (exported by the metrics endpoint).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub authz_allowed: std::sync::atomic::AtomicU64,
+    pub authz_denied: std::sync::atomic::AtomicU64,
+    /// Open connections closed because a policy change denied them.
+    pub authz_revoked: std::sync::atomic::AtomicU64,
+}
+
 /// Everything a pod proxy shares with the rest of the node.
 pub struct Mesh {
     pub directory: Arc<dyn Directory>,
     pub certs: Arc<dyn Certificates>,
     pub trust_domain: String,
     pub settings: Settings,
+    pub stats: Stats,
 }

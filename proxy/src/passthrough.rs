@@ -94,6 +94,21 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
     {
         return outbound_hbone(client, peer, dst, &w, &shared, start).await;
     }
+    let admitted = if dir == Direction::Inbound {
+        let conn = crate::authz::Connection {
+            src_identity: None,
+            src_ip: peer.ip(),
+            dst_ip: dst.ip(),
+            dst_port: dst.port(),
+        };
+        match shared.admit(conn, "plaintext") {
+            Ok(a) => Some(a),
+            // Closed without contacting the app.
+            Err(_) => return,
+        }
+    } else {
+        None
+    };
     // Inbound: connect to the app from the client's own address, unless the client is the pod
     // itself (then the ordinary local address is already right).
     let source = match dir {
@@ -116,7 +131,19 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let (sent, recv, err) = match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    let revoked = admitted
+        .as_ref()
+        .map(|a| a.revoked.clone())
+        .unwrap_or_default();
+    let copied = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => r,
+        _ = revoked.cancelled() => {
+            hbone::abort(&client);
+            hbone::abort(&upstream);
+            Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "closed by a policy change"))
+        }
+    };
+    let (sent, recv, err) = match copied {
         Ok((a, b)) => (a, b, None),
         Err(e) => (0, 0, Some(e)),
     };

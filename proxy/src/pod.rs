@@ -1,11 +1,14 @@
 //! The listeners of one captured pod, and what they share.
 
+use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::authz::{Connection, Decision};
 use crate::hbone;
 use crate::identity::Identity;
 use crate::mesh::Mesh;
@@ -20,9 +23,92 @@ pub struct PodShared {
     pub factory: Arc<dyn SocketFactory>,
     pub mesh: Arc<Mesh>,
     pub pool: hbone::client::Pool,
+    /// Admitted inbound connections, re-evaluated when policies change.
+    live: Mutex<HashMap<u64, (Connection, CancellationToken)>>,
+    next_id: AtomicU64,
+}
+
+/// An inbound connection the policy allowed; `revoked` fires if a later policy denies it.
+/// Dropping it unregisters the connection.
+pub struct Admitted {
+    pod: Arc<PodShared>,
+    id: u64,
+    pub revoked: CancellationToken,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.pod.live_conns().remove(&self.id);
+    }
 }
 
 impl PodShared {
+    fn live_conns(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, (Connection, CancellationToken)>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn decide(&self, conn: &Connection) -> Decision {
+        self.mesh
+            .directory
+            .authorize(&self.ctx.namespace, &self.ctx.name, conn)
+    }
+
+    /// Authorizes a new inbound connection (`via`: "hbone" or "plaintext"); every decision is
+    /// logged and counted.
+    pub fn admit(self: &Arc<Self>, conn: Connection, via: &str) -> Result<Admitted, Decision> {
+        let decision = self.decide(&conn);
+        let src_id = conn
+            .src_identity
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        if let Decision::Deny(why) = &decision {
+            self.mesh.stats.authz_denied.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(target: "authz", pod = %self.ctx.name, namespace = %self.ctx.namespace,
+                via, src.identity = %src_id, src.ip = %conn.src_ip, dst.ip = %conn.dst_ip,
+                dst.port = conn.dst_port, reason = %why, "connection denied");
+            return Err(decision);
+        }
+        self.mesh
+            .stats
+            .authz_allowed
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(target: "authz", pod = %self.ctx.name, namespace = %self.ctx.namespace,
+            via, src.identity = %src_id, src.ip = %conn.src_ip, dst.port = conn.dst_port,
+            "connection allowed");
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let revoked = CancellationToken::new();
+        self.live_conns().insert(id, (conn, revoked.clone()));
+        Ok(Admitted {
+            pod: self.clone(),
+            id,
+            revoked,
+        })
+    }
+
+    /// Re-evaluates every admitted connection; closes those now denied. Returns how many.
+    pub fn reevaluate(&self) -> usize {
+        let live: Vec<(Connection, CancellationToken)> =
+            self.live_conns().values().cloned().collect();
+        let mut cut = 0;
+        for (conn, token) in live {
+            if let Decision::Deny(why) = self.decide(&conn) {
+                token.cancel();
+                cut += 1;
+                self.mesh
+                    .stats
+                    .authz_revoked
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(target: "authz", pod = %self.ctx.name, namespace = %self.ctx.namespace,
+                    src.ip = %conn.src_ip, dst.port = conn.dst_port, reason = %why,
+                    "open connection closed: a policy change denies it");
+            }
+        }
+        cut
+    }
+
     /// The pod's identity now (its Pod object may arrive after the CNI ADD).
     pub fn identity(&self) -> Identity {
         self.mesh
@@ -55,6 +141,8 @@ impl PodProxy {
             pool: hbone::client::Pool::new(factory.clone(), mesh.clone()),
             factory,
             mesh,
+            live: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
         });
         tokio::spawn(passthrough::serve(
             Direction::Outbound,
@@ -70,6 +158,7 @@ impl PodProxy {
         ));
         tokio::spawn(hbone::server::serve(hbone, shared.clone(), stop.clone()));
         tokio::spawn(reap_idle(shared.clone(), stop.clone()));
+        tokio::spawn(watch_policies(shared.clone(), stop.clone()));
         Ok(Self { stop, shared })
     }
 
@@ -96,6 +185,21 @@ async fn reap_idle(pod: Arc<PodShared>, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => { pod.pool.reap(idle); }
+        }
+    }
+}
+
+async fn watch_policies(pod: Arc<PodShared>, stop: CancellationToken) {
+    let mut updates = pod.mesh.directory.policy_updates();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = updates.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                pod.reevaluate();
+            }
         }
     }
 }

@@ -49,8 +49,13 @@ pub async fn relay(
         Ok(n) => Ok(n),
         Err(e) => {
             h2.reset();
-            let _ = SockRef::from(&*tcp).set_linger(Some(std::time::Duration::ZERO));
+            abort(tcp);
             Err(e)
         }
     }
+}
+
+/// Makes the socket's close a reset (SO_LINGER 0): the peer sees the connection fail.
+pub fn abort(tcp: &TcpStream) {
+    let _ = SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
 }

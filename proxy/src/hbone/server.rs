@@ -177,6 +177,19 @@ async fn stream(
             return;
         }
     };
+    let conn = crate::authz::Connection {
+        src_identity: Some((*peer_id).clone()),
+        src_ip: peer.ip(),
+        dst_ip: dst.ip(),
+        dst_port: dst.port(),
+    };
+    let admitted = match pod.admit(conn, "hbone") {
+        Ok(a) => a,
+        Err(_) => {
+            answer(&mut respond, StatusCode::UNAUTHORIZED);
+            return;
+        }
+    };
     // The app sees the client's own address (transparent bind), unless the client is this pod.
     let source =
         (!pod.ctx.ips.contains(&peer.ip()) && !peer.ip().is_loopback()).then_some(peer.ip());
@@ -214,7 +227,14 @@ async fn stream(
         }
     };
     let mut tunnel = H2Stream::new(send, req.into_body());
-    let result = relay(&mut upstream, &mut tunnel, pod.mesh.settings.copy_buffer).await;
+    let result = tokio::select! {
+        r = relay(&mut upstream, &mut tunnel, pod.mesh.settings.copy_buffer) => r,
+        _ = admitted.revoked.cancelled() => {
+            tunnel.reset();
+            super::abort(&upstream);
+            Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "closed by a policy change"))
+        }
+    };
     let (sent, recv, err) = match result {
         Ok((to_client, to_app)) => (to_app, to_client, String::new()),
         // (sent = client to app, recv = app to client)

@@ -1,0 +1,288 @@
+//! Tier "authz": AuthorizationPolicy and PeerAuthentication enforced at the destination, on
+//! real pods through HBONE and plaintext, with policies applied live from the manifests
+//! directory.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ambit_tests::mesh::*;
+use ambit_tests::*;
+
+const TD: &str = "cluster1";
+
+/// The mission's policy, verbatim.
+const RATINGS_VIEWER: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: ratings-viewer
+  namespace: default
+spec:
+  selector: # where to apply the policy
+    matchLabels:
+      app: ratings
+  action: ALLOW # or DENY, AUDIT or CUSTOM
+  rules:
+  - from:
+    - source:
+        principals: # can also be namespace or ip blocks
+        - cluster1/ns/default/sa/productpage
+";
+
+struct Mesh {
+    node: Node,
+    manifests: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+fn mesh() -> Mesh {
+    let dir = TempDir::new("authz");
+    let manifests = dir.0.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    let mut node = Node::new("1.0.0").unwrap();
+    node.agent_args = vec![
+        "--trust-domain".into(),
+        TD.into(),
+        "--manifests-poll-seconds".into(),
+        "0.1".into(),
+        "--manifests-dir".into(),
+        manifests.display().to_string(),
+    ];
+    node.start_agent().unwrap();
+    Mesh {
+        node,
+        manifests,
+        _dir: dir,
+    }
+}
+
+fn pod(m: &mut Mesh, ns: &str, name: &str) -> Pod {
+    let p = m.node.add_pod_in(ns, name).unwrap();
+    write_pod_manifest(&m.manifests, &p, name, true);
+    p
+}
+
+/// Writes a policy file and waits until the agent has taken it.
+fn apply(m: &Mesh, file: &str, yaml: &str, key: &str) {
+    let marks = m.node.agent_log().matches(key).count();
+    let tmp = m.manifests.join(format!("{file}.tmp"));
+    std::fs::write(&tmp, yaml).unwrap();
+    std::fs::rename(&tmp, m.manifests.join(file)).unwrap();
+    wait_for(Duration::from_secs(10), || {
+        m.node.agent_log().matches(key).count() > marks
+    })
+    .unwrap_or_else(|_| panic!("policy {key} not taken:\n{}", m.node.agent_log()));
+}
+
+fn remove(m: &Mesh, file: &str) {
+    std::fs::remove_file(m.manifests.join(file)).unwrap();
+}
+
+/// True when `from` gets its message echoed by `to` (the echo server of `to` must be running).
+fn reaches(from: &ambit_common::netns::Netns, to: SocketAddr) -> bool {
+    talk(from, to, b"ping").is_ok_and(|r| r.ends_with(";ping"))
+}
+
+fn wait_reaches(from: &ambit_common::netns::Netns, to: SocketAddr, want: bool, m: &Mesh) {
+    wait_for(Duration::from_secs(10), || reaches(from, to) == want)
+        .unwrap_or_else(|_| panic!("expected reaches={want} for {to}:\n{}", m.node.agent_log()));
+}
+
+fn wait_manifest_pods(m: &Mesh, n: usize) {
+    wait_for(Duration::from_secs(10), || {
+        m.node.agent_log().contains(&format!("pods={n} "))
+    })
+    .unwrap();
+}
+
+/// An echo server that serves many connections (one thread each), until the test ends.
+fn echo_many(ns: &ambit_common::netns::Netns, port: u16) {
+    let l = ns
+        .run(|| std::net::TcpListener::bind(("0.0.0.0", port)))
+        .unwrap()
+        .unwrap();
+    std::thread::spawn(move || {
+        // Bounded: at most 200 connections per test.
+        for _ in 0..200 {
+            let Ok((mut c, peer)) = l.accept() else {
+                return;
+            };
+            std::thread::spawn(move || {
+                let _ = c.set_read_timeout(Some(Duration::from_secs(20)));
+                let mut buf = [0u8; 4096];
+                let mut first = true;
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            let mut out = Vec::new();
+                            if first {
+                                out.extend_from_slice(
+                                    format!("peer={};", peer.ip().to_canonical()).as_bytes(),
+                                );
+                                first = false;
+                            }
+                            out.extend_from_slice(&buf[..n]);
+                            if c.write_all(&out).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn the_mission_policy_lets_productpage_reach_ratings_and_refuses_reviews() {
+    let mut m = mesh();
+    let productpage = pod(&mut m, "default", "productpage");
+    let reviews = pod(&mut m, "default", "reviews");
+    let ratings = pod(&mut m, "default", "ratings");
+    let intruder = pod(&mut m, "blocked", "intruder");
+    wait_manifest_pods(&m, 4);
+    let dst = SocketAddr::new(ratings.ip, 9080);
+    echo_many(&ratings.ns.open(), 9080);
+    let (pp, rv, bad) = (productpage.ns.open(), reviews.ns.open(), intruder.ns.open());
+    // Outside the mesh: the node itself, plaintext into 15006.
+    let outside = m.node.ns.open();
+
+    // No policy: everyone gets through.
+    for from in [&pp, &rv, &bad, &outside] {
+        assert!(reaches(from, dst), "{}", m.node.agent_log());
+    }
+
+    apply(
+        &m,
+        "ratings-viewer.yaml",
+        RATINGS_VIEWER,
+        "default/ratings-viewer",
+    );
+    assert!(reaches(&pp, dst), "productpage must reach ratings");
+    for (who, from) in [("reviews", &rv), ("intruder", &bad), ("outside", &outside)] {
+        let r = talk(from, dst, b"ping");
+        assert!(
+            r.as_deref().unwrap_or("").is_empty(),
+            "{who} must be refused: {r:?}"
+        );
+    }
+    let log = m.node.agent_log();
+    assert!(
+        log.lines().any(|l| l.contains("connection denied")
+            && l.contains(&format!("src.identity=spiffe://{TD}/ns/default/sa/reviews"))
+            && l.contains("allow policies exist, but none allowed")),
+        "{log}"
+    );
+    assert!(
+        log.contains("answered CONNECT with 401"),
+        "HBONE refusal is a 401:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("connection denied") && l.contains("via=\"plaintext\"")),
+        "{log}"
+    );
+
+    // A DENY by namespace, with the ALLOW gone.
+    remove(&m, "ratings-viewer.yaml");
+    wait_reaches(&rv, dst, true, &m);
+    apply(
+        &m,
+        "deny-blocked.yaml",
+        "apiVersion: security.istio.io/v1beta1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-blocked\n  namespace: default\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        namespaces: [blocked]\n",
+        "default/deny-blocked",
+    );
+    assert!(!reaches(&bad, dst), "the blocked namespace must be refused");
+    assert!(reaches(&rv, dst) && reaches(&pp, dst), "others still pass");
+    assert!(
+        m.node
+            .agent_log()
+            .contains("explicitly denied by default/deny-blocked"),
+        "{}",
+        m.node.agent_log()
+    );
+
+    // STRICT: plaintext from outside the mesh is refused, mesh clients still pass.
+    assert!(reaches(&outside, dst), "PERMISSIVE admits plaintext");
+    apply(
+        &m,
+        "strict.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: default\nspec:\n  mtls:\n    mode: STRICT\n",
+        "default/default",
+    );
+    assert!(!reaches(&outside, dst), "STRICT refuses plaintext");
+    assert!(reaches(&pp, dst), "STRICT admits mTLS");
+    assert!(
+        m.node
+            .agent_log()
+            .contains("STRICT mTLS: plaintext refused")
+    );
+}
+
+#[test]
+fn a_policy_applied_during_a_connection_cuts_it_and_bad_policies_fail_closed() {
+    let mut m = mesh();
+    let reviews = pod(&mut m, "default", "reviews");
+    let ratings = pod(&mut m, "default", "ratings");
+    wait_manifest_pods(&m, 2);
+    let dst = SocketAddr::new(ratings.ip, 9080);
+    echo_many(&ratings.ns.open(), 9080);
+    let mut c = reviews
+        .ns
+        .open()
+        .run(|| std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3)))
+        .unwrap()
+        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"one").unwrap();
+    let mut buf = [0u8; 256];
+    let n = c.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).ends_with("one"));
+
+    apply(
+        &m,
+        "deny-reviews.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-reviews\n  namespace: default\nspec:\n  selector:\n    matchLabels:\n      app: ratings\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"cluster1/ns/default/sa/reviews\"]\n",
+        "default/deny-reviews",
+    );
+    // The open connection is cut: the next read ends (reset or EOF) instead of echoing.
+    let _ = c.write_all(b"two");
+    let r = c.read(&mut buf);
+    assert!(
+        matches!(r, Ok(0) | Err(_))
+            && !matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the connection must be closed: {r:?}"
+    );
+    let log = m.node.agent_log();
+    assert!(
+        log.contains("open connection closed: a policy change denies it"),
+        "{log}"
+    );
+
+    // An invalid ALLOW (bad CIDR) fails closed for its scope and says which field.
+    remove(&m, "deny-reviews.yaml");
+    wait_reaches(&reviews.ns.open(), dst, true, &m);
+    apply(
+        &m,
+        "broken.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: broken\n  namespace: default\nspec:\n  rules:\n  - from:\n    - source:\n        ipBlocks: [\"10.0.0.0/33\"]\n",
+        "default/broken",
+    );
+    assert!(
+        !reaches(&reviews.ns.open(), dst),
+        "an unparsable ALLOW must not widen access"
+    );
+    let log = m.node.agent_log();
+    assert!(
+        log.contains("spec.rules[0].from[0].source.ipBlocks[0]") && log.contains("fails closed"),
+        "{log}"
+    );
+    // Malformed YAML next to it is reported and changes nothing else.
+    std::fs::write(m.manifests.join("garbage.yaml"), "kind: [unclosed\n").unwrap();
+    wait_for(Duration::from_secs(10), || {
+        m.node.agent_log().contains("garbage.yaml")
+    })
+    .unwrap();
+    assert!(!reaches(&reviews.ns.open(), dst));
+}
