@@ -13,11 +13,13 @@ use rustls::sign::CertifiedKey;
 use tracing::{info, warn};
 
 use crate::ca::{Ca, Issued};
+use crate::metrics::{AgentMetrics, IdentityLabels};
 
 pub struct CertManager {
     ca: Ca,
     lifetime: Duration,
     certs: Mutex<HashMap<Identity, Arc<Issued>>>,
+    metrics: Option<Arc<AgentMetrics>>,
 }
 
 /// What can be shown of a certificate (no key material).
@@ -34,6 +36,29 @@ impl CertManager {
             ca,
             lifetime,
             certs: Mutex::new(HashMap::new()),
+            metrics: None,
+        }
+    }
+
+    /// Keeps `ambit_certificate_expiry_timestamp_seconds` in step with the certificates held.
+    pub fn with_metrics(mut self, metrics: Arc<AgentMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn expiry_gauge(&self, id: &Identity, not_after: Option<SystemTime>) {
+        let Some(m) = &self.metrics else { return };
+        let labels = IdentityLabels {
+            identity: id.to_string(),
+        };
+        match not_after {
+            Some(t) => {
+                let at = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                m.cert_expiry.get_or_create(&labels).set(at.as_secs_f64());
+            }
+            None => {
+                m.cert_expiry.remove(&labels);
+            }
         }
     }
 
@@ -45,6 +70,7 @@ impl CertManager {
         let issued = Arc::new(self.ca.issue(id, self.lifetime)?);
         info!(identity = %id, serial = %issued.serial,
             valid_seconds = self.lifetime.as_secs_f64(), "certificate issued");
+        self.expiry_gauge(id, Some(issued.not_after));
         Ok(issued)
     }
 
@@ -77,7 +103,13 @@ impl CertManager {
     pub fn maintain(&self, present: &HashSet<Identity>) -> usize {
         let due: Vec<Identity> = {
             let mut certs = self.lock();
-            certs.retain(|id, _| present.contains(id));
+            certs.retain(|id, _| {
+                let keep = present.contains(id);
+                if !keep {
+                    self.expiry_gauge(id, None);
+                }
+                keep
+            });
             let now = SystemTime::now();
             certs
                 .iter()

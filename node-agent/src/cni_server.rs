@@ -106,7 +106,20 @@ async fn handle(mut stream: UnixStream, mgr: Arc<Manager>, allow: &[u32]) -> io:
             .await;
         }
     };
+    let command = match &req {
+        Request::Add { .. } => "ADD",
+        Request::Del { .. } => "DEL",
+        Request::Check { .. } => "CHECK",
+        Request::Status => "STATUS",
+        Request::Gc { .. } => "GC",
+    };
     let resp = dispatch(req, fds, &mgr);
+    mgr.metrics.cni(command, resp.ok);
+    if command == "ADD" && resp.ok {
+        mgr.metrics
+            .handoff_seconds
+            .observe(start.elapsed().as_secs_f64());
+    }
     debug!(
         elapsed_us = start.elapsed().as_micros() as u64,
         ok = resp.ok,

@@ -1,13 +1,47 @@
-//! The agent's configuration: flags, each with an environment variable.
+//! The agent's configuration: one optional YAML file (`--config`), environment variables and
+//! flags, in increasing order of precedence. Every key of the file is a long flag name
+//! (`trust-domain: cluster1`); all three go through the same parsers, and a bad key or value is
+//! reported with its source, its name and its value. Invalid configuration exits with 64
+//! (EX_USAGE).
 
+use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
+
+/// Exit code for an invalid configuration (sysexits EX_USAGE).
+pub const EXIT_CONFIG: i32 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `--help` / `--version`: not an error, print and exit 0.
+    #[error("{0}")]
+    Info(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
 
 #[derive(Clone, Debug, Parser)]
 #[command(name = "ambit-agent", version, about = "Ambit node agent")]
 pub struct Config {
+    /// YAML file of settings (keys are the long flag names); flags and environment win.
+    #[arg(long, env = "AMBIT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Prometheus metrics (`/metrics`).
+    #[arg(long, env = "AMBIT_METRICS_ADDRESS", default_value = "0.0.0.0:15020")]
+    pub metrics_address: SocketAddr,
+    /// Readiness probe (`/healthz/ready`).
+    #[arg(long, env = "AMBIT_READINESS_ADDRESS", default_value = "0.0.0.0:15021")]
+    pub readiness_address: SocketAddr,
+    /// Admin endpoint (`/config_dump`, `/logging`); loopback only.
+    #[arg(long, env = "AMBIT_ADMIN_ADDRESS", default_value = "127.0.0.1:15000")]
+    pub admin_address: SocketAddr,
+    /// On SIGTERM, how long open connections may finish before they are cut, e.g. 20s.
+    #[arg(long, env = "AMBIT_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_drain)]
+    pub drain_timeout: Duration,
     /// Unix socket the CNI plugin connects to (created mode 0600).
     #[arg(long, env = "AMBIT_SOCKET", default_value = ambit_common::DEFAULT_AGENT_SOCKET)]
     pub socket: PathBuf,
@@ -77,6 +111,10 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     Ok(v)
 }
 
+fn parse_drain(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration: {e}"))
+}
+
 fn parse_trust_domain(s: &str) -> Result<String, String> {
     ambit_proxy::identity::Identity::parse(&format!("spiffe://{s}/ns/n/sa/s"))
         .map(|id| id.trust_domain)
@@ -91,7 +129,157 @@ fn parse_lifetime(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn clap_error(e: clap::Error) -> Error {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => Error::Info(e.to_string()),
+        _ => Error::Invalid(e.to_string().trim().to_owned()),
+    }
+}
+
+/// A YAML scalar or list as the string a flag would take.
+fn flag_value(key: &str, v: &serde_yaml_ng::Value) -> Result<String, String> {
+    use serde_yaml_ng::Value as Y;
+    match v {
+        Y::String(s) => Ok(s.clone()),
+        Y::Number(n) => Ok(n.to_string()),
+        Y::Bool(b) => Ok(b.to_string()),
+        Y::Sequence(items) => items
+            .iter()
+            .map(|i| flag_value(key, i))
+            .collect::<Result<Vec<_>, _>>()
+            .map(|v| v.join(",")),
+        _ => Err(format!("key {key:?}: {v:?} is not a value")),
+    }
+}
+
 impl Config {
+    /// Parses flags, environment and the `--config` file (flags and environment win), then
+    /// checks what the parsers alone cannot.
+    pub fn load<I, T>(args: I) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let mut argv: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let cmd = Config::command();
+        let matches = cmd
+            .clone()
+            .try_get_matches_from(&argv)
+            .map_err(clap_error)?;
+        if let Some(file) = matches.get_one::<PathBuf>("config") {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| Error::Invalid(format!("config file {}: {e}", file.display())))?;
+            let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).map_err(|e| {
+                Error::Invalid(format!("config file {}: not YAML: {e}", file.display()))
+            })?;
+            let map = match doc {
+                serde_yaml_ng::Value::Mapping(m) => m,
+                serde_yaml_ng::Value::Null => Default::default(),
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "config file {}: must be a mapping of flag names to values",
+                        file.display()
+                    )));
+                }
+            };
+            for (k, v) in map {
+                let key = k
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("{k:?}"));
+                let arg = cmd
+                    .get_arguments()
+                    .find(|a| a.get_long() == Some(key.as_str()) && key != "config")
+                    .ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "config file {}: unknown key {key:?}",
+                            file.display()
+                        ))
+                    })?;
+                let id = arg.get_id().as_str();
+                let value = flag_value(&key, &v)
+                    .map_err(|e| Error::Invalid(format!("config file {}: {e}", file.display())))?;
+                // Flags and environment win over the file.
+                if matches.value_source(id) == Some(ValueSource::DefaultValue)
+                    || matches.value_source(id).is_none()
+                {
+                    argv.push(format!("--{key}={value}").into());
+                }
+            }
+            let matches = cmd.try_get_matches_from(&argv).map_err(|e| {
+                Error::Invalid(format!(
+                    "{} (config file {})",
+                    clap_error(e)
+                        .to_string()
+                        .trim_start_matches("invalid configuration: "),
+                    file.display()
+                ))
+            })?;
+            let c = Config::from_arg_matches(&matches).map_err(clap_error)?;
+            return c.validate();
+        }
+        Config::from_arg_matches(&matches)
+            .map_err(clap_error)?
+            .validate()
+    }
+
+    fn validate(self) -> Result<Self, Error> {
+        if !self.admin_address.ip().is_loopback() {
+            return Err(Error::Invalid(format!(
+                "admin-address {}: the admin endpoint may only listen on a loopback address",
+                self.admin_address
+            )));
+        }
+        if self.metrics_address == self.readiness_address {
+            return Err(Error::Invalid(format!(
+                "metrics-address and readiness-address are both {}",
+                self.metrics_address
+            )));
+        }
+        if let Some(dir) = &self.manifests_dir
+            && !dir.is_dir()
+        {
+            return Err(Error::Invalid(format!(
+                "manifests-dir {}: not a directory",
+                dir.display()
+            )));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log) {
+            return Err(Error::Invalid(format!("log {:?}: {e}", self.log)));
+        }
+        Ok(self)
+    }
+
+    /// The effective configuration as JSON, for the log and the admin view. Nothing in it is
+    /// secret today (keys are given by path), but the CA key path is shown only as set/unset so
+    /// no future value of that kind can leak.
+    pub fn redacted(&self) -> serde_json::Value {
+        serde_json::json!({
+            "config": self.config,
+            "socket": self.socket,
+            "state-dir": self.state_dir,
+            "mark": format!("{:#x}", self.mark),
+            "allow-uid": self.allow_uids,
+            "reconcile-seconds": self.reconcile_seconds,
+            "trust-domain": self.trust_domain,
+            "cert-lifetime": humantime::format_duration(self.cert_lifetime).to_string(),
+            "ca-cert": self.ca_cert,
+            "ca-key": self.ca_key.as_ref().map(|_| "<redacted>"),
+            "ca-chain": self.ca_chain,
+            "manifests-dir": self.manifests_dir,
+            "manifests-poll-seconds": self.manifests_poll_seconds,
+            "root-namespace": self.root_namespace,
+            "pool-idle-timeout": humantime::format_duration(self.pool_idle_timeout).to_string(),
+            "metrics-address": self.metrics_address,
+            "readiness-address": self.readiness_address,
+            "admin-address": self.admin_address,
+            "drain-timeout": humantime::format_duration(self.drain_timeout).to_string(),
+            "log": self.log,
+            "log-format": self.log_format,
+        })
+    }
+
     /// Where the CA comes from.
     pub fn ca_source(&self) -> crate::ca::Source {
         match (&self.ca_cert, &self.ca_key) {
@@ -118,6 +306,73 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn load(args: &[&str]) -> Result<Config, Error> {
+        let mut v = vec!["ambit-agent"];
+        v.extend_from_slice(args);
+        Config::load(v)
+    }
+
+    #[test]
+    fn file_values_apply_below_flags_and_bad_ones_name_key_and_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agent.yaml");
+        std::fs::write(
+            &f,
+            "trust-domain: cluster1\ncert-lifetime: 90m\nallow-uid: [0, 1000]\n",
+        )
+        .unwrap();
+        let path = f.to_str().unwrap();
+        let c = load(&["--config", path]).unwrap();
+        assert_eq!(c.trust_domain, "cluster1");
+        assert_eq!(c.cert_lifetime, Duration::from_secs(5400));
+        assert_eq!(c.allow_uids, vec![0, 1000]);
+        let c = load(&["--config", path, "--trust-domain", "flag.td"]).unwrap();
+        assert_eq!(c.trust_domain, "flag.td", "flags win over the file");
+
+        std::fs::write(&f, "cert-lifetime: soon\n").unwrap();
+        let e = load(&["--config", path]).unwrap_err().to_string();
+        assert!(
+            e.contains("cert-lifetime") && e.contains("soon") && e.contains(path),
+            "{e}"
+        );
+        std::fs::write(&f, "trust-domian: x\n").unwrap();
+        let e = load(&["--config", path]).unwrap_err().to_string();
+        assert!(e.contains("unknown key \"trust-domian\""), "{e}");
+        std::fs::write(&f, "- a\n").unwrap();
+        assert!(load(&["--config", path]).is_err());
+        let e = load(&["--config", "/nonexistent/ambit.yaml"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/ambit.yaml"), "{e}");
+    }
+
+    #[test]
+    fn semantic_checks() {
+        let e = load(&["--admin-address", "0.0.0.0:15000"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("loopback"), "{e}");
+        assert!(load(&["--admin-address", "[::1]:15000"]).is_ok());
+        let e = load(&[
+            "--metrics-address",
+            "0.0.0.0:1",
+            "--readiness-address",
+            "0.0.0.0:1",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("both"), "{e}");
+        let e = load(&["--log", "info,[["]).unwrap_err().to_string();
+        assert!(e.contains("log"), "{e}");
+        assert!(matches!(load(&["--help"]), Err(Error::Info(_))));
+        let r = load(&["--admin-address", "0.0.0.0:15000"]).unwrap_err();
+        assert!(matches!(r, Error::Invalid(_)));
+        let c = load(&[]).unwrap();
+        assert!(!c.redacted().to_string().contains("PRIVATE"));
+        let c = load(&["--ca-cert", "/c", "--ca-key", "/secret/key.pem"]).unwrap();
+        assert!(!c.redacted().to_string().contains("/secret/key.pem"));
+    }
 
     #[test]
     fn marks_parse_in_hex_and_decimal() {

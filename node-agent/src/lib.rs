@@ -12,11 +12,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod ca;
 pub mod certs;
 pub mod cni_server;
 pub mod config;
 pub mod manifests;
+pub mod metrics;
 pub mod policy;
 pub mod sockets;
 pub mod state;

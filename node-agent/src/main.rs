@@ -1,55 +1,112 @@
-//! ambit-agent: wiring only (configuration, logging, runtime, signals).
+//! ambit-agent: wiring only (configuration, logging, runtime, endpoints, signals).
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use ambit_agent::admin::{self, Admin, Endpoint, LogControl};
+use ambit_agent::config::{self, Config};
+use ambit_agent::metrics::AgentMetrics;
 use ambit_agent::{
-    ca::Ca, certs::CertManager, cni_server, config::Config, manifests, state::StateDir,
-    store::Store, workloads::Manager,
+    ca::Ca, certs::CertManager, cni_server, manifests, state::StateDir, store::Store,
+    workloads::Manager,
 };
 use ambit_proxy::mesh::{Mesh, Settings};
+use ambit_proxy::metrics::ProxyMetrics;
 use anyhow::Context;
-use clap::Parser;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::{EnvFilter, reload};
 
-fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
-        .with_context(|| format!("invalid --log filter {:?}", config.log))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if config.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-    info!(?config, "starting ambit-agent");
-    let rt = tokio::runtime::Builder::new_multi_thread()
+fn main() -> std::process::ExitCode {
+    let config = match Config::load(std::env::args_os()) {
+        Ok(c) => c,
+        Err(config::Error::Info(text)) => {
+            println!("{text}");
+            return std::process::ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("ambit-agent: {e}");
+            return std::process::ExitCode::from(config::EXIT_CONFIG as u8);
+        }
+    };
+    let log = init_logging(&config);
+    info!(config = %config.redacted(), "starting ambit-agent (effective configuration)");
+    let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .context("building the runtime")?;
-    rt.block_on(run(config))
+        .context("building the runtime")
+        .and_then(|rt| rt.block_on(run(config, log)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("ambit-agent failed: {e:#}");
+            eprintln!("ambit-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+/// Logging to stderr, plain or JSON, with a filter the admin endpoint can change.
+fn init_logging(config: &Config) -> LogControl {
+    // Validated by Config::load.
+    let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (plain, json) = if config.log_format == "json" {
+        (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            ),
+        )
+    } else {
+        (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
+            ),
+            None,
+        )
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(plain)
+        .with(json)
+        .init();
+    Arc::new(move |level: Option<&str>| {
+        if let Some(l) = level {
+            let f = EnvFilter::try_new(l).map_err(|e| format!("invalid filter {l:?}: {e}"))?;
+            handle.reload(f).map_err(|e| e.to_string())?;
+        }
+        handle
+            .with_current(|f| f.to_string())
+            .map_err(|e| e.to_string())
+    })
+}
+
+async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     let state = StateDir::open(&config.state_dir)?;
     let ca = Ca::load(&config.ca_source(), &config.trust_domain).context("loading the CA")?;
     info!(ca = %ca.description, trust_domain = %config.trust_domain, "certificate authority ready");
-    let certs = Arc::new(CertManager::new(ca, config.cert_lifetime));
+    let agent_metrics = Arc::new(AgentMetrics::default());
+    let certs =
+        Arc::new(CertManager::new(ca, config.cert_lifetime).with_metrics(agent_metrics.clone()));
     let store = Store::new(&config.trust_domain);
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     if let Some(dir) = &config.manifests_dir {
-        // The first load happens before pods are re-adopted, so their identities are right
-        // from the first connection.
+        // The first load happens before pods are re-adopted, so their identities and policies
+        // are right from the first connection.
         let (objects, problems) = manifests::load(dir, &config.root_namespace);
         for p in &problems {
             tracing::warn!(file = %p.file.display(), "invalid manifest skipped: {}", p.message);
         }
+        manifests::report_statuses(&objects.statuses, &Default::default());
         store.set_manifests(objects);
         tasks.push(tokio::spawn(manifests::watch(
             dir.clone(),
@@ -59,6 +116,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             stop.clone(),
         )));
     }
+    let proxy_metrics = Arc::new(ProxyMetrics::default());
+    let mut registry = prometheus_client::registry::Registry::default();
+    proxy_metrics.register(&mut registry);
+    agent_metrics.register(&mut registry);
     let mesh = Arc::new(Mesh {
         directory: store.clone(),
         certs: certs.clone(),
@@ -67,9 +128,40 @@ async fn run(config: Config) -> anyhow::Result<()> {
             pool_idle_timeout: config.pool_idle_timeout,
             ..Settings::default()
         },
-        stats: Default::default(),
+        metrics: proxy_metrics,
     });
-    let mgr = Manager::new(state, config.mark, mesh, store.clone());
+    let mgr = Manager::new(
+        state,
+        config.mark,
+        mesh,
+        store.clone(),
+        agent_metrics.clone(),
+    );
+
+    // Endpoints first: readiness answers "not ready" while pods are re-adopted.
+    let admin = Arc::new(Admin {
+        mgr: mgr.clone(),
+        store: store.clone(),
+        certs: certs.clone(),
+        registry,
+        config: config.redacted(),
+        log,
+    });
+    let http_stop = CancellationToken::new();
+    for (addr, which) in [
+        (config.metrics_address, Endpoint::Metrics),
+        (config.readiness_address, Endpoint::Readiness),
+        (config.admin_address, Endpoint::Admin),
+    ] {
+        let l = admin::bind(addr, which).await?;
+        tasks.push(tokio::spawn(admin::serve(
+            l,
+            which,
+            admin.clone(),
+            http_stop.clone(),
+        )));
+    }
+
     let started = std::time::Instant::now();
     let summary = mgr.adopt()?;
     info!(
@@ -98,10 +190,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         })
     });
     tasks.push({
-        // Renewal at half-life is checked often enough for short test lifetimes too.
+        // Every second (more often for very short lifetimes): certificates of identities that
+        // appeared (a Pod object changed a service account) are issued, due ones renewed.
         let every =
-            (config.cert_lifetime / 20).clamp(Duration::from_millis(100), Duration::from_secs(30));
-        let stop = stop.clone();
+            (config.cert_lifetime / 20).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let (stop, store, certs) = (stop.clone(), store.clone(), certs.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
@@ -121,18 +214,29 @@ async fn run(config: Config) -> anyhow::Result<()> {
             }
         })
     });
+
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+        _ = term.recv() => info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: draining"),
     }
+    // New pods wait for the next agent (their ADD fails closed); captured pods stop accepting,
+    // open connections get `drain-timeout` to finish.
     stop.cancel();
     let _ = server.await;
+    let _ = std::fs::remove_file(&config.socket);
+    let started = std::time::Instant::now();
+    let cut = mgr.drain(config.drain_timeout).await;
+    info!(
+        cut,
+        waited_ms = started.elapsed().as_millis() as u64,
+        "drained: {cut} proxied connections still open at the deadline are cut"
+    );
+    http_stop.cancel();
     for t in tasks {
         let _ = t.await;
     }
     // Pod records stay in the state directory: the next agent re-adopts the pods.
-    let _ = std::fs::remove_file(&config.socket);
     info!(pods = mgr.len(), "stopped");
     Ok(())
 }

@@ -67,6 +67,10 @@ fn labels_changed(a: &Objects, b: &Objects) -> bool {
     labels(a) != labels(b)
 }
 
+fn app_label(pod: Option<&Pod>) -> Option<String> {
+    pod?.metadata.labels.as_ref()?.get("app").cloned()
+}
+
 fn service_account(pod: Option<&Pod>) -> &str {
     pod.and_then(|p| p.spec.as_ref())
         .and_then(|s| s.service_account_name.as_deref())
@@ -200,6 +204,7 @@ impl Store {
                 namespace: ns.clone(),
                 identity: self.identity(ns, Some(pod)),
                 hbone,
+                app: app_label(Some(pod)),
             });
             for ip in pod_ips(pod) {
                 by_ip.insert(ip, w.clone());
@@ -216,6 +221,7 @@ impl Store {
                 namespace: p.namespace.clone(),
                 identity: self.identity(&p.namespace, obj),
                 hbone: true,
+                app: app_label(obj),
             });
             for ip in &p.ips {
                 by_ip.insert(*ip, w.clone());

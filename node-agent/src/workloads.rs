@@ -12,6 +12,7 @@ use ambit_proxy::passthrough::PodContext;
 use ambit_proxy::pod::PodProxy;
 use tracing::{info, warn};
 
+use crate::metrics::AgentMetrics;
 use crate::sockets::InPodSockets;
 use crate::state::{PodRecord, STATE_VERSION, StateDir};
 use crate::store::Store;
@@ -31,7 +32,7 @@ pub enum Error {
 struct Entry {
     pod: PodInfo,
     netns: NetnsId,
-    _proxy: PodProxy,
+    proxy: PodProxy,
 }
 
 /// What a restart found in the state directory.
@@ -49,6 +50,9 @@ pub struct Manager {
     ready: AtomicBool,
     mesh: Arc<Mesh>,
     store: Arc<Store>,
+    pub metrics: Arc<AgentMetrics>,
+    /// Recorded pods whose listeners could not be restored; retried by [`Manager::reconcile`].
+    unserved: Mutex<HashMap<String, (PodRecord, String)>>,
 }
 
 fn label(p: &PodInfo) -> String {
@@ -56,7 +60,13 @@ fn label(p: &PodInfo) -> String {
 }
 
 impl Manager {
-    pub fn new(state: StateDir, mark: u32, mesh: Arc<Mesh>, store: Arc<Store>) -> Arc<Self> {
+    pub fn new(
+        state: StateDir,
+        mark: u32,
+        mesh: Arc<Mesh>,
+        store: Arc<Store>,
+        metrics: Arc<AgentMetrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             pods: Mutex::new(HashMap::new()),
             state,
@@ -64,6 +74,8 @@ impl Manager {
             ready: AtomicBool::new(false),
             mesh,
             store,
+            metrics,
+            unserved: Mutex::new(HashMap::new()),
         })
     }
 
@@ -112,6 +124,13 @@ impl Manager {
             netns: id,
         })?;
         self.store.pod_added(&pod);
+        self.metrics.pods_captured.set(pods.len() as i64 + 1);
+        // The pod's certificate is issued before the plugin is acknowledged, so the first
+        // connection never waits for it (and readiness counts it as loaded).
+        let identity = self.store.identity_of_pod(&pod);
+        if let Err(e) = self.mesh.certs.certified_key(&identity) {
+            warn!(pod = %label(&pod), %identity, "no certificate for the pod yet: {e}");
+        }
         info!(pod = %label(&pod), netns = %id, ips = ?pod.ips,
             identity = %self.store.identity_of_pod(&pod), "pod captured");
         pods.insert(
@@ -119,7 +138,7 @@ impl Manager {
             Entry {
                 pod,
                 netns: id,
-                _proxy: proxy,
+                proxy,
             },
         );
         Ok(())
@@ -130,9 +149,11 @@ impl Manager {
         let removed = self.lock().remove(container_id);
         self.state.remove(container_id);
         self.store.pod_removed(container_id);
+        self.unserved_lock().remove(container_id);
         if let Some(e) = &removed {
             info!(pod = %label(&e.pod), "pod released");
         }
+        self.update_gauges();
         removed.is_some()
     }
 
@@ -183,16 +204,124 @@ impl Manager {
                 }
             };
             let l = label(&rec.pod);
-            match self.add(rec.pod, ns) {
+            match self.add(rec.pod.clone(), ns) {
                 Ok(()) => summary.adopted += 1,
                 Err(e) => {
-                    warn!(pod = %l, "cannot re-adopt pod: {e}");
+                    warn!(pod = %l, "cannot re-adopt pod, it is UNPROTECTED until this is fixed: {e}");
+                    self.unserved_lock()
+                        .insert(rec.pod.container_id.clone(), (rec, e.to_string()));
                     summary.failed += 1;
                 }
             }
         }
-        self.ready.store(summary.failed == 0, Ordering::SeqCst);
+        self.ready.store(true, Ordering::SeqCst);
+        self.update_gauges();
         Ok(summary)
+    }
+
+    fn unserved_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (PodRecord, String)>> {
+        self.unserved.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn update_gauges(&self) {
+        self.metrics.pods_captured.set(self.len() as i64);
+        self.metrics
+            .pods_unserved
+            .set(self.unserved_lock().len() as i64);
+    }
+
+    /// Retries pods whose listeners could not be restored; returns how many are served now.
+    fn retry_unserved(&self) -> usize {
+        let pending: Vec<PodRecord> = self
+            .unserved_lock()
+            .values()
+            .map(|(r, _)| r.clone())
+            .collect();
+        let mut fixed = 0;
+        for rec in pending {
+            let id = rec.pod.container_id.clone();
+            match Netns::open(&rec.pod.netns_path) {
+                Ok(ns) if ns.id() == rec.netns => match self.add(rec.pod.clone(), ns) {
+                    Ok(()) => {
+                        info!(pod = %label(&rec.pod), "pod served again");
+                        self.unserved_lock().remove(&id);
+                        fixed += 1;
+                    }
+                    Err(e) => {
+                        if let Some(entry) = self.unserved_lock().get_mut(&id) {
+                            entry.1 = e.to_string();
+                        }
+                    }
+                },
+                _ => {
+                    info!(pod = %label(&rec.pod), "unserved pod is gone; forgotten");
+                    self.state.remove(&id);
+                    self.unserved_lock().remove(&id);
+                }
+            }
+        }
+        fixed
+    }
+
+    /// Ready when the state directory was re-adopted and every known pod is served; the
+    /// reasons otherwise.
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
+        let mut why = Vec::new();
+        if !self.ready() {
+            why.push("re-adopting pods after a restart".to_owned());
+        }
+        for (rec, err) in self.unserved_lock().values() {
+            why.push(format!("pod {} is not served: {err}", label(&rec.pod)));
+        }
+        if why.is_empty() { Ok(()) } else { Err(why) }
+    }
+
+    /// Captured pods for the admin view.
+    pub fn dump(&self) -> Vec<serde_json::Value> {
+        let mut v: Vec<serde_json::Value> = self
+            .lock()
+            .values()
+            .map(|e| {
+                serde_json::json!({
+                    "containerId": e.pod.container_id,
+                    "namespace": e.pod.namespace,
+                    "name": e.pod.name,
+                    "ips": e.pod.ips,
+                    "netns": e.netns.to_string(),
+                    "netnsPath": e.pod.netns_path,
+                    "identity": self.store.identity_of_pod(&e.pod).to_string(),
+                    "state": "served",
+                    "pooledHboneConnections": e.proxy.pooled_connections(),
+                })
+            })
+            .collect();
+        for (rec, err) in self.unserved_lock().values() {
+            v.push(serde_json::json!({
+                "containerId": rec.pod.container_id,
+                "namespace": rec.pod.namespace,
+                "name": rec.pod.name,
+                "ips": rec.pod.ips,
+                "state": "unserved",
+                "error": err,
+            }));
+        }
+        v
+    }
+
+    /// Stops accepting on every pod's listeners, waits up to `deadline` for open connections
+    /// to finish, and returns how many were still open (they are cut when the agent exits).
+    pub async fn drain(&self, deadline: std::time::Duration) -> usize {
+        let proxies: Vec<Arc<ambit_proxy::pod::PodShared>> =
+            self.lock().values().map(|e| e.proxy.shared()).collect();
+        for p in &proxies {
+            p.stop_accepting();
+        }
+        let open = || proxies.iter().map(|p| p.active()).sum::<usize>();
+        let start = std::time::Instant::now();
+        while open() > 0 && start.elapsed() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        open()
     }
 
     /// Forgets pods whose namespace has disappeared (their DEL never reached us).
@@ -207,6 +336,8 @@ impl Manager {
             info!(container_id = %id, "namespace gone without DEL; pod forgotten");
             self.del(id);
         }
+        self.retry_unserved();
+        self.update_gauges();
         gone.len()
     }
 

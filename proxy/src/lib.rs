@@ -18,6 +18,7 @@ pub mod authz;
 pub mod hbone;
 pub mod identity;
 pub mod mesh;
+pub mod metrics;
 pub mod passthrough;
 pub mod pod;
 pub mod socket;

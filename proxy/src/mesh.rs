@@ -17,6 +17,8 @@ pub struct Workload {
     pub identity: Identity,
     /// Captured by an Ambit agent, so it serves HBONE on 15008.
     pub hbone: bool,
+    /// The Pod's `app` label (metrics).
+    pub app: Option<String>,
 }
 
 /// The workload store, seen from the data path.
@@ -62,20 +64,11 @@ impl Default for Settings {
     }
 }
 
-/// Node-wide counters (exported by the metrics endpoint).
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub authz_allowed: std::sync::atomic::AtomicU64,
-    pub authz_denied: std::sync::atomic::AtomicU64,
-    /// Open connections closed because a policy change denied them.
-    pub authz_revoked: std::sync::atomic::AtomicU64,
-}
-
 /// Everything a pod proxy shares with the rest of the node.
 pub struct Mesh {
     pub directory: Arc<dyn Directory>,
     pub certs: Arc<dyn Certificates>,
     pub trust_domain: String,
     pub settings: Settings,
-    pub stats: Stats,
+    pub metrics: Arc<crate::metrics::ProxyMetrics>,
 }

@@ -12,6 +12,7 @@ use tracing::{debug, info, warn};
 
 use crate::hbone;
 use crate::mesh::Workload;
+use crate::metrics::{ConnRecord, TrafficLabels};
 use crate::pod::PodShared;
 use crate::socket::{canonical, original_dst};
 
@@ -54,7 +55,7 @@ pub async fn serve(
 ) {
     loop {
         let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = pod.accepting.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -65,7 +66,9 @@ pub async fn serve(
             },
         };
         let (pod, stop) = (pod.clone(), stop.clone());
+        let active = pod.active_guard();
         tokio::spawn(async move {
+            let _active = active;
             tokio::select! {
                 _ = stop.cancelled() => {}
                 _ = forward(dir, stream, canonical(peer), pod) => {}
@@ -94,6 +97,12 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
     {
         return outbound_hbone(client, peer, dst, &w, &shared, start).await;
     }
+    let (reporter, src, dst_peer) = match dir {
+        Direction::Inbound => ("destination", shared.peer(peer.ip(), None), shared.me()),
+        Direction::Outbound => ("source", shared.me(), shared.peer(dst.ip(), None)),
+    };
+    let labels = |flags: &str| TrafficLabels::new(reporter, &src, &dst_peer, false, flags);
+    let metrics = &shared.mesh.metrics;
     let admitted = if dir == Direction::Inbound {
         let conn = crate::authz::Connection {
             src_identity: None,
@@ -104,7 +113,10 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
         match shared.admit(conn, "plaintext") {
             Ok(a) => Some(a),
             // Closed without contacting the app.
-            Err(_) => return,
+            Err(_) => {
+                ConnRecord::open(metrics, labels("DENY"), &shared.series).close(0, 0);
+                return;
+            }
         }
     } else {
         None
@@ -124,11 +136,13 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
     let mut upstream = match upstream {
         Ok(u) => u,
         Err(e) => {
+            ConnRecord::open(metrics, labels("CONNECT"), &shared.series).close(0, 0);
             info!(target: "access", direction = dir.as_str(), src.addr = %peer, dst.addr = %dst,
                 pod = %pod.name, namespace = %pod.namespace, error = %e, "connection failed");
             return;
         }
     };
+    let record = ConnRecord::open(metrics, labels("-"), &shared.series);
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let revoked = admitted
@@ -147,6 +161,8 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
         Ok((a, b)) => (a, b, None),
         Err(e) => (0, 0, Some(e)),
     };
+    // `sent` is client→app, the request direction either way.
+    record.close(sent, recv);
     info!(target: "access",
         direction = dir.as_str(), src.addr = %peer, dst.addr = %dst,
         pod = %pod.name, namespace = %pod.namespace,
@@ -177,9 +193,14 @@ async fn outbound_hbone(
             pod.namespace, pod.name
         ),
     };
+    let me = shared.me();
+    let dst_peer = shared.peer(dst.ip(), Some(&dst_workload.identity));
+    let labels = |flags: &str| TrafficLabels::new("source", &me, &dst_peer, true, flags);
+    let metrics = &shared.mesh.metrics;
     let (mut tunnel, _guard) = match shared.pool.connect(&req).await {
         Ok(t) => t,
         Err(e) => {
+            ConnRecord::open(metrics, labels("CONNECT"), &shared.series).close(0, 0);
             info!(target: "access", direction = "outbound", protocol = "hbone",
                 src.addr = %peer, src.identity = %src_identity, dst.addr = %dst,
                 dst.identity = %dst_workload.identity, pod = %pod.name, namespace = %pod.namespace,
@@ -189,12 +210,14 @@ async fn outbound_hbone(
             return;
         }
     };
+    let record = ConnRecord::open(metrics, labels("-"), &shared.series);
     let _ = client.set_nodelay(true);
     let (sent, recv, err) =
         match hbone::relay(&mut client, &mut tunnel, shared.mesh.settings.copy_buffer).await {
             Ok((a, b)) => (a, b, String::new()),
             Err(e) => (0, 0, e.to_string()),
         };
+    record.close(sent, recv);
     info!(target: "access",
         direction = "outbound", protocol = "hbone", src.addr = %peer, src.identity = %src_identity,
         dst.addr = %dst, dst.identity = %dst_workload.identity,

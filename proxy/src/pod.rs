@@ -12,6 +12,7 @@ use crate::authz::{Connection, Decision};
 use crate::hbone;
 use crate::identity::Identity;
 use crate::mesh::Mesh;
+use crate::metrics::{Peer, TrafficLabels, UNKNOWN};
 use crate::passthrough::{self, Direction, PodContext};
 use crate::socket::SocketFactory;
 
@@ -26,6 +27,22 @@ pub struct PodShared {
     /// Admitted inbound connections, re-evaluated when policies change.
     live: Mutex<HashMap<u64, (Connection, CancellationToken)>>,
     next_id: AtomicU64,
+    /// Metric series this pod reported; removed with the pod.
+    pub series: Mutex<std::collections::HashSet<TrafficLabels>>,
+    /// Fires when the listeners must stop accepting (drain); connections go on.
+    pub accepting: CancellationToken,
+    /// Fires when the pod is released: everything stops.
+    pub stopped: CancellationToken,
+    active: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one proxied connection (or HBONE stream) as active while alive.
+pub struct ActiveGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// An inbound connection the policy allowed; `revoked` fires if a later policy denies it.
@@ -43,6 +60,22 @@ impl Drop for Admitted {
 }
 
 impl PodShared {
+    /// Marks a connection active until the guard drops.
+    pub fn active_guard(&self) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard(self.active.clone())
+    }
+
+    /// Proxied connections and inbound HBONE streams open now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Stops accepting new connections; open ones continue (HBONE peers get GOAWAY).
+    pub fn stop_accepting(&self) {
+        self.accepting.cancel();
+    }
+
     fn live_conns(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<u64, (Connection, CancellationToken)>> {
@@ -55,6 +88,39 @@ impl PodShared {
             .authorize(&self.ctx.namespace, &self.ctx.name, conn)
     }
 
+    /// This pod, as metric labels describe it.
+    pub fn me(&self) -> Peer {
+        let app = self
+            .ctx
+            .ips
+            .first()
+            .and_then(|ip| self.mesh.directory.by_ip(*ip))
+            .and_then(|w| w.app.clone());
+        Peer {
+            workload: self.ctx.name.clone(),
+            namespace: self.ctx.namespace.clone(),
+            principal: self.identity().to_string(),
+            app: app.unwrap_or_else(|| UNKNOWN.into()),
+        }
+    }
+
+    /// The other end of a connection, from the workload store (and its verified identity).
+    pub fn peer(&self, ip: std::net::IpAddr, identity: Option<&crate::identity::Identity>) -> Peer {
+        let mut p = match self.mesh.directory.by_ip(ip) {
+            Some(w) => Peer {
+                workload: w.name.clone(),
+                namespace: w.namespace.clone(),
+                principal: UNKNOWN.into(),
+                app: w.app.clone().unwrap_or_else(|| UNKNOWN.into()),
+            },
+            None => Peer::unknown(),
+        };
+        if let Some(id) = identity {
+            p.principal = id.to_string();
+        }
+        p
+    }
+
     /// Authorizes a new inbound connection (`via`: "hbone" or "plaintext"); every decision is
     /// logged and counted.
     pub fn admit(self: &Arc<Self>, conn: Connection, via: &str) -> Result<Admitted, Decision> {
@@ -65,16 +131,13 @@ impl PodShared {
             .map(ToString::to_string)
             .unwrap_or_default();
         if let Decision::Deny(why) = &decision {
-            self.mesh.stats.authz_denied.fetch_add(1, Ordering::Relaxed);
+            self.mesh.metrics.decision(false);
             tracing::info!(target: "authz", pod = %self.ctx.name, namespace = %self.ctx.namespace,
                 via, src.identity = %src_id, src.ip = %conn.src_ip, dst.ip = %conn.dst_ip,
                 dst.port = conn.dst_port, reason = %why, "connection denied");
             return Err(decision);
         }
-        self.mesh
-            .stats
-            .authz_allowed
-            .fetch_add(1, Ordering::Relaxed);
+        self.mesh.metrics.decision(true);
         tracing::debug!(target: "authz", pod = %self.ctx.name, namespace = %self.ctx.namespace,
             via, src.identity = %src_id, src.ip = %conn.src_ip, dst.port = conn.dst_port,
             "connection allowed");
@@ -97,10 +160,7 @@ impl PodShared {
             if let Decision::Deny(why) = self.decide(&conn) {
                 token.cancel();
                 cut += 1;
-                self.mesh
-                    .stats
-                    .authz_revoked
-                    .fetch_add(1, Ordering::Relaxed);
+                self.mesh.metrics.authz_revoked.inc();
                 tracing::info!(target: "authz", pod = %self.ctx.name, namespace = %self.ctx.namespace,
                     src.ip = %conn.src_ip, dst.port = conn.dst_port, reason = %why,
                     "open connection closed: a policy change denies it");
@@ -143,6 +203,10 @@ impl PodProxy {
             mesh,
             live: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
+            series: Mutex::new(Default::default()),
+            accepting: stop.child_token(),
+            stopped: stop.clone(),
+            active: Default::default(),
         });
         tokio::spawn(passthrough::serve(
             Direction::Outbound,
@@ -166,6 +230,10 @@ impl PodProxy {
         self.stop.cancel();
     }
 
+    pub fn shared(&self) -> Arc<PodShared> {
+        self.shared.clone()
+    }
+
     /// Open pooled HBONE connections of this pod.
     pub fn pooled_connections(&self) -> usize {
         self.shared.pool.connections()
@@ -175,6 +243,9 @@ impl PodProxy {
 impl Drop for PodProxy {
     fn drop(&mut self) {
         self.stop.cancel();
+        let series =
+            std::mem::take(&mut *self.shared.series.lock().unwrap_or_else(|p| p.into_inner()));
+        self.shared.mesh.metrics.forget(&series);
     }
 }
 

@@ -610,3 +610,66 @@ pub fn abort_connection(s: TcpStream) {
     let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
     drop(s);
 }
+
+/// A plain HTTP/1.1 request from inside `ns`; returns (status, body).
+pub fn http(
+    ns: &Netns,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut s = ns
+        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(3)))
+        .map_err(std::io::Error::other)??;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of the metric line with `name` whose labels include every `label="value"` given.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .reduce(|a, b| a + b)
+}
+
+impl Node {
+    /// SIGTERMs the agent and waits (bounded) for it to exit; returns its exit status.
+    pub fn terminate_agent(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        let mut child = self.agent.take().context("no agent running")?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(st) = child.try_wait()? {
+                return Ok(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("the agent did not exit within {limit:?} after SIGTERM")
+    }
+}

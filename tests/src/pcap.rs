@@ -122,16 +122,21 @@ pub fn streams(segments: &[Segment]) -> HashMap<(SocketAddr, SocketAddr), Vec<u8
             let mut data = Vec::new();
             let mut next: Option<u32> = None;
             for (seq, payload) in segs {
-                match next {
+                // The same bytes may be captured cut differently on different interfaces
+                // (offloaded super-segments on a veth, split ones elsewhere): keep what is new.
+                let skip = match next {
                     Some(n) if seq != n => {
                         if seq.wrapping_sub(n) < (1 << 31) {
                             break; // a gap: stop here
                         }
-                        continue; // a retransmission of older bytes
+                        n.wrapping_sub(seq) as usize // overlaps bytes already taken
                     }
-                    _ => {}
+                    _ => 0,
+                };
+                if skip >= payload.len() {
+                    continue;
                 }
-                data.extend_from_slice(&payload);
+                data.extend_from_slice(&payload[skip..]);
                 next = Some(seq.wrapping_add(payload.len() as u32));
             }
             (flow, data)

@@ -21,6 +21,7 @@ use tracing::{debug, info};
 use super::{Error, H2Stream};
 use crate::identity::Identity;
 use crate::mesh::Mesh;
+use crate::metrics::{GaugeGuard, ProxyMetrics};
 use crate::socket::SocketFactory;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -63,7 +64,7 @@ fn expiry(cert: &rustls::pki_types::CertificateDer<'_>) -> Instant {
 }
 
 /// Keeps a pooled connection counted as busy while a stream uses it.
-pub struct StreamGuard(Arc<Conn>);
+pub struct StreamGuard(Arc<Conn>, #[allow(dead_code)] GaugeGuard);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
@@ -141,7 +142,8 @@ impl Pool {
                 }
             };
             conn.streams.fetch_add(1, Ordering::AcqRel);
-            StreamGuard(conn)
+            let gauge = ProxyMetrics::gauge(&self.mesh.metrics.hbone_streams, "outbound");
+            StreamGuard(conn, GaugeGuard::new(gauge))
         };
         let h2err = |source| Error::H2 { addr, source };
         let request = http::Request::builder()
@@ -223,7 +225,12 @@ impl Pool {
         {
             let closed = closed.clone();
             let (src, dst) = (key.src.clone(), key.dst.clone());
+            let gauge = GaugeGuard::new(ProxyMetrics::gauge(
+                &self.mesh.metrics.hbone_connections,
+                "outbound",
+            ));
             tokio::spawn(async move {
+                let _gauge = gauge;
                 if let Err(e) = connection.await {
                     debug!(%addr, "HBONE connection ended: {e}");
                 }

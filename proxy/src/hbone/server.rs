@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::{H2Stream, relay};
 use crate::identity::Identity;
+use crate::metrics::{ConnRecord, GaugeGuard, ProxyMetrics, TrafficLabels};
 use crate::passthrough::RESERVED_PORTS;
 use crate::pod::PodShared;
 use crate::socket::canonical;
@@ -55,7 +56,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodShared>, stop: Cancellatio
     let acceptor = TlsAcceptor::from(Arc::new(config));
     loop {
         let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = pod.accepting.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -117,16 +118,40 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
         }
     };
     debug!(pod = %pod.ctx.name, %peer, client = %peer_id, "HBONE connection accepted");
+    let _conn_gauge = GaugeGuard::new(ProxyMetrics::gauge(
+        &pod.mesh.metrics.hbone_connections,
+        "inbound",
+    ));
     let peer_id = Arc::new(peer_id);
-    while let Some(next) = conn.accept().await {
-        match next {
-            Ok((req, respond)) => {
-                tokio::spawn(stream(req, respond, peer, peer_id.clone(), pod.clone()));
+    let mut draining = false;
+    loop {
+        let next = tokio::select! {
+            n = conn.accept() => n,
+            // Draining: GOAWAY lets the client finish its streams and open new ones elsewhere.
+            _ = pod.accepting.cancelled(), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+                continue;
             }
-            Err(e) => {
+        };
+        match next {
+            Some(Ok((req, respond))) => {
+                let active = pod.active_guard();
+                let (peer_id, pod) = (peer_id.clone(), pod.clone());
+                tokio::spawn(async move {
+                    let _active = active;
+                    let stopped = pod.stopped.clone();
+                    tokio::select! {
+                        _ = stopped.cancelled() => {}
+                        _ = stream(req, respond, peer, peer_id, pod) => {}
+                    }
+                });
+            }
+            Some(Err(e)) => {
                 debug!(pod = %pod.ctx.name, %peer, "HBONE connection ended: {e}");
                 return;
             }
+            None => return,
         }
     }
 }
@@ -183,9 +208,14 @@ async fn stream(
         dst_ip: dst.ip(),
         dst_port: dst.port(),
     };
+    let src = pod.peer(peer.ip(), Some(&peer_id));
+    let me = pod.me();
+    let labels = |flags: &str| TrafficLabels::new("destination", &src, &me, true, flags);
+    let metrics = &pod.mesh.metrics;
     let admitted = match pod.admit(conn, "hbone") {
         Ok(a) => a,
         Err(_) => {
+            ConnRecord::open(metrics, labels("DENY"), &pod.series).close(0, 0);
             answer(&mut respond, StatusCode::UNAUTHORIZED);
             return;
         }
@@ -207,6 +237,7 @@ async fn stream(
     let mut upstream = match upstream {
         Ok(u) => u,
         Err(e) => {
+            ConnRecord::open(metrics, labels("CONNECT"), &pod.series).close(0, 0);
             info!(target: "access", direction = "inbound", src.addr = %peer, src.identity = %peer_id,
                 dst.addr = %dst, pod = %pod.ctx.name, namespace = %pod.ctx.namespace,
                 error = %e, "HBONE stream refused (503)");
@@ -226,6 +257,8 @@ async fn stream(
             return;
         }
     };
+    let record = ConnRecord::open(metrics, labels("-"), &pod.series);
+    let _stream_gauge = GaugeGuard::new(ProxyMetrics::gauge(&metrics.hbone_streams, "inbound"));
     let mut tunnel = H2Stream::new(send, req.into_body());
     let result = tokio::select! {
         r = relay(&mut upstream, &mut tunnel, pod.mesh.settings.copy_buffer) => r,
@@ -240,6 +273,7 @@ async fn stream(
         // (sent = client to app, recv = app to client)
         Err(e) => (0, 0, e.to_string()),
     };
+    record.close(sent, recv);
     info!(target: "access",
         direction = "inbound", protocol = "hbone", src.addr = %peer, src.identity = %peer_id,
         dst.addr = %dst, pod = %pod.ctx.name, namespace = %pod.ctx.namespace,

@@ -1,0 +1,114 @@
+//! The agent's own metrics (the data path's are in `ambit_proxy::metrics`), and the registry
+//! that holds both for `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CniLabels {
+    /// ADD, DEL, CHECK, STATUS, GC.
+    pub command: String,
+    /// `ok` or `error`.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    pub identity: String,
+}
+
+pub struct AgentMetrics {
+    pub pods_captured: Gauge,
+    /// Pods the agent knows (state records) but does not serve: re-adoption failed.
+    pub pods_unserved: Gauge,
+    pub cni_requests: Family<CniLabels, Counter>,
+    /// Time from a complete ADD request to the acknowledgement (listeners bound).
+    pub handoff_seconds: Histogram,
+    /// Expiry of the current certificate of each identity, as a Unix timestamp.
+    pub cert_expiry: Family<IdentityLabels, Gauge<f64, AtomicU64>>,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self {
+            pods_captured: Gauge::default(),
+            pods_unserved: Gauge::default(),
+            cni_requests: Family::default(),
+            handoff_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            cert_expiry: Family::default(),
+        }
+    }
+}
+
+impl AgentMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "ambit_pods_captured",
+            "Pods captured and served by this agent",
+            self.pods_captured.clone(),
+        );
+        r.register(
+            "ambit_pods_unserved",
+            "Pods recorded as captured whose listeners could not be restored",
+            self.pods_unserved.clone(),
+        );
+        r.register(
+            "ambit_cni_requests",
+            "Requests from ambit-cni by command and result",
+            self.cni_requests.clone(),
+        );
+        r.register(
+            "ambit_cni_handoff_seconds",
+            "Time to serve a pod after its ADD arrived",
+            self.handoff_seconds.clone(),
+        );
+        r.register(
+            "ambit_certificate_expiry_timestamp_seconds",
+            "Expiry of each identity's current certificate",
+            self.cert_expiry.clone(),
+        );
+    }
+
+    pub fn cni(&self, command: &str, ok: bool) {
+        self.cni_requests
+            .get_or_create(&CniLabels {
+                command: command.into(),
+                result: if ok { "ok" } else { "error" }.into(),
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_agent_metric_is_exported_with_its_labels() {
+        let m = AgentMetrics::default();
+        let mut r = Registry::default();
+        m.register(&mut r);
+        m.cni("ADD", true);
+        m.handoff_seconds.observe(0.003);
+        m.cert_expiry
+            .get_or_create(&IdentityLabels {
+                identity: "spiffe://td/ns/a/sa/b".into(),
+            })
+            .set(1.9e9);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &r).unwrap();
+        for want in [
+            "ambit_pods_captured 0",
+            "ambit_cni_requests_total{command=\"ADD\",result=\"ok\"} 1",
+            "ambit_cni_handoff_seconds_count 1",
+            "ambit_certificate_expiry_timestamp_seconds{identity=\"spiffe://td/ns/a/sa/b\"} 1900000000",
+        ] {
+            assert!(out.contains(want), "{want:?} missing in\n{out}");
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! The data path's Prometheus metrics: Istio's standard TCP metrics with Istio's label names
+//! (so existing dashboards work), plus authorization and HBONE gauges.
+//!
+//! Bytes follow Istio's meaning: `received` is what the source sent towards the destination
+//! (the request direction), `sent` what came back. Every series is owned by the pod that
+//! reported it and removed when that pod goes, so cardinality follows the pods on the node.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+pub const UNKNOWN: &str = "unknown";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    /// `source` (outbound side) or `destination` (inbound side).
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_service: String,
+    pub request_protocol: String,
+    /// `-` when nothing happened; `DENY` (authorization), `CONNECT` (upstream failure).
+    pub response_flags: String,
+    /// `mutual_tls` over HBONE, `unknown` for plaintext.
+    pub connection_security_policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `allow` or `deny`.
+    pub decision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `outbound` (client side) or `inbound` (server side).
+    pub direction: String,
+}
+
+#[derive(Default)]
+pub struct ProxyMetrics {
+    pub opened: Family<TrafficLabels, Counter>,
+    pub closed: Family<TrafficLabels, Counter>,
+    pub received_bytes: Family<TrafficLabels, Counter>,
+    pub sent_bytes: Family<TrafficLabels, Counter>,
+    pub authz_decisions: Family<DecisionLabels, Counter>,
+    pub authz_revoked: Counter,
+    pub hbone_connections: Family<DirectionLabels, Gauge>,
+    pub hbone_streams: Family<DirectionLabels, Gauge>,
+}
+
+impl ProxyMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            self.opened.clone(),
+        );
+        r.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            self.closed.clone(),
+        );
+        r.register(
+            "istio_tcp_received_bytes",
+            "Bytes from the source towards the destination",
+            self.received_bytes.clone(),
+        );
+        r.register(
+            "istio_tcp_sent_bytes",
+            "Bytes from the destination back to the source",
+            self.sent_bytes.clone(),
+        );
+        r.register(
+            "ambit_authz_decisions",
+            "Authorization decisions at the destination",
+            self.authz_decisions.clone(),
+        );
+        r.register(
+            "ambit_authz_revoked_connections",
+            "Open connections closed because a policy change denied them",
+            self.authz_revoked.clone(),
+        );
+        r.register(
+            "ambit_hbone_connections_open",
+            "Open HBONE (mutual TLS, HTTP/2) connections",
+            self.hbone_connections.clone(),
+        );
+        r.register(
+            "ambit_hbone_streams_open",
+            "Open HBONE CONNECT streams",
+            self.hbone_streams.clone(),
+        );
+    }
+
+    pub fn decision(&self, allowed: bool) {
+        self.authz_decisions
+            .get_or_create(&DecisionLabels {
+                decision: if allowed { "allow" } else { "deny" }.into(),
+            })
+            .inc();
+    }
+
+    pub fn gauge(family: &Family<DirectionLabels, Gauge>, direction: &str) -> Gauge {
+        family.get_or_create_owned(&DirectionLabels {
+            direction: direction.into(),
+        })
+    }
+
+    /// Forgets series a pod reported (it is gone).
+    pub fn forget(&self, series: &HashSet<TrafficLabels>) {
+        for l in series {
+            self.opened.remove(l);
+            self.closed.remove(l);
+            self.received_bytes.remove(l);
+            self.sent_bytes.remove(l);
+        }
+    }
+}
+
+/// One proxied connection's accounting: opened when created, closed (with bytes) on
+/// [`ConnRecord::close`] or drop.
+pub struct ConnRecord<'a> {
+    metrics: &'a ProxyMetrics,
+    labels: TrafficLabels,
+    closed: bool,
+}
+
+/// What the labels say about one end of a connection.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub workload: String,
+    pub namespace: String,
+    pub principal: String,
+    pub app: String,
+}
+
+impl Peer {
+    pub fn unknown() -> Self {
+        Self {
+            workload: UNKNOWN.into(),
+            namespace: UNKNOWN.into(),
+            principal: UNKNOWN.into(),
+            app: UNKNOWN.into(),
+        }
+    }
+}
+
+impl TrafficLabels {
+    pub fn new(reporter: &str, src: &Peer, dst: &Peer, mtls: bool, flags: &str) -> Self {
+        Self {
+            reporter: reporter.into(),
+            source_workload: src.workload.clone(),
+            source_canonical_service: src.app.clone(),
+            source_workload_namespace: src.namespace.clone(),
+            source_principal: src.principal.clone(),
+            source_app: src.app.clone(),
+            destination_workload: dst.workload.clone(),
+            destination_canonical_service: dst.app.clone(),
+            destination_workload_namespace: dst.namespace.clone(),
+            destination_principal: dst.principal.clone(),
+            destination_app: dst.app.clone(),
+            destination_service: UNKNOWN.into(),
+            request_protocol: "tcp".into(),
+            response_flags: flags.into(),
+            connection_security_policy: if mtls { "mutual_tls" } else { UNKNOWN }.into(),
+        }
+    }
+}
+
+impl<'a> ConnRecord<'a> {
+    /// Counts the connection as opened; `series` remembers the label set for removal.
+    pub fn open(
+        metrics: &'a ProxyMetrics,
+        labels: TrafficLabels,
+        series: &Mutex<HashSet<TrafficLabels>>,
+    ) -> Self {
+        metrics.opened.get_or_create(&labels).inc();
+        series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(labels.clone());
+        Self {
+            metrics,
+            labels,
+            closed: false,
+        }
+    }
+
+    /// `received` src→dst, `sent` dst→src.
+    pub fn close(mut self, received: u64, sent: u64) {
+        self.finish(received, sent);
+    }
+
+    fn finish(&mut self, received: u64, sent: u64) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        let m = self.metrics;
+        m.closed.get_or_create(&self.labels).inc();
+        m.received_bytes
+            .get_or_create(&self.labels)
+            .inc_by(received);
+        m.sent_bytes.get_or_create(&self.labels).inc_by(sent);
+    }
+}
+
+impl Drop for ConnRecord<'_> {
+    fn drop(&mut self) {
+        self.finish(0, 0);
+    }
+}
+
+/// Holds a gauge up by one while alive.
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    pub fn new(g: Gauge) -> Self {
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

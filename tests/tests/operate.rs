@@ -1,0 +1,466 @@
+//! Tier "operate": metrics after real traffic, readiness across pods and restarts, the admin
+//! endpoint, configuration errors (exit 64), and draining on SIGTERM.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use ambit_tests::mesh::write_pod_manifest;
+use ambit_tests::*;
+
+const TD: &str = "cluster1";
+
+fn metrics_addr() -> SocketAddr {
+    "127.0.0.1:15020".parse().unwrap()
+}
+
+fn scrape(node: &Node) -> String {
+    let (status, body) = http(&node.ns.open(), metrics_addr(), "GET", "/metrics").unwrap();
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+fn ready(node: &Node) -> (u16, String) {
+    http(
+        &node.ns.open(),
+        "127.0.0.1:15021".parse().unwrap(),
+        "GET",
+        "/healthz/ready",
+    )
+    .unwrap()
+}
+
+fn mesh_node(manifests: &std::path::Path) -> Node {
+    std::fs::create_dir_all(manifests).unwrap();
+    let mut node = Node::new("1.0.0").unwrap();
+    node.agent_args = vec![
+        "--trust-domain".into(),
+        TD.into(),
+        "--manifests-poll-seconds".into(),
+        "0.1".into(),
+        "--manifests-dir".into(),
+        manifests.display().to_string(),
+    ];
+    node.start_agent().unwrap();
+    node
+}
+
+#[test]
+fn metrics_count_real_traffic_with_istio_labels_and_a_pods_series_leave_with_it() {
+    let dir = TempDir::new("ops");
+    let manifests = dir.0.join("manifests");
+    let mut node = mesh_node(&manifests);
+    let pp = node.add_pod("productpage").unwrap();
+    let ratings = node.add_pod("ratings").unwrap();
+    write_pod_manifest(&manifests, &pp, "productpage", true);
+    write_pod_manifest(&manifests, &ratings, "ratings", true);
+    wait_for(Duration::from_secs(10), || {
+        node.agent_log().contains("pods=2 ")
+    })
+    .unwrap();
+
+    let dst = SocketAddr::new(ratings.ip, 9080);
+    let server = echo_server(&ratings.ns.open(), 9080, 4);
+    let mut reply_len = 0;
+    for _ in 0..3 {
+        let r = talk(&pp.ns.open(), dst, b"hello").unwrap();
+        reply_len = r.len();
+    }
+    // One plaintext connection from outside the mesh (the node itself).
+    talk(&node.ns.open(), dst, b"plain").unwrap();
+    server.join().unwrap();
+
+    let want = |reporter| {
+        vec![
+            ("reporter", reporter),
+            ("source_workload", "productpage"),
+            ("source_workload_namespace", "default"),
+            (
+                "source_principal",
+                "spiffe://cluster1/ns/default/sa/productpage",
+            ),
+            ("source_app", "productpage"),
+            ("destination_workload", "ratings"),
+            (
+                "destination_principal",
+                "spiffe://cluster1/ns/default/sa/ratings",
+            ),
+            ("destination_app", "ratings"),
+            ("connection_security_policy", "mutual_tls"),
+            ("request_protocol", "tcp"),
+            ("response_flags", "-"),
+        ]
+    };
+    let mut text = String::new();
+    // Counters are final once each side logged the close; bounded wait for both reporters.
+    wait_for(Duration::from_secs(5), || {
+        text = scrape(&node);
+        metric(
+            &text,
+            "istio_tcp_connections_closed_total",
+            &want("destination"),
+        ) == Some(3.0)
+            && metric(&text, "istio_tcp_connections_closed_total", &want("source")) == Some(3.0)
+    })
+    .unwrap_or_else(|_| panic!("closed counters:\n{text}"));
+    for reporter in ["source", "destination"] {
+        let l = want(reporter);
+        assert_eq!(
+            metric(&text, "istio_tcp_connections_opened_total", &l),
+            Some(3.0),
+            "{reporter}\n{text}"
+        );
+        assert_eq!(
+            metric(&text, "istio_tcp_received_bytes_total", &l),
+            Some(15.0),
+            "{reporter}"
+        );
+        assert_eq!(
+            metric(&text, "istio_tcp_sent_bytes_total", &l),
+            Some(3.0 * reply_len as f64),
+            "{reporter}"
+        );
+    }
+    // The plaintext one: reported by the destination only, without identity.
+    let plain = [
+        ("reporter", "destination"),
+        ("destination_workload", "ratings"),
+        ("source_principal", "unknown"),
+        ("connection_security_policy", "unknown"),
+    ];
+    assert_eq!(
+        metric(&text, "istio_tcp_connections_opened_total", &plain),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "istio_tcp_received_bytes_total", &plain),
+        Some(5.0)
+    );
+    // The agent's own figures.
+    assert_eq!(
+        metric(&text, "ambit_pods_captured", &[]),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "ambit_cni_requests_total",
+            &[("command", "ADD"), ("result", "ok")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(&text, "ambit_cni_handoff_seconds_count", &[]),
+        Some(2.0)
+    );
+    assert!(
+        metric(
+            &text,
+            "ambit_certificate_expiry_timestamp_seconds",
+            &[("identity", "spiffe://cluster1/ns/default/sa/productpage")]
+        )
+        .is_some_and(|t| t > 1.7e9),
+        "{text}\n{}",
+        node.agent_log()
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "ambit_authz_decisions_total",
+            &[("decision", "allow")]
+        ),
+        Some(4.0)
+    );
+
+    // The pod goes: the series it reported go too.
+    let out = node.cnitool("del", &pp.ns, &pp.container_id, &Node::pod_args(&pp));
+    assert!(out.status.success());
+    let text = scrape(&node);
+    assert_eq!(
+        metric(&text, "istio_tcp_connections_opened_total", &want("source")),
+        None,
+        "series of a deleted pod:\n{text}"
+    );
+    assert_eq!(metric(&text, "ambit_pods_captured", &[]), Some(1.0));
+    assert!(
+        metric(
+            &text,
+            "istio_tcp_connections_opened_total",
+            &want("destination")
+        )
+        .is_some(),
+        "the remaining pod keeps its own series"
+    );
+}
+
+#[test]
+fn readiness_follows_pods_and_restarts() {
+    let mut node = Node::new("1.0.0").unwrap();
+    node.start_agent().unwrap();
+    wait_for(Duration::from_secs(5), || ready(&node).0 == 200).unwrap();
+    let a = node.add_pod("a").unwrap();
+    assert_eq!(ready(&node).0, 200, "a served pod keeps the agent ready");
+
+    // While the agent is down, something else takes 15006 inside the pod: after the restart
+    // the pod cannot be served, and the agent says so.
+    node.kill_agent();
+    let blocker =
+        a.ns.open()
+            .run(|| std::net::TcpListener::bind(("::", 15006)))
+            .unwrap()
+            .unwrap();
+    node.start_agent().unwrap();
+    let mut body = String::new();
+    wait_for(Duration::from_secs(5), || {
+        let r = ready(&node);
+        body = r.1;
+        r.0 == 503
+    })
+    .unwrap();
+    assert!(
+        body.contains("default/a") && body.contains("not served"),
+        "{body}"
+    );
+    let text = scrape(&node);
+    assert_eq!(
+        metric(&text, "ambit_pods_unserved", &[]),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(node.agent_log().contains("UNPROTECTED"));
+
+    // The port is free again: the next reconcile serves the pod and readiness comes back.
+    drop(blocker);
+    wait_for(Duration::from_secs(10), || ready(&node).0 == 200)
+        .unwrap_or_else(|_| panic!("{}", node.agent_log()));
+    let b = node.add_pod("b").unwrap();
+    let server = echo_server(&b.ns.open(), 7000, 1);
+    assert!(talk(&a.ns.open(), SocketAddr::new(b.ip, 7000), b"x").is_ok());
+    server.join().unwrap();
+}
+
+#[test]
+fn admin_is_loopback_only_shows_state_without_keys_and_changes_the_log_level() {
+    let dir = TempDir::new("ops");
+    let manifests = dir.0.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(
+        manifests.join("bad-policy.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: broken\n  namespace: other\nspec:\n  action: DENY\n  rules:\n  - to:\n    - operation:\n        ports: [\"http\"]\n",
+    )
+    .unwrap();
+    let mut node = mesh_node(&manifests);
+    let a = node.add_pod("a").unwrap();
+    let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
+    let mut dump = String::new();
+    wait_for(Duration::from_secs(5), || {
+        dump = http(&node.ns.open(), admin, "GET", "/config_dump")
+            .unwrap()
+            .1;
+        dump.contains("\"serial\"")
+    })
+    .unwrap_or_else(|_| panic!("{dump}"));
+    let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(v["pods"][0]["name"], "a");
+    assert_eq!(
+        v["pods"][0]["identity"],
+        format!("spiffe://{TD}/ns/default/sa/default")
+    );
+    assert_eq!(
+        v["certificates"][0]["identity"],
+        format!("spiffe://{TD}/ns/default/sa/default")
+    );
+    assert_eq!(v["policies"][0]["name"], "other/broken");
+    assert_eq!(v["policies"][0]["state"], "Rejected");
+    assert!(
+        v["policies"][0]["messages"][0]
+            .as_str()
+            .unwrap()
+            .contains("spec.rules[0].to[0].operation.ports[0]")
+    );
+    assert!(
+        !dump.contains("PRIVATE KEY") && !dump.contains("BEGIN"),
+        "key material in the dump"
+    );
+    assert_eq!(v["config"]["trust-domain"], TD);
+
+    // Runtime log level.
+    let (st, body) = http(&node.ns.open(), admin, "POST", "/logging?level=warn").unwrap();
+    assert_eq!((st, body.trim()), (200, "warn"));
+    assert_eq!(
+        http(&node.ns.open(), admin, "GET", "/logging")
+            .unwrap()
+            .1
+            .trim(),
+        "warn"
+    );
+    assert_eq!(
+        http(&node.ns.open(), admin, "POST", "/logging?level=[[")
+            .unwrap()
+            .0,
+        400
+    );
+
+    // Not reachable from a pod: the node's bridge address answers metrics, never admin.
+    let gw: std::net::IpAddr = node.subnet.replace(".0/24", ".1").parse().unwrap();
+    let pod = a.ns.open();
+    // (The pod's connection is captured and forwarded by its own proxy, which finds nothing
+    // listening there and closes it: no answer either way.)
+    let r = http(&pod, SocketAddr::new(gw, 15000), "GET", "/config_dump");
+    assert!(
+        r.as_ref().map_or(true, |(st, _)| *st == 0),
+        "admin answered a pod: {r:?}"
+    );
+    assert_eq!(
+        http(&pod, SocketAddr::new(gw, 15020), "GET", "/metrics")
+            .unwrap()
+            .0,
+        200
+    );
+}
+
+#[test]
+fn invalid_configuration_exits_64_naming_the_key_and_value() {
+    require_root();
+    let dir = TempDir::new("cfg");
+    let file = dir.0.join("agent.yaml");
+    let cases: Vec<(Vec<String>, Option<&str>, &[&str])> = vec![
+        (
+            vec!["--admin-address".into(), "0.0.0.0:15000".into()],
+            None,
+            &["admin-address", "0.0.0.0:15000", "loopback"],
+        ),
+        (
+            vec!["--cert-lifetime".into(), "soon".into()],
+            None,
+            &["cert-lifetime", "soon"],
+        ),
+        (
+            vec!["--trust-domain".into(), "a/b".into()],
+            None,
+            &["trust-domain", "a/b"],
+        ),
+        (vec!["--mark".into(), "0".into()], None, &["mark", "0"]),
+        (
+            vec!["--manifests-dir".into(), "/nonexistent/ambit".into()],
+            None,
+            &["manifests-dir", "/nonexistent/ambit"],
+        ),
+        (
+            vec!["--config".into(), file.display().to_string()],
+            Some("trust-domian: x\n"),
+            &["unknown key", "trust-domian"],
+        ),
+        (
+            vec!["--config".into(), file.display().to_string()],
+            Some("drain-timeout: forever\n"),
+            &["drain-timeout", "forever", "agent.yaml"],
+        ),
+        (
+            vec!["--config".into(), file.display().to_string()],
+            Some("log-format: xml\n"),
+            &["log-format", "xml"],
+        ),
+    ];
+    for (args, content, want) in cases {
+        if let Some(c) = content {
+            std::fs::write(&file, c).unwrap();
+        }
+        let out = Command::new(&bins().agent)
+            .args(&args)
+            .env_clear()
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        for w in want {
+            assert!(err.contains(w), "{args:?}: {w:?} missing in {err}");
+        }
+    }
+    // Environment variables are checked the same way.
+    let out = Command::new(&bins().agent)
+        .env_clear()
+        .env("AMBIT_CERT_LIFETIME", "0s")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cert-lifetime"));
+}
+
+#[test]
+fn sigterm_stops_accepting_drains_and_cuts_what_is_left() {
+    let mut node = Node::new("1.0.0").unwrap();
+    node.agent_args = vec!["--drain-timeout".into(), "2s".into()];
+    node.start_agent().unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    let dst = SocketAddr::new(b.ip, 7400);
+    let l =
+        b.ns.open()
+            .run(|| std::net::TcpListener::bind(("0.0.0.0", 7400)))
+            .unwrap()
+            .unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = [0u8; 64];
+        let mut total = 0;
+        // Bounded: a drained connection ends within the test's limits.
+        for _ in 0..100 {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    total += n;
+                    if c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        total
+    });
+    let mut c =
+        a.ns.open()
+            .run(|| std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3)))
+            .unwrap()
+            .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 16];
+    c.write_all(b"1").unwrap();
+    c.read_exact(&mut buf[..1]).unwrap();
+
+    let pid = node.agent_pid().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    // Stops accepting: a new connection from A is refused (fail closed), ...
+    wait_for(Duration::from_secs(5), || {
+        talk(&a.ns.open(), SocketAddr::new(b.ip, 7401), b"new").is_err()
+    })
+    .unwrap();
+    // ...while the open one still works during the drain.
+    c.write_all(b"2").unwrap();
+    c.read_exact(&mut buf[..1]).unwrap();
+    assert_eq!(&buf[..1], b"2");
+    let status = node.terminate_agent(Duration::from_secs(15)).unwrap();
+    assert!(status.success(), "{status:?}");
+    let log = node.agent_log();
+    // One connection between two pods of this node is two proxied legs: A's outbound and B's
+    // inbound.
+    assert!(
+        log.contains("drained: 2 proxied connections still open at the deadline are cut"),
+        "{log}"
+    );
+    // Cut: the client's connection ends.
+    let r = c.read(&mut buf);
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert_eq!(server.join().unwrap(), 2);
+    // And the pods stay fail-closed with the agent gone.
+    let err = talk(&a.ns.open(), dst, b"x").unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+}
