@@ -178,9 +178,23 @@ impl Capture {
         let err = dir.join(format!("{}.err", unique("cap")));
         let child = Command::new("ip")
             // A 64 MiB buffer: a proof of absence needs a capture that dropped nothing.
+            // Immediate mode: packets reach the file as they come, not in blocks that a stop
+            // could leave unwritten.
             .args([
-                "netns", "exec", netns, "tcpdump", "-i", "any", "-nn", "-U", "-s", "0", "-B",
-                "65536", "-w",
+                "netns",
+                "exec",
+                netns,
+                "tcpdump",
+                "-i",
+                "any",
+                "-nn",
+                "-U",
+                "--immediate-mode",
+                "-s",
+                "0",
+                "-B",
+                "65536",
+                "-w",
             ])
             .arg(&file)
             .stdout(Stdio::null())
