@@ -4,20 +4,9 @@
 # a policy and the metrics. Everything it creates is removed on exit or Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "$(id -u)" != 0 ]; then
-  echo "scripts/demo.sh: creates network namespaces: run as root" >&2
-  exit 1
-fi
-need_apt=0
-for bin in go nft ip tcpdump; do command -v "$bin" >/dev/null 2>&1 || need_apt=1; done
-[ -d /usr/share/gocode/src/github.com/containernetworking/cni/libcni ] || need_apt=1
-[ -x /usr/lib/cni/bridge ] || need_apt=1
-if [ "$need_apt" = 1 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q
-  apt-get install -y -q golang-go golang-github-appc-cni-dev containernetworking-plugins \
-    iproute2 nftables tcpdump
-fi
+. scripts/lib.sh
+require_root scripts/demo.sh
+ensure_node_packages
 export AMBIT_PROFILE=release
 echo "building (release)..."
 cargo build --release --locked -q -p ambit-demo -p ambit-cni -p ambit-agent

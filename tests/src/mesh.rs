@@ -473,3 +473,17 @@ pub fn hbone_server(
         })
     })
 }
+
+/// Agent arguments of a mesh test: `trust_domain`, and `manifests` (created) as the workload
+/// store's source, polled every 100 ms.
+pub fn manifest_args(manifests: &Path, trust_domain: &str) -> Vec<String> {
+    std::fs::create_dir_all(manifests).unwrap();
+    vec![
+        "--trust-domain".into(),
+        trust_domain.into(),
+        "--manifests-poll-seconds".into(),
+        "0.1".into(),
+        "--manifests-dir".into(),
+        manifests.display().to_string(),
+    ]
+}

@@ -38,16 +38,8 @@ struct Mesh {
 fn mesh() -> Mesh {
     let dir = TempDir::new("authz");
     let manifests = dir.0.join("manifests");
-    std::fs::create_dir_all(&manifests).unwrap();
     let mut node = Node::new("1.0.0").unwrap();
-    node.agent_args = vec![
-        "--trust-domain".into(),
-        TD.into(),
-        "--manifests-poll-seconds".into(),
-        "0.1".into(),
-        "--manifests-dir".into(),
-        manifests.display().to_string(),
-    ];
+    node.agent_args = manifest_args(&manifests, TD);
     node.start_agent().unwrap();
     Mesh {
         node,

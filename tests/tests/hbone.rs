@@ -15,18 +15,7 @@ const TD: &str = "cluster1";
 
 fn mesh_args(ca: &TestCa, shared: &Path) -> Vec<String> {
     let mut v = ca.agent_args(&shared.join("ca"));
-    v.extend(
-        [
-            "--trust-domain",
-            TD,
-            "--manifests-poll-seconds",
-            "0.1",
-            "--manifests-dir",
-        ]
-        .map(String::from),
-    );
-    std::fs::create_dir_all(shared.join("manifests")).unwrap();
-    v.push(shared.join("manifests").display().to_string());
+    v.extend(manifest_args(&shared.join("manifests"), TD));
     v
 }
 

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use ambit_tests::mesh::write_pod_manifest;
+use ambit_tests::mesh::{manifest_args, write_pod_manifest};
 use ambit_tests::*;
 
 const TD: &str = "cluster1";
@@ -32,16 +32,8 @@ fn ready(node: &Node) -> (u16, String) {
 }
 
 fn mesh_node(manifests: &std::path::Path) -> Node {
-    std::fs::create_dir_all(manifests).unwrap();
     let mut node = Node::new("1.0.0").unwrap();
-    node.agent_args = vec![
-        "--trust-domain".into(),
-        TD.into(),
-        "--manifests-poll-seconds".into(),
-        "0.1".into(),
-        "--manifests-dir".into(),
-        manifests.display().to_string(),
-    ];
+    node.agent_args = manifest_args(manifests, TD);
     node.start_agent().unwrap();
     node
 }
