@@ -30,6 +30,10 @@ struct Args {
     /// New connections in the connection-setup test.
     #[arg(long, default_value_t = 2_000)]
     connections: usize,
+    /// Extra ambit-agent arguments, e.g. `--agent-arg=--worker-threads=1` (repeatable): to
+    /// measure a lever against the default in the same conditions.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
     /// Also write the figures as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -213,6 +217,7 @@ fn main() -> Result<()> {
         );
     }
     let mut node = Node::new("1.0.0")?;
+    node.agent_args = args.agent_args.clone();
     node.start_agent()?;
     let a = node.add_pod("bench-client")?;
     let b = node.add_pod("bench-server")?;

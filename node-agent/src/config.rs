@@ -90,6 +90,9 @@ pub struct Config {
     /// A pooled HBONE connection without streams for this long is closed, e.g. 5m.
     #[arg(long, env = "AMBIT_POOL_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_lifetime)]
     pub pool_idle_timeout: Duration,
+    /// Runtime worker threads serving every pod (default: one per CPU, at most 4).
+    #[arg(long, env = "AMBIT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub worker_threads: Option<u16>,
     /// Log filter (RUST_LOG syntax).
     #[arg(long, env = "AMBIT_LOG", default_value = "info")]
     pub log: String,
@@ -275,6 +278,7 @@ impl Config {
             "readiness-address": self.readiness_address,
             "admin-address": self.admin_address,
             "drain-timeout": humantime::format_duration(self.drain_timeout).to_string(),
+            "worker-threads": self.worker_threads(),
             "log": self.log,
             "log-format": self.log_format,
         })
@@ -292,6 +296,14 @@ impl Config {
                 dir: self.state_dir.clone(),
             },
         }
+    }
+
+    pub fn worker_threads(&self) -> usize {
+        self.worker_threads.map(usize::from).unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get().min(4))
+                .unwrap_or(2)
+        })
     }
 
     pub fn manifests_poll(&self) -> Duration {

@@ -33,7 +33,7 @@ fn main() -> std::process::ExitCode {
     let log = init_logging(&config);
     info!(config = %config.redacted(), "starting ambit-agent (effective configuration)");
     let result = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(config.worker_threads())
         .enable_all()
         .build()
         .context("building the runtime")

@@ -197,7 +197,7 @@ async fn outbound_hbone(
     let dst_peer = shared.peer(dst.ip(), Some(&dst_workload.identity));
     let labels = |flags: &str| TrafficLabels::new("source", &me, &dst_peer, true, flags);
     let metrics = &shared.mesh.metrics;
-    let (mut tunnel, _guard) = match shared.pool.connect(&req).await {
+    let (tunnel, _guard) = match shared.pool.connect(&req).await {
         Ok(t) => t,
         Err(e) => {
             ConnRecord::open(metrics, labels("CONNECT"), &shared.series).close(0, 0);
@@ -213,7 +213,7 @@ async fn outbound_hbone(
     let record = ConnRecord::open(metrics, labels("-"), &shared.series);
     let _ = client.set_nodelay(true);
     let (sent, recv, err) =
-        match hbone::relay(&mut client, &mut tunnel, shared.mesh.settings.copy_buffer).await {
+        match hbone::relay(&mut client, tunnel, shared.mesh.settings.copy_buffer).await {
             Ok((a, b)) => (a, b, String::new()),
             Err(e) => (0, 0, e.to_string()),
         };

@@ -18,7 +18,7 @@ use rustls::pki_types::ServerName;
 use tokio::sync::Mutex as AsyncMutex;
 use tracing::{debug, info};
 
-use super::{Error, H2Stream};
+use super::{Error, Tunnel};
 use crate::identity::Identity;
 use crate::mesh::Mesh;
 use crate::metrics::{GaugeGuard, ProxyMetrics};
@@ -114,7 +114,7 @@ impl Pool {
 
     /// Opens a CONNECT stream to `req.target` through the destination pod's 15008. Succeeds
     /// only on a 200 answer.
-    pub async fn connect(&self, req: &Request) -> Result<(H2Stream, StreamGuard), Error> {
+    pub async fn connect(&self, req: &Request) -> Result<(Tunnel, StreamGuard), Error> {
         let addr = SocketAddr::new(req.target.ip(), ambit_common::INBOUND_HBONE_PORT);
         let key = Key {
             src: req.src_identity.clone(),
@@ -173,7 +173,13 @@ impl Pool {
                 status: response.status(),
             });
         }
-        Ok((H2Stream::new(stream, response.into_body()), guard))
+        Ok((
+            Tunnel {
+                send: stream,
+                recv: response.into_body(),
+            },
+            guard,
+        ))
     }
 
     async fn open(&self, key: &Key) -> Result<Conn, Error> {

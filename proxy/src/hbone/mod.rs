@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use socket2::SockRef;
 use tokio::net::TcpStream;
 
-pub use stream::H2Stream;
+pub use stream::Tunnel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -38,17 +38,17 @@ pub enum Error {
 }
 
 /// Copies both ways between a TCP socket and an HBONE stream until both directions ended.
-/// Returns (bytes TCP→stream, bytes stream→TCP). On failure the stream is reset and the TCP
-/// connection aborted (RST), so a reset on one side is a reset on the other.
+/// Returns (bytes TCP→stream, bytes stream→TCP). On failure the stream is reset (dropped
+/// unfinished) and the TCP connection aborted (RST), so a reset on one side is a reset on the
+/// other.
 pub async fn relay(
     tcp: &mut TcpStream,
-    h2: &mut H2Stream,
+    tunnel: Tunnel,
     buffer: usize,
 ) -> Result<(u64, u64), io::Error> {
-    match tokio::io::copy_bidirectional_with_sizes(tcp, h2, buffer, buffer).await {
+    match stream::copy(tcp, tunnel, buffer).await {
         Ok(n) => Ok(n),
         Err(e) => {
-            h2.reset();
             abort(tcp);
             Err(e)
         }

@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{H2Stream, relay};
+use super::{Tunnel, relay};
 use crate::identity::Identity;
 use crate::metrics::{ConnRecord, GaugeGuard, ProxyMetrics, TrafficLabels};
 use crate::passthrough::RESERVED_PORTS;
@@ -259,11 +259,13 @@ async fn stream(
     };
     let record = ConnRecord::open(metrics, labels("-"), &pod.series);
     let _stream_gauge = GaugeGuard::new(ProxyMetrics::gauge(&metrics.hbone_streams, "inbound"));
-    let mut tunnel = H2Stream::new(send, req.into_body());
+    let tunnel = Tunnel {
+        send,
+        recv: req.into_body(),
+    };
     let result = tokio::select! {
-        r = relay(&mut upstream, &mut tunnel, pod.mesh.settings.copy_buffer) => r,
+        r = relay(&mut upstream, tunnel, pod.mesh.settings.copy_buffer) => r,
         _ = admitted.revoked.cancelled() => {
-            tunnel.reset();
             super::abort(&upstream);
             Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "closed by a policy change"))
         }

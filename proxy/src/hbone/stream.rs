@@ -1,42 +1,27 @@
-//! One HBONE stream (an HTTP/2 CONNECT tunnel) as a byte stream, so it can be copied to and
-//! from a TCP socket with the ordinary tokio copy.
+//! Moving bytes between a TCP socket and an HBONE stream (an HTTP/2 CONNECT tunnel).
 //!
-//! Backpressure is the HTTP/2 flow-control window: a write takes only the send capacity the
-//! peer has granted, and received bytes return their window only once they were read, so a
-//! slow reader slows the writer down instead of growing a buffer. A write side shut down is
-//! END_STREAM (TCP half-close); dropping the stream before both ends finished resets it.
+//! Written out instead of adapting the stream to `AsyncRead`/`AsyncWrite` for the generic
+//! copy: that adapter costs a copy each way (into a fresh `Bytes` on write, out of h2's
+//! buffer on read). Here bytes read from TCP go into a `BytesMut` whose filled part is handed
+//! to h2 as is, and DATA frames from h2 are written to TCP straight from h2's buffers.
+//!
+//! Backpressure is HTTP/2 flow control: data is sent only within the send capacity the peer
+//! granted, and received data returns its window only once written to TCP, so a slow reader
+//! slows the writer instead of growing a buffer. TCP EOF is END_STREAM and the reverse (half
+//! close both ways). On any failure the caller drops the tunnel, which resets the stream.
 
+use std::future::poll_fn;
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes};
+use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
-pub struct H2Stream {
-    send: SendStream<Bytes>,
-    recv: RecvStream,
-    pending: Bytes,
-    read_done: bool,
-    write_done: bool,
-}
-
-impl H2Stream {
-    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
-        Self {
-            send,
-            recv,
-            pending: Bytes::new(),
-            read_done: false,
-            write_done: false,
-        }
-    }
-
-    /// Resets the stream (the TCP side failed): the peer sees RST_STREAM, not a clean end.
-    pub fn reset(&mut self) {
-        self.send.send_reset(h2::Reason::CANCEL);
-    }
+/// One CONNECT stream: what we send and what we receive.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
 }
 
 fn h2_io(e: h2::Error) -> io::Error {
@@ -53,73 +38,67 @@ fn h2_io(e: h2::Error) -> io::Error {
     io::Error::new(kind, e)
 }
 
-impl AsyncRead for H2Stream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        loop {
-            if !self.pending.is_empty() {
-                let n = self.pending.len().min(buf.remaining());
-                buf.put_slice(&self.pending[..n]);
-                self.pending.advance(n);
-                // The window comes back only for what the reader took.
-                let _ = self.recv.flow_control().release_capacity(n);
-                return Poll::Ready(Ok(()));
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed")
+}
+
+/// TCP → stream until TCP EOF (then END_STREAM); returns the bytes moved.
+async fn tcp_to_stream(
+    rd: &mut tokio::net::tcp::ReadHalf<'_>,
+    send: &mut SendStream<Bytes>,
+    buffer: usize,
+) -> io::Result<u64> {
+    let mut buf = BytesMut::with_capacity(buffer);
+    let mut total = 0u64;
+    loop {
+        if buf.capacity() < buffer / 2 {
+            // Reclaims the previous allocation when h2 is done with it.
+            buf.reserve(buffer);
+        }
+        let n = rd.read_buf(&mut buf).await?;
+        if n == 0 {
+            send.send_data(Bytes::new(), true).map_err(h2_io)?;
+            return Ok(total);
+        }
+        total += n as u64;
+        let mut chunk = buf.split().freeze();
+        while !chunk.is_empty() {
+            send.reserve_capacity(chunk.len());
+            let granted = poll_fn(|cx| send.poll_capacity(cx))
+                .await
+                .ok_or_else(closed)?
+                .map_err(h2_io)?;
+            if granted == 0 {
+                continue;
             }
-            if self.read_done {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => self.pending = data,
-                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-                None => self.read_done = true,
-            }
+            let part = chunk.split_to(granted.min(chunk.len()));
+            send.send_data(part, false).map_err(h2_io)?;
         }
     }
 }
 
-impl AsyncWrite for H2Stream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        self.send.reserve_capacity(buf.len());
-        loop {
-            match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(0)) => continue,
-                Some(Ok(n)) => {
-                    let n = n.min(buf.len());
-                    self.send
-                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                        .map_err(h2_io)?;
-                    return Poll::Ready(Ok(n));
-                }
-                Some(Err(e)) => return Poll::Ready(Err(h2_io(e))),
-                None => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "HBONE stream closed",
-                    )));
-                }
-            }
-        }
+/// Stream → TCP until END_STREAM (then TCP half-close); returns the bytes moved.
+async fn stream_to_tcp(
+    recv: &mut RecvStream,
+    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+) -> io::Result<u64> {
+    let mut total = 0u64;
+    while let Some(data) = recv.data().await {
+        let data = data.map_err(h2_io)?;
+        wr.write_all(&data).await?;
+        total += data.len() as u64;
+        let _ = recv.flow_control().release_capacity(data.len());
     }
+    wr.shutdown().await?;
+    Ok(total)
+}
 
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.write_done {
-            self.write_done = true;
-            self.send.send_data(Bytes::new(), true).map_err(h2_io)?;
-        }
-        Poll::Ready(Ok(()))
-    }
+/// Copies both ways until both directions ended: (bytes TCP→stream, bytes stream→TCP).
+pub async fn copy(tcp: &mut TcpStream, tunnel: Tunnel, buffer: usize) -> io::Result<(u64, u64)> {
+    let Tunnel { mut send, mut recv } = tunnel;
+    let (mut rd, mut wr) = tcp.split();
+    tokio::try_join!(
+        tcp_to_stream(&mut rd, &mut send, buffer),
+        stream_to_tcp(&mut recv, &mut wr)
+    )
 }
