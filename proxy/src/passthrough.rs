@@ -138,6 +138,7 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
         Err(e) => {
             ConnRecord::open(metrics, labels("CONNECT"), &shared.series).close(0, 0);
             info!(target: "access", direction = dir.as_str(), src.addr = %peer, dst.addr = %dst,
+                src.workload = %src.workload, dst.workload = %dst_peer.workload,
                 pod = %pod.name, namespace = %pod.namespace, error = %e, "connection failed");
             return;
         }
@@ -165,6 +166,7 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
     record.close(sent, recv);
     info!(target: "access",
         direction = dir.as_str(), src.addr = %peer, dst.addr = %dst,
+        src.workload = %src.workload, dst.workload = %dst_peer.workload,
         pod = %pod.name, namespace = %pod.namespace,
         bytes_sent = sent, bytes_recv = recv,
         duration_ms = start.elapsed().as_millis() as u64,
@@ -203,6 +205,7 @@ async fn outbound_hbone(
             ConnRecord::open(metrics, labels("CONNECT"), &shared.series).close(0, 0);
             info!(target: "access", direction = "outbound", protocol = "hbone",
                 src.addr = %peer, src.identity = %src_identity, dst.addr = %dst,
+                src.workload = %me.workload, dst.workload = %dst_peer.workload,
                 dst.identity = %dst_workload.identity, pod = %pod.name, namespace = %pod.namespace,
                 error = %e, "connection failed");
             // The app sees its connection reset, never a silent plaintext fallback.
@@ -220,6 +223,7 @@ async fn outbound_hbone(
     record.close(sent, recv);
     info!(target: "access",
         direction = "outbound", protocol = "hbone", src.addr = %peer, src.identity = %src_identity,
+        src.workload = %me.workload, dst.workload = %dst_peer.workload,
         dst.addr = %dst, dst.identity = %dst_workload.identity,
         pod = %pod.name, namespace = %pod.namespace,
         bytes_sent = sent, bytes_recv = recv,

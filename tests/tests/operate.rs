@@ -114,6 +114,16 @@ fn metrics_count_real_traffic_with_istio_labels_and_a_pods_series_leave_with_it(
             "{reporter}"
         );
     }
+    // The access log names both workloads, on both sides.
+    let log = node.agent_log();
+    let lines = log
+        .lines()
+        .filter(|l| {
+            l.contains("connection complete")
+                && l.contains("src.workload=productpage dst.workload=ratings")
+        })
+        .count();
+    assert_eq!(lines, 6, "3 connections, logged by each side:\n{log}");
     // The plaintext one: reported by the destination only, without identity.
     let plain = [
         ("reporter", "destination"),

@@ -239,6 +239,7 @@ async fn stream(
         Err(e) => {
             ConnRecord::open(metrics, labels("CONNECT"), &pod.series).close(0, 0);
             info!(target: "access", direction = "inbound", src.addr = %peer, src.identity = %peer_id,
+                src.workload = %src.workload, dst.workload = %me.workload,
                 dst.addr = %dst, pod = %pod.ctx.name, namespace = %pod.ctx.namespace,
                 error = %e, "HBONE stream refused (503)");
             answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
@@ -278,6 +279,7 @@ async fn stream(
     record.close(sent, recv);
     info!(target: "access",
         direction = "inbound", protocol = "hbone", src.addr = %peer, src.identity = %peer_id,
+        src.workload = %src.workload, dst.workload = %me.workload,
         dst.addr = %dst, pod = %pod.ctx.name, namespace = %pod.ctx.namespace,
         bytes_sent = sent, bytes_recv = recv,
         duration_ms = start.elapsed().as_millis() as u64, error = err,
