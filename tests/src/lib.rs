@@ -242,6 +242,8 @@ impl Node {
     fn create(cni_version: &str, extra: serde_json::Value, dual_stack: bool) -> Result<Self> {
         require_root();
         let bins = bins();
+        // Built (or found built) now, so no pod's ADD time includes it.
+        cnitool();
         let ns = NsGuard::new(unique("amn"))?;
         let dir = TempDir::new("node");
         let bridge = unique("ab");
