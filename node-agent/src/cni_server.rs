@@ -113,7 +113,14 @@ async fn handle(mut stream: UnixStream, mgr: Arc<Manager>, allow: &[u32]) -> io:
         Request::Status => "STATUS",
         Request::Gc { .. } => "GC",
     };
-    let resp = dispatch(req, fds, &mgr);
+    // Capturing a pod switches namespaces, creates sockets, fsyncs its record and generates a
+    // key: blocking work, kept off the runtime threads that carry every pod's traffic.
+    let resp = {
+        let mgr = mgr.clone();
+        tokio::task::spawn_blocking(move || dispatch(req, fds, &mgr))
+            .await
+            .unwrap_or_else(|e| Response::error(format!("request handler failed: {e}")))
+    };
     mgr.metrics.cni(command, resp.ok);
     if command == "ADD" && resp.ok {
         mgr.metrics
