@@ -139,6 +139,7 @@ fn target(env: &CniEnv, conf: &NetConf) -> Result<Result<Target, &'static str>, 
             ips,
             annotations,
             netns_path: netns_path.into(),
+            rules: None,
         },
         netns: Some(netns),
     }))
@@ -212,7 +213,10 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<String>, CniError> {
     let resp = agent_call(
         conf,
         &Request::Add {
-            pod: target.pod.clone(),
+            pod: Box::new(PodInfo {
+                rules: Some(rule_set(conf)),
+                ..target.pod.clone()
+            }),
         },
         Some(ns),
     )?;

@@ -35,13 +35,17 @@ pub struct PodInfo {
     pub annotations: BTreeMap<String, String>,
     /// CNI_NETNS as the runtime gave it: used to reopen the namespace after an agent restart.
     pub netns_path: PathBuf,
+    /// The rule set the plugin installed, so the agent can verify and repair it. Absent in
+    /// records written before it existed (those pods are not verified).
+    #[serde(default)]
+    pub rules: Option<crate::redirect::RuleSet>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// Capture a pod; carries the netns fd.
-    Add { pod: PodInfo },
+    Add { pod: Box<PodInfo> },
     /// Forget a pod (idempotent).
     Del { container_id: String },
     /// Is the pod served (listeners bound in the expected netns)?

@@ -41,7 +41,7 @@ pub const DEFAULT_PROBE_V6: Ipv6Addr = Ipv6Addr::new(
     0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff,
 );
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RuleSet {
     /// SO_MARK carried by the agent's sockets.
     pub agent_mark: u32,

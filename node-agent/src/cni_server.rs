@@ -152,7 +152,7 @@ fn dispatch(req: Request, mut fds: Vec<OwnedFd>, mgr: &Manager) -> Response {
                     return Response::error(e.to_string());
                 }
             };
-            match mgr.add(pod, netns) {
+            match mgr.add(*pod, netns) {
                 Ok(()) => Response::ok(),
                 Err(e) => Response::error(e.to_string()),
             }

@@ -62,6 +62,10 @@ pub struct Config {
     /// Seconds between checks that every captured pod's namespace still exists.
     #[arg(long, env = "AMBIT_RECONCILE_SECONDS", default_value_t = 5.0)]
     pub reconcile_seconds: f64,
+    /// Seconds between checks of every pod's in-pod rules (missing or altered ones are
+    /// reinstalled).
+    #[arg(long, env = "AMBIT_VERIFY_SECONDS", default_value_t = 10.0)]
+    pub verify_seconds: f64,
     /// SPIFFE trust domain of this mesh's identities.
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local", value_parser = parse_trust_domain)]
     pub trust_domain: String,
@@ -265,6 +269,7 @@ impl Config {
             "mark": format!("{:#x}", self.mark),
             "allow-uid": self.allow_uids,
             "reconcile-seconds": self.reconcile_seconds,
+            "verify-seconds": self.verify_seconds,
             "trust-domain": self.trust_domain,
             "cert-lifetime": humantime::format_duration(self.cert_lifetime).to_string(),
             "ca-cert": self.ca_cert,

@@ -190,6 +190,22 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         })
     });
     tasks.push({
+        let (mgr, stop) = (mgr.clone(), stop.clone());
+        let every = Duration::from_secs_f64(config.verify_seconds.clamp(0.1, 3600.0));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {
+                        let mgr = mgr.clone();
+                        let _ = tokio::task::spawn_blocking(move || mgr.verify_rules()).await;
+                    }
+                }
+            }
+        })
+    });
+    tasks.push({
         // Every second (more often for very short lifetimes): certificates of identities that
         // appeared (a Pod object changed a service account) are issued, due ones renewed.
         let every =

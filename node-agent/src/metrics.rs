@@ -29,6 +29,10 @@ pub struct AgentMetrics {
     pub cni_requests: Family<CniLabels, Counter>,
     /// Time from a complete ADD request to the acknowledgement (listeners bound).
     pub handoff_seconds: Histogram,
+    /// In-pod rule sets found missing or altered and reinstalled.
+    pub rules_repaired: Counter,
+    /// Served pods whose redirect rules are missing and could not be reinstalled.
+    pub pods_unprotected: Gauge,
     /// Expiry of the current certificate of each identity, as a Unix timestamp.
     pub cert_expiry: Family<IdentityLabels, Gauge<f64, AtomicU64>>,
 }
@@ -40,6 +44,8 @@ impl Default for AgentMetrics {
             pods_unserved: Gauge::default(),
             cni_requests: Family::default(),
             handoff_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            rules_repaired: Counter::default(),
+            pods_unprotected: Gauge::default(),
             cert_expiry: Family::default(),
         }
     }
@@ -66,6 +72,16 @@ impl AgentMetrics {
             "ambit_cni_handoff_seconds",
             "Time to serve a pod after its ADD arrived",
             self.handoff_seconds.clone(),
+        );
+        r.register(
+            "ambit_rules_repaired",
+            "In-pod redirect rules or routes found missing or altered and reinstalled",
+            self.rules_repaired.clone(),
+        );
+        r.register(
+            "ambit_pods_unprotected",
+            "Pods whose redirect rules are missing and could not be reinstalled",
+            self.pods_unprotected.clone(),
         );
         r.register(
             "ambit_certificate_expiry_timestamp_seconds",

@@ -156,6 +156,7 @@ mod tests {
                 ips: vec!["10.0.0.2".parse().unwrap()],
                 annotations: Default::default(),
                 netns_path: "/var/run/netns/x".into(),
+                rules: None,
             },
             netns: NetnsId {
                 dev: 4,

@@ -309,6 +309,7 @@ mod tests {
             ips: vec![ip.parse().unwrap()],
             annotations: Default::default(),
             netns_path: "/proc/self/ns/net".into(),
+            rules: None,
         }
     }
 

@@ -53,6 +53,8 @@ pub struct Manager {
     pub metrics: Arc<AgentMetrics>,
     /// Recorded pods whose listeners could not be restored; retried by [`Manager::reconcile`].
     unserved: Mutex<HashMap<String, (PodRecord, String)>>,
+    /// Served pods whose rules could not be reinstalled: label → error.
+    unprotected: Mutex<HashMap<String, String>>,
 }
 
 fn label(p: &PodInfo) -> String {
@@ -76,6 +78,7 @@ impl Manager {
             store,
             metrics,
             unserved: Mutex::new(HashMap::new()),
+            unprotected: Mutex::new(HashMap::new()),
         })
     }
 
@@ -273,7 +276,56 @@ impl Manager {
         for (rec, err) in self.unserved_lock().values() {
             why.push(format!("pod {} is not served: {err}", label(&rec.pod)));
         }
+        for (pod, err) in self
+            .unprotected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            why.push(format!(
+                "pod {pod} is UNPROTECTED: its redirect rules cannot be restored: {err}"
+            ));
+        }
         if why.is_empty() { Ok(()) } else { Err(why) }
+    }
+
+    /// Checks every served pod's redirect rules and policy routing inside its namespace and
+    /// reinstalls what is missing or altered; a pod whose rules cannot be restored is reported
+    /// as unprotected (log, readiness, metric). Netlink work: call it off the runtime threads.
+    /// Returns (checked, repaired).
+    pub fn verify_rules(&self) -> (usize, usize) {
+        let pods: Vec<(PodInfo, NetnsId)> = self
+            .lock()
+            .values()
+            .map(|e| (e.pod.clone(), e.netns))
+            .collect();
+        let (mut checked, mut repaired) = (0, 0);
+        let mut unprotected = HashMap::new();
+        for (pod, id) in pods {
+            let Some(rules) = &pod.rules else { continue };
+            let ns = match Netns::open(&pod.netns_path) {
+                Ok(ns) if ns.id() == id => ns,
+                _ => continue, // gone: reconcile forgets it
+            };
+            checked += 1;
+            match repair(&ns, rules) {
+                Ok(false) => {}
+                Ok(true) => {
+                    repaired += 1;
+                    self.metrics.rules_repaired.inc();
+                    warn!(pod = %label(&pod), netns = %id,
+                        "redirect rules or routes were missing or altered: reinstalled");
+                }
+                Err(e) => {
+                    tracing::error!(pod = %label(&pod), netns = %id,
+                        "pod UNPROTECTED: its redirect rules are missing and cannot be reinstalled: {e}");
+                    unprotected.insert(label(&pod), e);
+                }
+            }
+        }
+        self.metrics.pods_unprotected.set(unprotected.len() as i64);
+        *self.unprotected.lock().unwrap_or_else(|p| p.into_inner()) = unprotected;
+        (checked, repaired)
     }
 
     /// Captured pods for the admin view.
@@ -356,4 +408,27 @@ impl Manager {
 
 fn still_there(path: &Path, id: NetnsId) -> bool {
     Netns::open(path).is_ok_and(|ns| ns.id() == id)
+}
+
+/// Verifies the pod's rule set and policy routing; reinstalls what is wrong. Ok(true) when
+/// something was repaired.
+fn repair(ns: &Netns, rules: &ambit_common::redirect::RuleSet) -> Result<bool, String> {
+    use ambit_common::nft::NftSocket;
+    use ambit_common::route::RouteCtl;
+    let sock = ns
+        .run(NftSocket::open)
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let routes = RouteCtl::open_in(ns).map_err(|e| e.to_string())?;
+    let rules_ok = rules.verify(&sock).is_ok();
+    let routes_ok = routes.verify().is_ok();
+    if !rules_ok {
+        rules.install(&sock).map_err(|e| e.to_string())?;
+        rules.verify(&sock).map_err(|e| e.to_string())?;
+    }
+    if !routes_ok {
+        routes.install().map_err(|e| e.to_string())?;
+        routes.verify().map_err(|e| e.to_string())?;
+    }
+    Ok(!(rules_ok && routes_ok))
 }

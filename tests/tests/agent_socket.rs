@@ -32,6 +32,7 @@ fn pod(id: &str) -> PodInfo {
         ips: vec![],
         annotations: Default::default(),
         netns_path: "/proc/self/ns/net".into(),
+        rules: None,
     }
 }
 
@@ -56,7 +57,10 @@ fn hostile_clients_are_refused_and_the_agent_keeps_serving() {
 
     // An fd that is not a network namespace.
     let file = std::fs::File::open("/etc/hostname").unwrap();
-    let frame = protocol::encode(&Request::Add { pod: pod("cfile") }).unwrap();
+    let frame = protocol::encode(&Request::Add {
+        pod: Box::new(pod("cfile")),
+    })
+    .unwrap();
     let mut s = UnixStream::connect(&sock).unwrap();
     let n = s.send_with_fd(&frame, &[file.as_raw_fd()]).unwrap();
     s.write_all(&frame[n..]).unwrap();
@@ -80,7 +84,9 @@ fn hostile_clients_are_refused_and_the_agent_keeps_serving() {
     // Add without an fd, and a non-add with an fd.
     let r = protocol::call(
         &sock,
-        &Request::Add { pod: pod("cnofd") },
+        &Request::Add {
+            pod: Box::new(pod("cnofd")),
+        },
         None,
         Duration::from_secs(5),
     )

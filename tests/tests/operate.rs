@@ -466,3 +466,56 @@ fn sigterm_stops_accepting_drains_and_cuts_what_is_left() {
     let err = talk(&a.ns.open(), dst, b"x").unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
 }
+
+#[test]
+fn flushed_rules_are_found_and_reinstalled_without_a_cni_call() {
+    let mut node = Node::new("1.0.0").unwrap();
+    node.agent_args = vec!["--verify-seconds".into(), "0.2".into()];
+    node.start_agent().unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    // Someone flushes A's capture: its table and its policy routing.
+    a.ns.exec(&["nft", "delete", "table", "inet", "ambit"])
+        .unwrap();
+    a.ns.exec(&[
+        "ip",
+        "rule",
+        "del",
+        "fwmark",
+        "0x111/0xfff",
+        "lookup",
+        "100",
+    ])
+    .unwrap();
+    wait_for(Duration::from_secs(10), || {
+        a.ns.exec(&["nft", "list", "table", "inet", "ambit"])
+            .is_ok_and(|r| r.contains("redirect to :15001"))
+            && a.ns
+                .exec(&["ip", "rule"])
+                .is_ok_and(|r| r.contains("lookup 100"))
+    })
+    .unwrap_or_else(|_| panic!("rules not reinstalled:\n{}", node.agent_log()));
+    assert!(
+        node.agent_log()
+            .contains("were missing or altered: reinstalled")
+    );
+    // And A's traffic is captured again: through HBONE, logged by A's outbound side.
+    let dst = SocketAddr::new(b.ip, 7500);
+    let server = echo_server(&b.ns.open(), 7500, 1);
+    assert_eq!(
+        talk(&a.ns.open(), dst, b"x").unwrap(),
+        format!("peer={};x", a.ip)
+    );
+    server.join().unwrap();
+    wait_for(Duration::from_secs(5), || {
+        access_lines(&node.agent_log(), "outbound", dst) == 1
+    })
+    .unwrap_or_else(|_| panic!("A's connection was not captured:\n{}", node.agent_log()));
+    let text = scrape(&node);
+    assert!(
+        metric(&text, "ambit_rules_repaired_total", &[]).is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert_eq!(metric(&text, "ambit_pods_unprotected", &[]), Some(0.0));
+    assert_eq!(ready(&node).0, 200);
+}
