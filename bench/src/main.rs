@@ -233,7 +233,9 @@ fn main() -> Result<()> {
         "the measured traffic did not go through HBONE"
     );
 
-    // The same pods without capture: Ambit's table removed from both namespaces.
+    // The same pods without capture: the agent stopped (it would reinstall the rules) and
+    // Ambit's table removed from both namespaces.
+    node.kill_agent();
     for p in [&a, &b] {
         p.ns.exec(&["nft", "delete", "table", "inet", "ambit"])?;
     }
