@@ -177,59 +177,36 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         Arc::new(config.allow_uids.clone()),
         stop.clone(),
     ));
-    tasks.push({
-        let (mgr, stop, every) = (mgr.clone(), stop.clone(), config.reconcile_interval());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => { mgr.reconcile(); }
-                }
+    // Periodic upkeep. Each pass does netns switches, netlink and key generation: it runs on
+    // the blocking pool, never on the threads that carry the pods' traffic.
+    let m = mgr.clone();
+    tasks.push(every(
+        config.reconcile_interval(),
+        stop.clone(),
+        move || {
+            m.reconcile();
+        },
+    ));
+    let m = mgr.clone();
+    let verify = Duration::from_secs_f64(config.verify_seconds.clamp(0.1, 3600.0));
+    tasks.push(every(verify, stop.clone(), move || {
+        m.verify_rules();
+    }));
+    // Every second (more often for very short lifetimes): certificates of identities that
+    // appeared (a Pod object changed a service account) are issued, due ones renewed.
+    let renew =
+        (config.cert_lifetime / 20).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let (s, c) = (store.clone(), certs.clone());
+    tasks.push(every(renew, stop.clone(), move || {
+        let present = s.local_identities();
+        // Issue (or renew) the certificate of every local identity ahead of use.
+        for id in &present {
+            if let Err(e) = c.get(id) {
+                tracing::warn!(identity = %id, "cannot issue a certificate: {e}");
             }
-        })
-    });
-    tasks.push({
-        let (mgr, stop) = (mgr.clone(), stop.clone());
-        let every = Duration::from_secs_f64(config.verify_seconds.clamp(0.1, 3600.0));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => {
-                        let mgr = mgr.clone();
-                        let _ = tokio::task::spawn_blocking(move || mgr.verify_rules()).await;
-                    }
-                }
-            }
-        })
-    });
-    tasks.push({
-        // Every second (more often for very short lifetimes): certificates of identities that
-        // appeared (a Pod object changed a service account) are issued, due ones renewed.
-        let every =
-            (config.cert_lifetime / 20).clamp(Duration::from_millis(100), Duration::from_secs(1));
-        let (stop, store, certs) = (stop.clone(), store.clone(), certs.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => {
-                        let present = store.local_identities();
-                        // Issue (or renew) the certificate of every local identity ahead of use.
-                        for id in &present {
-                            if let Err(e) = certs.get(id) {
-                                tracing::warn!(identity = %id, "cannot issue a certificate: {e}");
-                            }
-                        }
-                        certs.maintain(&present);
-                    }
-                }
-            }
-        })
-    });
+        }
+        c.maintain(&present);
+    }));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -255,4 +232,25 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     // Pod records stay in the state directory: the next agent re-adopts the pods.
     info!(pods = mgr.len(), "stopped");
     Ok(())
+}
+
+/// Runs `work` on the blocking pool every `period` (one pass at a time) until `stop`.
+fn every(
+    period: Duration,
+    stop: CancellationToken,
+    work: impl Fn() + Send + Sync + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let work = Arc::new(work);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    let w = work.clone();
+                    let _ = tokio::task::spawn_blocking(move || w()).await;
+                }
+            }
+        }
+    })
 }
