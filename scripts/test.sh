@@ -11,19 +11,24 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 need_apt=0
-for bin in go nft ip jq podman runc containerd protoc tcpdump; do
+for bin in go nft ip jq podman runc containerd protoc tcpdump openssl; do
   command -v "$bin" >/dev/null 2>&1 || need_apt=1
 done
 [ -d /usr/share/gocode/src/github.com/containernetworking/cni/libcni ] || need_apt=1
 [ -x /usr/lib/cni/bridge ] || need_apt=1
 [ -x /usr/bin/python3 ] || need_apt=1
+command -v python3 >/dev/null 2>&1 && python3 -m pip --version >/dev/null 2>&1 || need_apt=1
 if [ "$need_apt" = 1 ]; then
   apt-get update -q
   apt-get install -y -q \
     golang-go golang-github-appc-cni-dev containernetworking-plugins \
     iproute2 nftables iptables jq busybox-static iputils-ping util-linux \
-    podman runc containerd protobuf-compiler tcpdump python3
+    podman runc containerd protobuf-compiler tcpdump python3 python3-pip openssl
 fi
+
+# tests/tests/deploy.rs installs kubernetes-validate from PyPI under target/ (pip --target);
+# Debian's python3 marks itself externally managed, which does not concern --target installs.
+export PIP_BREAK_SYSTEM_PACKAGES=1
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

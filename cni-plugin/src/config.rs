@@ -142,6 +142,18 @@ fn missing(var: &str) -> CniError {
     )
 }
 
+/// How Kubernetes pods are chosen for capture.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnrollmentMode {
+    /// Every pod of a namespace not excluded (and, if `includeNamespaces` is set, included).
+    #[default]
+    All,
+    /// Pods whose namespace or own labels say so (`ambit.dev/dataplane-mode=enabled`), as
+    /// the agent knows them from the API server or its manifests directory.
+    Labels,
+}
+
 /// What to do with containers that carry no Kubernetes pod namespace (podman, ctr).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -209,6 +221,8 @@ pub struct NetConf {
     pub include_namespaces: Vec<String>,
     #[serde(default)]
     pub non_kubernetes: NonKubernetes,
+    #[serde(default)]
+    pub enrollment: EnrollmentMode,
     /// Kubelet-probe source addresses exempted from inbound capture.
     #[serde(default = "default_probes")]
     pub probe_sources: Vec<IpAddr>,
@@ -399,11 +413,13 @@ impl PodArgs {
 pub enum Enrollment {
     Capture(&'static str),
     Skip(&'static str),
+    /// Decided by the pod's and its namespace's labels: ask the agent.
+    Labels,
 }
 
 /// Decides enrollment. Order: the agent's own pods are never captured; then a pod annotation
-/// (`ambit.dev/capture: enabled|disabled`) wins; then the namespace lists; then the
-/// non-Kubernetes setting. Host-network pods (no namespace of their own) are skipped later,
+/// (`ambit.dev/capture: enabled|disabled`) wins; then the namespace lists; then, with
+/// `"enrollment": "labels"`, the labels (asked of the agent); then the non-Kubernetes setting. Host-network pods (no namespace of their own) are skipped later,
 /// once the namespace is opened.
 pub fn enrollment(
     conf: &NetConf,
@@ -431,6 +447,8 @@ pub fn enrollment(
                 && !conf.include_namespaces.iter().any(|x| x == ns)
             {
                 Enrollment::Skip("namespace not included")
+            } else if conf.enrollment == EnrollmentMode::Labels {
+                Enrollment::Labels
             } else {
                 Enrollment::Capture("namespace enrolled")
             }

@@ -105,6 +105,11 @@ fn target(env: &CniEnv, conf: &NetConf) -> Result<Result<Target, &'static str>, 
     match config::enrollment(conf, &pod_args, &annotations) {
         Enrollment::Skip(why) => return Ok(Err(why)),
         Enrollment::Capture(why) => debug!("capturing {container_id}: {why}"),
+        Enrollment::Labels => {
+            if let Err(why) = ask_enrollment(conf, &pod_args)? {
+                return Ok(Err(why));
+            }
+        }
     }
     let netns = Netns::open(Path::new(netns_path)).map_err(|e| {
         CniError::new(
@@ -195,6 +200,53 @@ fn agent_call(conf: &NetConf, req: &Request, ns: Option<&Netns>) -> Result<Respo
             ),
         )
     })
+}
+
+/// Asks the agent whether the pod's labels enroll it. `Ok(Err(reason))` = not enrolled; an
+/// agent that cannot tell (pod not known yet, API server unreachable) fails the ADD, so the
+/// runtime retries and the pod never starts uncaptured by mistake.
+fn ask_enrollment(conf: &NetConf, pod: &PodArgs) -> Result<Result<(), &'static str>, CniError> {
+    let (Some(namespace), Some(name)) = (pod.namespace.clone(), pod.name.clone()) else {
+        return Err(CniError::new(
+            code::INVALID_ENV,
+            "enrollment by labels needs K8S_POD_NAMESPACE and K8S_POD_NAME in CNI_ARGS",
+            "the runtime did not say which pod this is",
+        ));
+    };
+    let resp = agent_call(
+        conf,
+        &Request::Enrollment {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            uid: pod.uid.clone().unwrap_or_default(),
+        },
+        None,
+    )?;
+    let detail = resp.detail.unwrap_or_default();
+    match (resp.ok, detail.get("capture").and_then(Value::as_bool)) {
+        (true, Some(true)) => {
+            debug!(
+                "{namespace}/{name}: enrolled ({})",
+                detail["reason"].as_str().unwrap_or("")
+            );
+            Ok(Ok(()))
+        }
+        (true, Some(false)) => {
+            info!(
+                "{namespace}/{name}: not enrolled ({})",
+                detail["reason"].as_str().unwrap_or("")
+            );
+            Ok(Err("not enrolled by its labels or its namespace's"))
+        }
+        _ => Err(CniError::new(
+            code::TRY_AGAIN_LATER,
+            "ambit-agent cannot tell yet whether the pod is enrolled",
+            format!(
+                "{namespace}/{name}: {}; the pod is not started until it can",
+                resp.error.unwrap_or_else(|| "no answer".into())
+            ),
+        )),
+    }
 }
 
 fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<String>, CniError> {

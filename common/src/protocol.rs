@@ -54,6 +54,15 @@ pub enum Request {
     Status,
     /// Forget every pod whose container id is not listed.
     Gc { valid: Vec<String> },
+    /// Should this pod be captured, by its Kubernetes labels and its namespace's (plugin
+    /// setting `"enrollment": "labels"`)? The answer is in `detail`: `{"capture": bool,
+    /// "reason": string}`; an error means the agent cannot tell yet (fail closed).
+    Enrollment {
+        namespace: String,
+        name: String,
+        #[serde(default)]
+        uid: String,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

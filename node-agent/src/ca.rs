@@ -287,6 +287,31 @@ mod tests {
         assert!(issued.refresh_at() < issued.not_after);
     }
 
+    /// deploy/make-ca.sh, the documented way to make a cluster's CA, yields a CA the agent
+    /// loads and issues from.
+    #[test]
+    fn the_documented_openssl_ca_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/make-ca.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .arg(dir.path().join("ca"))
+            .output()
+            .expect("running deploy/make-ca.sh (needs openssl)");
+        assert!(out.status.success(), "{out:?}");
+        let src = Source::Files {
+            cert: dir.path().join("ca/ca.crt"),
+            key: dir.path().join("ca/ca.key"),
+            chain: None,
+        };
+        let ca = Ca::load(&src, "cluster.local").unwrap();
+        assert!(
+            ca.description.contains("ambit root CA"),
+            "{}",
+            ca.description
+        );
+    }
+
     #[test]
     fn mismatched_key_and_non_ca_certificates_are_refused() {
         let dir = tempfile::tempdir().unwrap();

@@ -16,6 +16,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::store::{Enrollment, Store};
 use crate::workloads::Manager;
 
 /// A client must deliver its whole request within this time (no slow-loris on the socket).
@@ -52,6 +53,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, Error> {
     let l = UnixListener::bind(path).map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
     Ok(l)
+}
+
+/// The inode of the socket file at `path` (to tell our socket from a successor's).
+pub fn inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
 }
 
 pub async fn serve(
@@ -112,6 +119,7 @@ async fn handle(mut stream: UnixStream, mgr: Arc<Manager>, allow: &[u32]) -> io:
         Request::Check { .. } => "CHECK",
         Request::Status => "STATUS",
         Request::Gc { .. } => "GC",
+        Request::Enrollment { .. } => "ENROLLMENT",
     };
     // Capturing a pod switches namespaces, creates sockets, fsyncs its record and generates a
     // key: blocking work, kept off the runtime threads that carry every pod's traffic.
@@ -173,6 +181,11 @@ fn dispatch(req: Request, mut fds: Vec<OwnedFd>, mgr: &Manager) -> Response {
                 Response::error("agent is still re-adopting pods after a restart")
             }
         }
+        Request::Enrollment {
+            namespace,
+            name,
+            uid,
+        } => enrollment(mgr.store(), &namespace, &name, &uid, ENROLLMENT_WAIT),
         Request::Gc { valid } => {
             let removed = mgr.gc(&valid);
             if !removed.is_empty() {
@@ -184,6 +197,56 @@ fn dispatch(req: Request, mut fds: Vec<OwnedFd>, mgr: &Manager) -> Response {
                 detail: Some(serde_json::json!({ "removed": removed })),
             }
         }
+    }
+}
+
+/// How long an enrollment question waits for the pod's object to reach the agent (a watch
+/// lags the API server by a little; kubelet creates the sandbox only after the pod exists).
+/// Within the plugin's default 10 s agent timeout.
+pub const ENROLLMENT_WAIT: Duration = Duration::from_secs(4);
+
+/// Answers "capture this pod?" from the store, waiting up to `wait` for the pod to be known.
+/// Runs on a blocking thread.
+pub fn enrollment(
+    store: &Store,
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    wait: Duration,
+) -> Response {
+    if !store.has_sources() {
+        return Response::error(
+            "enrollment by labels needs the agent to know Pod objects: run it with --kubernetes or --manifests-dir",
+        );
+    }
+    let deadline = Instant::now() + wait;
+    loop {
+        let pending = store.pending_sources();
+        let answer = store.enrollment(namespace, name, uid);
+        let (capture, reason) = match answer {
+            Enrollment::Capture(r) => (true, r),
+            Enrollment::Skip(r) => (false, r),
+            Enrollment::Unknown if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(25));
+                continue;
+            }
+            Enrollment::Unknown if !pending.is_empty() => {
+                return Response::error(format!(
+                    "not yet synced with {pending:?} (is the API server reachable?), so pod {namespace}/{name} is unknown"
+                ));
+            }
+            Enrollment::Unknown => {
+                return Response::error(format!(
+                    "pod {namespace}/{name} (uid {uid:?}) is not known to the agent after {wait:?}"
+                ));
+            }
+        };
+        info!(pod = %format!("{namespace}/{name}"), capture, reason, "enrollment decided");
+        return Response {
+            ok: true,
+            error: None,
+            detail: Some(serde_json::json!({"capture": capture, "reason": reason})),
+        };
     }
 }
 

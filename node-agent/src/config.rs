@@ -85,6 +85,10 @@ pub struct Config {
     /// Directory of Kubernetes manifests (Pods, Namespaces) feeding the workload store.
     #[arg(long, env = "AMBIT_MANIFESTS_DIR")]
     pub manifests_dir: Option<PathBuf>,
+    /// Watch the Kubernetes API (in-cluster service account, or $KUBECONFIG) for Pods,
+    /// Namespaces and policies, and annotate captured pods: --kubernetes=true.
+    #[arg(long, env = "AMBIT_KUBERNETES", default_value_t = false, action = clap::ArgAction::Set)]
+    pub kubernetes: bool,
     /// Namespace whose policies without selector apply to the whole mesh.
     #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = "istio-system")]
     pub root_namespace: String,
@@ -277,6 +281,7 @@ impl Config {
             "ca-chain": self.ca_chain,
             "manifests-dir": self.manifests_dir,
             "manifests-poll-seconds": self.manifests_poll_seconds,
+            "kubernetes": self.kubernetes,
             "root-namespace": self.root_namespace,
             "pool-idle-timeout": humantime::format_duration(self.pool_idle_timeout).to_string(),
             "metrics-address": self.metrics_address,

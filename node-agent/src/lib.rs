@@ -17,6 +17,7 @@ pub mod ca;
 pub mod certs;
 pub mod cni_server;
 pub mod config;
+pub mod k8s;
 pub mod manifests;
 pub mod metrics;
 pub mod policy;

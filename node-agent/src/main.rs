@@ -116,6 +116,20 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
             stop.clone(),
         )));
     }
+    if config.kubernetes {
+        // Declared before pods are re-adopted: until the first snapshot the agent is not
+        // ready and inbound connections are refused (policy unknown).
+        store.expect(ambit_agent::store::Source::Kubernetes);
+        let client = kube::Client::try_default()
+            .await
+            .context("--kubernetes: no usable in-cluster or $KUBECONFIG configuration")?;
+        tasks.push(tokio::spawn(ambit_agent::k8s::run(
+            client,
+            store.clone(),
+            config.root_namespace.clone(),
+            stop.clone(),
+        )));
+    }
     let proxy_metrics = Arc::new(ProxyMetrics::default());
     let mut registry = prometheus_client::registry::Registry::default();
     proxy_metrics.register(&mut registry);
@@ -170,6 +184,7 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         "re-adopted pods from the state directory"
     );
     let listener = cni_server::bind(&config.socket)?;
+    let socket_inode = cni_server::inode(&config.socket);
     info!(socket = %config.socket.display(), "listening for the CNI plugin");
     let server = tokio::spawn(cni_server::serve(
         listener,
@@ -217,7 +232,13 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     // open connections get `drain-timeout` to finish.
     stop.cancel();
     let _ = server.await;
-    let _ = std::fs::remove_file(&config.socket);
+    // During a surge upgrade the next agent has bound the path already: only our own socket
+    // file is removed, never the successor's.
+    if cni_server::inode(&config.socket) == socket_inode {
+        let _ = std::fs::remove_file(&config.socket);
+    } else {
+        info!("the plugin socket now belongs to another agent: left in place");
+    }
     let started = std::time::Instant::now();
     let cut = mgr.drain(config.drain_timeout).await;
     info!(

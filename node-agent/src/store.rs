@@ -1,6 +1,6 @@
-//! The workload store: Kubernetes objects (Pods, Namespaces) from every source the agent
-//! has — a directory of manifests today, the API server later — plus the pods this node's
-//! CNI plugin handed over. The data path asks it who owns an address and which identity a
+//! The workload store: Kubernetes objects (Pods, Namespaces, policies) from every source the
+//! agent has — a directory of manifests, the API server — plus the pods this node's CNI plugin
+//! handed over. The data path asks it who owns an address and which identity a
 //! local pod has.
 //!
 //! Objects are kept as the API's own types (k8s-openapi), so the Kubernetes watch will feed
@@ -36,9 +36,35 @@ pub struct Objects {
     pub statuses: Vec<Status>,
 }
 
+/// Where objects come from. Each source replaces its own snapshot; lookups see the union.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Source {
+    Manifests,
+    Kubernetes,
+}
+
+/// Pod label (and namespace label) deciding enrollment when the plugin runs with
+/// `"enrollment": "labels"`: `enabled` on the namespace enrolls its pods; on a pod, `enabled`
+/// enrolls it wherever it is and `disabled` (or `none`) keeps it out.
+pub const ENROLLMENT_LABEL: &str = "ambit.dev/dataplane-mode";
+
+/// The store's answer to "should this pod be captured?".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Enrollment {
+    Capture(&'static str),
+    Skip(&'static str),
+    /// No Pod object with that name (and uid) is known yet.
+    Unknown,
+}
+
 #[derive(Default)]
 struct Inner {
-    manifests: Objects,
+    sources: BTreeMap<Source, Objects>,
+    /// Sources the agent runs but that have not delivered their first snapshot: until they
+    /// do, policy is unknown and inbound connections are refused.
+    pending: HashSet<Source>,
+    /// The union of all sources (what every lookup reads).
+    merged: Objects,
     /// Pods captured on this node, by container id.
     local: HashMap<String, PodInfo>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
@@ -48,6 +74,23 @@ pub struct Store {
     trust_domain: String,
     inner: RwLock<Inner>,
     policy_version: tokio::sync::watch::Sender<u64>,
+    objects_version: tokio::sync::watch::Sender<u64>,
+    local_version: tokio::sync::watch::Sender<u64>,
+}
+
+/// The union of several sources: a Pod or Namespace known to both comes from the later one.
+fn merge<'a>(sources: impl Iterator<Item = &'a Objects>) -> Objects {
+    let mut out = Objects::default();
+    for o in sources {
+        out.pods
+            .extend(o.pods.iter().map(|(k, v)| (k.clone(), v.clone())));
+        out.namespaces
+            .extend(o.namespaces.iter().map(|(k, v)| (k.clone(), v.clone())));
+        out.policies.extend(o.policies.iter().cloned());
+        out.peer_auths.extend(o.peer_auths.iter().cloned());
+        out.statuses.extend(o.statuses.iter().cloned());
+    }
+    out
 }
 
 /// Labels decide which selector policies apply: a label change is a policy change.
@@ -115,6 +158,8 @@ impl Store {
             trust_domain: trust_domain.into(),
             inner: RwLock::new(Inner::default()),
             policy_version: tokio::sync::watch::Sender::new(0),
+            objects_version: tokio::sync::watch::Sender::new(0),
+            local_version: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -132,21 +177,123 @@ impl Store {
 
     /// Replaces everything the manifests directory said.
     pub fn set_manifests(&self, objects: Objects) {
+        self.set_source(Source::Manifests, objects);
+    }
+
+    /// Declares a source that will deliver objects later: until it does, [`Store::synced`] is
+    /// false and inbound connections are refused (policy unknown = deny).
+    pub fn expect(&self, source: Source) {
         let mut inner = self.write();
-        let policies_changed = inner.manifests.policies != objects.policies
-            || inner.manifests.peer_auths != objects.peer_auths
-            || labels_changed(&inner.manifests, &objects);
-        inner.manifests = objects;
+        if !inner.sources.contains_key(&source) {
+            inner.pending.insert(source);
+        }
+    }
+
+    /// Have all expected sources delivered a first snapshot?
+    pub fn synced(&self) -> bool {
+        self.read().pending.is_empty()
+    }
+
+    /// Sources still awaited (for readiness).
+    pub fn pending_sources(&self) -> Vec<Source> {
+        let mut v: Vec<_> = self.read().pending.iter().copied().collect();
+        v.sort();
+        v
+    }
+
+    /// Replaces everything one source said.
+    pub fn set_source(&self, source: Source, objects: Objects) {
+        let mut inner = self.write();
+        inner.pending.remove(&source);
+        inner.sources.insert(source, objects);
+        let merged = merge(inner.sources.values());
+        let policies_changed = inner.merged.policies != merged.policies
+            || inner.merged.peer_auths != merged.peer_auths
+            || labels_changed(&inner.merged, &merged);
+        inner.merged = merged;
         self.reindex(&mut inner);
         drop(inner);
+        self.objects_version.send_modify(|v| *v += 1);
         if policies_changed {
             self.policy_version.send_modify(|v| *v += 1);
         }
     }
 
+    /// Bumped on every snapshot from any source.
+    pub fn object_updates(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.objects_version.subscribe()
+    }
+
+    /// Bumped whenever this node captures or releases a pod.
+    pub fn local_updates(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.local_version.subscribe()
+    }
+
+    /// Should the pod `namespace/name` (with `uid`, if the runtime gave one) be captured,
+    /// by its labels and its namespace's? `Unknown` while no source knows that pod.
+    pub fn enrollment(&self, namespace: &str, name: &str, uid: &str) -> Enrollment {
+        let inner = self.read();
+        let Some(pod) = inner
+            .merged
+            .pods
+            .get(&(namespace.to_owned(), name.to_owned()))
+        else {
+            return Enrollment::Unknown;
+        };
+        if !uid.is_empty() && pod.metadata.uid.as_deref().is_some_and(|u| u != uid) {
+            // An older pod of the same name: the new one is not known yet.
+            return Enrollment::Unknown;
+        }
+        let label = |labels: Option<&BTreeMap<String, String>>| {
+            labels.and_then(|l| l.get(ENROLLMENT_LABEL)).cloned()
+        };
+        match label(pod.metadata.labels.as_ref()).as_deref() {
+            Some("enabled") => {
+                return Enrollment::Capture("pod label ambit.dev/dataplane-mode=enabled");
+            }
+            Some("disabled" | "none") => {
+                return Enrollment::Skip("pod label ambit.dev/dataplane-mode opts out");
+            }
+            _ => {}
+        }
+        let ns = inner.merged.namespaces.get(namespace);
+        match label(ns.and_then(|n| n.metadata.labels.as_ref())).as_deref() {
+            Some("enabled") => {
+                Enrollment::Capture("namespace label ambit.dev/dataplane-mode=enabled")
+            }
+            _ => Enrollment::Skip(
+                "neither the pod nor its namespace is labelled ambit.dev/dataplane-mode=enabled",
+            ),
+        }
+    }
+
+    /// Does any source provide Pod objects (so [`Store::enrollment`] can ever answer)?
+    pub fn has_sources(&self) -> bool {
+        let inner = self.read();
+        !inner.sources.is_empty() || !inner.pending.is_empty()
+    }
+
+    /// (namespace, name, uid) of every pod this node captured.
+    pub fn local_pods(&self) -> Vec<(String, String, String)> {
+        self.read()
+            .local
+            .values()
+            .map(|p| (p.namespace.clone(), p.name.clone(), p.uid.clone()))
+            .collect()
+    }
+
+    /// The Pod object `namespace/name`, if a source knows it.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Pod> {
+        self.read()
+            .merged
+            .pods
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
     /// How every policy object was taken.
     pub fn policy_statuses(&self) -> Vec<Status> {
-        self.read().manifests.statuses.clone()
+        self.read().merged.statuses.clone()
     }
 
     /// A pod this node captured (CNI ADD or re-adoption).
@@ -154,12 +301,16 @@ impl Store {
         let mut inner = self.write();
         inner.local.insert(pod.container_id.clone(), pod.clone());
         self.reindex(&mut inner);
+        drop(inner);
+        self.local_version.send_modify(|v| *v += 1);
     }
 
     pub fn pod_removed(&self, container_id: &str) {
         let mut inner = self.write();
         if inner.local.remove(container_id).is_some() {
             self.reindex(&mut inner);
+            drop(inner);
+            self.local_version.send_modify(|v| *v += 1);
         }
     }
 
@@ -171,7 +322,7 @@ impl Store {
             .values()
             .map(|p| {
                 let obj = inner
-                    .manifests
+                    .merged
                     .pods
                     .get(&(p.namespace.clone(), p.name.clone()));
                 self.identity(&p.namespace, obj)
@@ -184,15 +335,15 @@ impl Store {
         self.identity_of(&pod.namespace, &pod.name)
     }
 
-    /// (pods, namespaces) known from manifests.
+    /// (pods, namespaces) known from all sources.
     pub fn counts(&self) -> (usize, usize) {
         let inner = self.read();
-        (inner.manifests.pods.len(), inner.manifests.namespaces.len())
+        (inner.merged.pods.len(), inner.merged.namespaces.len())
     }
 
     fn reindex(&self, inner: &mut Inner) {
         let mut by_ip = HashMap::new();
-        for ((ns, name), pod) in &inner.manifests.pods {
+        for ((ns, name), pod) in &inner.merged.pods {
             let hbone = pod
                 .metadata
                 .annotations
@@ -213,7 +364,7 @@ impl Store {
         // What this node captured is authoritative for its own addresses.
         for p in inner.local.values() {
             let obj = inner
-                .manifests
+                .merged
                 .pods
                 .get(&(p.namespace.clone(), p.name.clone()));
             let w = Arc::new(Workload {
@@ -239,7 +390,7 @@ impl Directory for Store {
     fn identity_of(&self, namespace: &str, name: &str) -> Identity {
         let inner = self.read();
         let obj = inner
-            .manifests
+            .merged
             .pods
             .get(&(namespace.to_owned(), name.to_owned()));
         self.identity(namespace, obj)
@@ -247,15 +398,21 @@ impl Directory for Store {
 
     fn authorize(&self, namespace: &str, name: &str, conn: &Connection) -> Decision {
         let inner = self.read();
+        if !inner.pending.is_empty() {
+            return Decision::Deny(format!(
+                "policies not loaded yet (waiting for {:?}): refused until they are",
+                inner.pending
+            ));
+        }
         let labels = inner
-            .manifests
+            .merged
             .pods
             .get(&(namespace.to_owned(), name.to_owned()))
             .and_then(|p| p.metadata.labels.clone())
             .unwrap_or_default();
         authz::evaluate(
-            &inner.manifests.policies,
-            &inner.manifests.peer_auths,
+            &inner.merged.policies,
+            &inner.merged.peer_auths,
             namespace,
             &labels,
             conn,

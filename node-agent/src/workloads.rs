@@ -268,10 +268,21 @@ impl Manager {
 
     /// Ready when the state directory was re-adopted and every known pod is served; the
     /// reasons otherwise.
+    /// The workload store this manager feeds.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     pub fn readiness(&self) -> Result<(), Vec<String>> {
         let mut why = Vec::new();
         if !self.ready() {
             why.push("re-adopting pods after a restart".to_owned());
+        }
+        let pending = self.store.pending_sources();
+        if !pending.is_empty() {
+            why.push(format!(
+                "waiting for the first snapshot from {pending:?}; inbound connections are refused until policies are known"
+            ));
         }
         for (rec, err) in self.unserved_lock().values() {
             why.push(format!("pod {} is not served: {err}", label(&rec.pod)));

@@ -72,6 +72,7 @@ fn target_dir() -> PathBuf {
 pub struct Bins {
     pub cni: PathBuf,
     pub agent: PathBuf,
+    pub install: PathBuf,
 }
 
 pub fn bins() -> &'static Bins {
@@ -88,15 +89,18 @@ pub fn bins() -> &'static Bins {
             "ambit-cni",
             "-p",
             "ambit-agent",
+            "-p",
+            "ambit-install",
         ]);
         if release {
             cmd.arg("--release");
         }
-        run_ok(&mut cmd).expect("building ambit-cni and ambit-agent");
+        run_ok(&mut cmd).expect("building ambit-cni, ambit-agent and ambit-install");
         let dir = target_dir().join(if release { "release" } else { "debug" });
         Bins {
             cni: dir.join("ambit-cni"),
             agent: dir.join("ambit-agent"),
+            install: dir.join("ambit-install"),
         }
     })
 }

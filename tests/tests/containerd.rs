@@ -61,14 +61,26 @@ fn image_tar(dir: &Path) -> PathBuf {
     archive
 }
 
-fn start_containerd(node: &Node) -> Containerd {
-    let d = node.dir.0.join("ctd");
-    let bin = d.join("cni-bin");
+/// The CNI bin dir containerd uses: Debian's plugins; `ambit-cni` too unless the installer is
+/// to put it there.
+fn cni_bin_dir(node: &Node, with_ambit: bool) -> PathBuf {
+    let bin = node.dir.0.join("ctd/cni-bin");
+    if bin.exists() {
+        return bin;
+    }
     std::fs::create_dir_all(&bin).unwrap();
     for e in std::fs::read_dir("/usr/lib/cni").unwrap().flatten() {
         std::os::unix::fs::symlink(e.path(), bin.join(e.file_name())).unwrap();
     }
-    std::os::unix::fs::symlink(&bins().cni, bin.join("ambit-cni")).unwrap();
+    if with_ambit {
+        std::os::unix::fs::symlink(&bins().cni, bin.join("ambit-cni")).unwrap();
+    }
+    bin
+}
+
+fn start_containerd(node: &Node) -> Containerd {
+    let d = node.dir.0.join("ctd");
+    let bin = cni_bin_dir(node, true);
     let sock = d.join("containerd.sock");
     let config = format!(
         r#"version = 2
@@ -254,5 +266,79 @@ fn containerd_cri_sandboxes_are_captured_and_released() {
             dels.iter().any(|l| l.ends_with("CNI_NETNS=\"\"")),
             "no DEL with an empty CNI_NETNS:\n{log}"
         );
+    });
+}
+
+/// The install flow on a node: the primary network's conflist has no ambit-cni; `ambit-install`
+/// copies the plugin into containerd's CNI bin dir and chains it; containerd's CRI then captures
+/// a sandbox through the file the installer wrote.
+#[test]
+fn containerd_captures_through_the_conflist_ambit_install_wrote() {
+    let mut node = Node::new("1.0.0").unwrap();
+    node.start_agent().unwrap();
+    let conflist = node.dir.0.join("net.d/10-ambit-test.conflist");
+    let mut primary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&conflist).unwrap()).unwrap();
+    let ours = primary["plugins"].as_array_mut().unwrap().pop().unwrap();
+    assert_eq!(ours["type"], "ambit-cni");
+    std::fs::write(&conflist, serde_json::to_vec_pretty(&primary).unwrap()).unwrap();
+    let bin = cni_bin_dir(&node, false);
+    let mut settings = ours.clone();
+    settings.as_object_mut().unwrap().remove("type");
+    let out = run_ok(
+        Command::new(&bins().install)
+            .arg("--cni-conf-dir")
+            .arg(node.dir.0.join("net.d"))
+            .arg("--cni-bin-dir")
+            .arg(&bin)
+            .arg("--plugin-binary")
+            .arg(&bins().cni)
+            .arg("--plugin-config")
+            .arg(settings.to_string())
+            .arg("install"),
+    )
+    .unwrap();
+    assert!(out.trim().ends_with("10-ambit-test.conflist"), "{out}");
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&conflist).unwrap()).unwrap();
+    assert_eq!(written["plugins"][1]["type"], "ambit-cni");
+    assert_eq!(written["plugins"][0], primary["plugins"][0]);
+    assert!(
+        !bin.join("ambit-cni").is_symlink(),
+        "the installer copied the binary"
+    );
+
+    let ctd = start_containerd(&node);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = client(ctd.sock.clone()).await;
+        let id = c
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(sandbox("installed-0", HashMap::new())),
+                runtime_handler: String::new(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\ncni log:\n{}", node.cni_log()))
+            .into_inner()
+            .pod_sandbox_id;
+        assert_eq!(node.recorded_pods(), vec![id.clone()]);
+        assert!(
+            node.cni_log()
+                .contains(&format!("ADD shop/installed-0 ({id}): captured")),
+            "{}",
+            node.cni_log()
+        );
+        c.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        })
+        .await
+        .unwrap();
+        c.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id })
+            .await
+            .unwrap();
+        assert!(node.recorded_pods().is_empty());
     });
 }

@@ -266,6 +266,47 @@ fn enrollment_table() {
 }
 
 #[test]
+fn labels_mode_asks_the_agent_only_where_the_labels_decide() {
+    let labels = conf(r#","enrollment":"labels""#);
+    let none = BTreeMap::new();
+    let got = |p: PodArgs, a: &BTreeMap<String, String>| enrollment(&labels, &p, a);
+    assert_eq!(
+        got(pod(Some("default"), Some("a")), &none),
+        Enrollment::Labels
+    );
+    assert!(matches!(
+        got(pod(Some("kube-system"), Some("a")), &none),
+        Enrollment::Skip(_)
+    ));
+    assert!(matches!(
+        got(pod(Some("default"), Some("a")), &ann("enabled")),
+        Enrollment::Capture(_)
+    ));
+    assert!(matches!(
+        got(pod(Some("default"), Some("a")), &ann("disabled")),
+        Enrollment::Skip(_)
+    ));
+    assert!(matches!(
+        got(pod(Some("ambit-system"), Some("ambit-agent-1")), &none),
+        Enrollment::Skip(_)
+    ));
+    assert!(matches!(
+        got(pod(None, Some("podman-ctr")), &none),
+        Enrollment::Capture(_)
+    ));
+    assert_eq!(base_mode(), EnrollmentMode::All);
+    let bad = NetConf::parse(
+        br#"{"cniVersion":"1.0.0","name":"n","type":"ambit-cni","enrollment":"maybe"}"#,
+    )
+    .unwrap_err();
+    assert_eq!(bad.code, crate::error::code::INVALID_CONFIG, "{bad:?}");
+}
+
+fn base_mode() -> EnrollmentMode {
+    conf("").enrollment
+}
+
+#[test]
 fn pod_annotations_from_runtime_config() {
     let c = conf(
         r#","runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"ambit.dev/capture":"disabled","n":"1"}}"#,

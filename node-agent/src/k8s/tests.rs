@@ -1,0 +1,411 @@
+//! The Kubernetes source against an in-process double of the API server: it answers list
+//! requests with recorded responses (testdata/kube/*.json), streams watch events the test
+//! pushes, and records PATCH requests. No network: the kube client talks to a tower service.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use ambit_common::protocol::PodInfo;
+use ambit_proxy::authz::Connection;
+use ambit_proxy::mesh::Directory;
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
+use hyper::body::Frame;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::store::Enrollment;
+
+const PODS: &str = "/api/v1/pods";
+const NAMESPACES: &str = "/api/v1/namespaces";
+const POLICIES: &str = "/apis/security.istio.io/v1/authorizationpolicies";
+const PEER_AUTHS: &str = "/apis/security.istio.io/v1/peerauthentications";
+
+fn recorded(name: &str) -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/kube")
+        .join(name);
+    serde_json::from_slice(&std::fs::read(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[derive(Default)]
+struct Double {
+    /// List responses per path: each list takes the next one; the last one repeats.
+    lists: Mutex<HashMap<String, VecDeque<(u16, Value)>>>,
+    /// Open watch streams per path.
+    watches: Mutex<HashMap<String, Vec<mpsc::UnboundedSender<Value>>>>,
+    /// Every request as "METHOD path?query".
+    requests: Mutex<Vec<String>>,
+    /// PATCH requests: (path, body).
+    patches: Mutex<Vec<(String, Value)>>,
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(status: u16, v: &Value) -> http::Response<Body> {
+    http::Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(
+            http_body_util::Full::new(Bytes::from(v.to_string()))
+                .map_err(|e| match e {})
+                .boxed(),
+        )
+        .unwrap()
+}
+
+impl Double {
+    fn list(&self, path: &str, status: u16, body: Value) {
+        self.lists
+            .lock()
+            .unwrap()
+            .entry(path.into())
+            .or_default()
+            .push_back((status, body));
+    }
+
+    /// Sends a watch event to every open watch of `path`; returns how many got it.
+    fn event(&self, path: &str, kind: &str, object: Value) -> usize {
+        let mut w = self.watches.lock().unwrap();
+        let senders = w.entry(path.into()).or_default();
+        senders.retain(|s| s.send(json!({"type": kind, "object": object})).is_ok());
+        senders.len()
+    }
+
+    fn watching(&self, path: &str) -> usize {
+        self.watches
+            .lock()
+            .unwrap()
+            .get(path)
+            .map_or(0, |v| v.iter().filter(|s| !s.is_closed()).count())
+    }
+
+    /// List (not watch) requests made for `path`.
+    fn lists_of(&self, path: &str) -> usize {
+        let prefix = format!("GET {path}?");
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.starts_with(&prefix) && !r.contains("watch=true"))
+            .count()
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.contains(needle))
+            .count()
+    }
+
+    async fn serve(&self, req: http::Request<kube::client::Body>) -> http::Response<Body> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let query = req.uri().query().unwrap_or("").to_owned();
+        self.requests
+            .lock()
+            .unwrap()
+            .push(format!("{method} {path}?{query}"));
+        if method == http::Method::PATCH {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            self.patches.lock().unwrap().push((path, v.clone()));
+            return full(
+                200,
+                &json!({"apiVersion": "v1", "kind": "Pod", "metadata": v["metadata"]}),
+            );
+        }
+        if query.contains("watch=true") {
+            let (tx, rx) = mpsc::unbounded_channel::<Value>();
+            self.watches
+                .lock()
+                .unwrap()
+                .entry(path)
+                .or_default()
+                .push(tx);
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                let v = rx.recv().await?;
+                let line = Bytes::from(format!("{v}\n"));
+                Some((Ok::<_, Infallible>(Frame::data(line)), rx))
+            });
+            return http::Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(BodyExt::boxed(StreamBody::new(stream)))
+                .unwrap();
+        }
+        let mut lists = self.lists.lock().unwrap();
+        let Some(q) = lists.get_mut(&path) else {
+            return full(
+                404,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "reason": "NotFound", "message": "the server could not find the requested resource", "code": 404}),
+            );
+        };
+        let (status, body) = if q.len() > 1 {
+            q.pop_front().unwrap()
+        } else {
+            q.front().cloned().unwrap()
+        };
+        full(status, &body)
+    }
+}
+
+fn client(double: Arc<Double>) -> Client {
+    let svc = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+        let d = double.clone();
+        async move { Ok::<_, Infallible>(d.serve(req).await) }
+    });
+    Client::new(svc, "default")
+}
+
+/// Polls `f` (every 10 ms, at most 10 s): the condition must become true.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not within 10 s: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn conn() -> Connection {
+    Connection {
+        src_identity: Some(ambit_proxy::identity::Identity::new(
+            "td", "default", "default",
+        )),
+        src_ip: "10.9.0.7".parse().unwrap(),
+        dst_ip: "10.9.0.4".parse().unwrap(),
+        dst_port: 8080,
+    }
+}
+
+struct Running {
+    double: Arc<Double>,
+    store: Arc<Store>,
+    stop: CancellationToken,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn start() -> Running {
+    let double = Arc::new(Double::default());
+    double.list(PODS, 200, recorded("pods.json"));
+    double.list(NAMESPACES, 200, recorded("namespaces.json"));
+    double.list(POLICIES, 200, recorded("authorizationpolicies.json"));
+    // PEER_AUTHS is not listed: the double answers 404, as a cluster without that CRD does.
+    let store = Store::new("td");
+    let stop = CancellationToken::new();
+    tokio::spawn(run(
+        client(double.clone()),
+        store.clone(),
+        "istio-system".into(),
+        stop.clone(),
+    ));
+    Running {
+        double,
+        store,
+        stop,
+    }
+}
+
+#[tokio::test]
+async fn recorded_lists_feed_the_store_and_a_missing_crd_counts_as_empty() {
+    let r = start();
+    let s = &r.store;
+    eventually("first snapshot", || s.synced() && s.has_sources()).await;
+    assert!(r.double.count(&format!("GET {PEER_AUTHS}")) >= 1);
+    // Enrollment by the namespace label, by the pod label, and the uid guard.
+    assert_eq!(
+        s.enrollment("shop", "web", "uid-web"),
+        Enrollment::Capture("namespace label ambit.dev/dataplane-mode=enabled")
+    );
+    assert!(matches!(
+        s.enrollment("shop", "legacy", "uid-legacy"),
+        Enrollment::Skip(_)
+    ));
+    assert!(matches!(
+        s.enrollment("default", "db", "uid-db"),
+        Enrollment::Skip(_)
+    ));
+    assert!(matches!(
+        s.enrollment("default", "tool", ""),
+        Enrollment::Capture(_)
+    ));
+    assert_eq!(
+        s.enrollment("shop", "web", "uid-of-a-newer-web"),
+        Enrollment::Unknown
+    );
+    // Identity from the service account; addresses; host-network pods have none of theirs.
+    assert_eq!(
+        s.identity_of("shop", "web").to_string(),
+        "spiffe://td/ns/shop/sa/web"
+    );
+    let w = s.by_ip("10.9.0.4".parse().unwrap()).unwrap();
+    assert_eq!((w.namespace.as_str(), w.name.as_str()), ("shop", "web"));
+    assert!(w.hbone, "web carries the redirection annotation");
+    assert!(!s.by_ip("10.9.0.5".parse().unwrap()).unwrap().hbone);
+    assert!(s.by_ip("192.168.1.10".parse().unwrap()).is_none());
+    // The recorded allow-nothing policy in shop applies to web; db's namespace has none.
+    assert!(!s.authorize("shop", "web", &conn()).allowed());
+    assert!(s.authorize("default", "db", &conn()).allowed());
+    let statuses = s.policy_statuses();
+    assert_eq!(statuses.len(), 1, "{statuses:?}");
+}
+
+#[tokio::test]
+async fn watch_events_update_the_store_and_a_410_relists() {
+    let r = start();
+    let (s, d) = (&r.store, &r.double);
+    eventually("first snapshot", || s.synced() && s.has_sources()).await;
+    eventually("watches open", || {
+        d.watching(PODS) > 0 && d.watching(NAMESPACES) > 0 && d.watching(POLICIES) > 0
+    })
+    .await;
+
+    // The namespace default is labelled: its pods become enrolled.
+    let mut ns = recorded("namespaces.json")["items"][1].clone();
+    ns["metadata"]["labels"] = json!({"ambit.dev/dataplane-mode": "enabled"});
+    ns["metadata"]["resourceVersion"] = "11".into();
+    assert_eq!(d.event(NAMESPACES, "MODIFIED", ns), 1);
+    eventually("db enrolled by its namespace", || {
+        matches!(
+            s.enrollment("default", "db", "uid-db"),
+            Enrollment::Capture(_)
+        )
+    })
+    .await;
+
+    // A pod appears, another goes.
+    let mut new = recorded("pods.json")["items"][0].clone();
+    new["metadata"]["name"] = "web-2".into();
+    new["metadata"]["uid"] = "uid-web-2".into();
+    new["metadata"]["resourceVersion"] = "12".into();
+    new["status"]["podIPs"] = json!([{"ip": "10.9.0.14"}]);
+    d.event(PODS, "ADDED", new);
+    let web = recorded("pods.json")["items"][0].clone();
+    d.event(PODS, "DELETED", web);
+    eventually("web-2 known, web gone", || {
+        s.pod("shop", "web-2").is_some() && s.pod("shop", "web").is_none()
+    })
+    .await;
+    assert!(s.by_ip("10.9.0.14".parse().unwrap()).is_some());
+
+    // The policy is deleted: web is reachable.
+    let pol = recorded("authorizationpolicies.json")["items"][0].clone();
+    d.event(POLICIES, "DELETED", pol);
+    eventually("policy gone", || {
+        s.authorize("shop", "web-2", &conn()).allowed()
+    })
+    .await;
+
+    // The API server expires the watch (410 Gone): the watcher re-lists, and the re-list
+    // replaces the cache (web-2, which the new list lacks, disappears).
+    let mut relist = recorded("pods.json");
+    relist["metadata"]["resourceVersion"] = "20".into();
+    relist["items"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|p| p["metadata"]["name"] != "web");
+    let mut fresh = relist["items"][0].clone();
+    fresh["metadata"]["name"] = "fresh".into();
+    fresh["metadata"]["uid"] = "uid-fresh".into();
+    relist["items"].as_array_mut().unwrap().push(fresh);
+    {
+        let mut lists = d.lists.lock().unwrap();
+        let q = lists.get_mut(PODS).unwrap();
+        q.clear();
+        q.push_back((200, relist));
+    }
+    let lists_before = d.lists_of(PODS);
+    d.event(
+        PODS,
+        "ERROR",
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+               "reason": "Expired", "message": "too old resource version", "code": 410}),
+    );
+    eventually("re-listed after 410", || {
+        s.pod("shop", "fresh").is_some() && s.pod("shop", "web-2").is_none()
+    })
+    .await;
+    assert!(d.lists_of(PODS) > lists_before);
+}
+
+#[tokio::test]
+async fn captured_pods_are_annotated_once_and_only_they() {
+    let r = start();
+    let (s, d) = (&r.store, &r.double);
+    eventually("first snapshot", || s.synced() && s.has_sources()).await;
+    let captured = |ns: &str, name: &str, uid: &str| PodInfo {
+        container_id: format!("c-{name}"),
+        ifname: "eth0".into(),
+        namespace: ns.into(),
+        name: name.into(),
+        uid: uid.into(),
+        ips: vec![],
+        annotations: Default::default(),
+        netns_path: "/proc/self/ns/net".into(),
+        rules: None,
+    };
+    s.pod_added(&captured("default", "db", "uid-db"));
+    // Already annotated: no patch. Stale uid: no patch (it is an older pod of that name).
+    s.pod_added(&captured("shop", "web", "uid-web"));
+    s.pod_added(&captured("default", "tool", "uid-of-another-tool"));
+    eventually("db annotated", || !d.patches.lock().unwrap().is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let patches = d.patches.lock().unwrap().clone();
+    assert_eq!(patches.len(), 1, "{patches:?}");
+    assert_eq!(patches[0].0, "/api/v1/namespaces/default/pods/db/status");
+    assert_eq!(
+        patches[0].1,
+        json!({"metadata": {"annotations": {"ambit.dev/redirection": "enabled"}}})
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_api_server_keeps_the_agent_unsynced_and_inbound_refused() {
+    let double = Arc::new(Double::default());
+    for p in [PODS, NAMESPACES, POLICIES, PEER_AUTHS] {
+        double.list(
+            p,
+            503,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                   "reason": "ServiceUnavailable", "message": "etcd is down", "code": 503}),
+        );
+    }
+    let store = Store::new("td");
+    let stop = CancellationToken::new();
+    tokio::spawn(run(
+        client(double.clone()),
+        store.clone(),
+        "istio-system".into(),
+        stop.clone(),
+    ));
+    // Several list attempts (back-off) and still nothing: not synced, inbound refused, and
+    // enrollment cannot be answered.
+    eventually("retried lists", || {
+        double.count(&format!("GET {PODS}")) >= 2
+    })
+    .await;
+    assert!(!store.synced());
+    assert_eq!(store.pending_sources(), vec![Source::Kubernetes]);
+    let d = store.authorize("default", "db", &conn());
+    assert!(!d.allowed() && d.to_string().contains("not loaded"), "{d}");
+    let resp =
+        crate::cni_server::enrollment(&store, "default", "db", "", Duration::from_millis(50));
+    assert!(!resp.ok);
+    assert!(resp.error.unwrap().contains("not yet synced"));
+    stop.cancel();
+}

@@ -1,0 +1,186 @@
+//! `deploy/ambit.yaml`: valid against the Kubernetes schemas (kubernetes-validate, strict,
+//! oldest and newest supported versions), and consistent with what the binaries accept — the
+//! agent's configuration file loads, the plugin's entry parses, and every path the
+//! configuration names is inside a volume the DaemonSet mounts.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use ambit_tests::*;
+use serde_yaml_ng::Value;
+
+/// Oldest and newest Kubernetes versions the manifests are checked against.
+const VERSIONS: [&str; 2] = ["1.29.0", "1.37.0"];
+const VALIDATOR: &str = "kubernetes-validate==1.37.0";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// kubernetes-validate from PyPI, installed once under target/ (pip --target: no venv needed).
+fn validator() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = repo().join("target/tools/kubernetes-validate-1.37.0");
+        if !dir.join("kubernetes_validate").is_dir() {
+            let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+            run_ok(
+                Command::new("python3")
+                    .args([
+                        "-m",
+                        "pip",
+                        "install",
+                        "-q",
+                        "--disable-pip-version-check",
+                        "--target",
+                    ])
+                    .arg(&tmp)
+                    .arg(VALIDATOR),
+            )
+            .expect("installing kubernetes-validate from PyPI (python3 and pip are needed)");
+            let _ = std::fs::rename(&tmp, &dir);
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        dir
+    })
+}
+
+fn validate(file: &Path, version: &str) -> std::process::Output {
+    Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "-k", version])
+        .arg(file)
+        .env("PYTHONPATH", validator())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn deploy_manifests_pass_strict_kubernetes_schema_validation() {
+    let file = repo().join("deploy/ambit.yaml");
+    for v in VERSIONS {
+        let out = validate(&file, v);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "Kubernetes {v}:\n{text}");
+        assert!(text.contains("daemonset/ambit-agent"), "{text}");
+    }
+    // The validator does reject a mistake (a misspelt field in the DaemonSet).
+    let dir = TempDir::new("deploy");
+    let bad = dir.0.join("bad.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&bad, text.replace("priorityClassName:", "priorityClass:")).unwrap();
+    assert!(!validate(&bad, VERSIONS[1]).status.success());
+}
+
+fn docs() -> Vec<Value> {
+    let text = std::fs::read_to_string(repo().join("deploy/ambit.yaml")).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("{kind} {name} not in deploy/ambit.yaml"))
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or_else(|| panic!("not a string: {v:?}"))
+}
+
+#[test]
+fn the_deployed_configuration_is_what_the_binaries_accept_and_mount() {
+    let docs = docs();
+    let cm = find(&docs, "ConfigMap", "ambit-config");
+    let agent_yaml = s(&cm["data"]["agent.yaml"]);
+    let cni_json = s(&cm["data"]["cni.json"]);
+
+    let dir = TempDir::new("deploy-config");
+    let file = dir.0.join("agent.yaml");
+    std::fs::write(&file, agent_yaml).unwrap();
+    let config =
+        ambit_agent::config::Config::load(["ambit-agent", "--config", file.to_str().unwrap()])
+            .unwrap_or_else(|e| panic!("agent.yaml does not load: {e}"));
+    assert!(config.kubernetes);
+
+    let mut entry: serde_json::Value = serde_json::from_str(cni_json).unwrap();
+    entry["cniVersion"] = "1.0.0".into();
+    entry["type"] = "ambit-cni".into();
+    entry["name"] = "ambit-cni".into();
+    let conf = ambit_cni::config::NetConf::parse(entry.to_string().as_bytes())
+        .unwrap_or_else(|e| panic!("cni.json does not parse: {e:?}"));
+    assert_eq!(
+        conf.agent_socket, config.socket,
+        "plugin and agent use one socket"
+    );
+    assert_eq!(conf.enrollment, ambit_cni::config::EnrollmentMode::Labels);
+
+    // Every path named must sit inside a volume the container mounts.
+    let ds = find(&docs, "DaemonSet", "ambit-agent");
+    let containers = ds["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .unwrap();
+    let mounts = |name: &str| -> Vec<String> {
+        let c = containers
+            .iter()
+            .find(|c| c["name"].as_str() == Some(name))
+            .unwrap();
+        c["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|m| s(&m["mountPath"]).to_string())
+            .collect()
+    };
+    let inside = |container: &str, path: &Path| {
+        assert!(
+            mounts(container).iter().any(|m| path.starts_with(m)),
+            "{container}: {} is not inside any of {:?}",
+            path.display(),
+            mounts(container)
+        )
+    };
+    let agent = containers
+        .iter()
+        .find(|c| c["name"].as_str() == Some("agent"))
+        .unwrap();
+    let command: Vec<&str> = agent["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(s)
+        .collect();
+    let config_path = command[command.iter().position(|a| *a == "--config").unwrap() + 1];
+    inside("agent", Path::new(config_path));
+    inside("agent", config.ca_cert.as_deref().unwrap());
+    inside("agent", config.ca_key.as_deref().unwrap());
+    inside("agent", &config.socket);
+    inside("agent", &config.state_dir);
+    let installer = containers
+        .iter()
+        .find(|c| c["name"].as_str() == Some("install-cni"))
+        .unwrap();
+    let env = |k: &str| {
+        installer["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"].as_str() == Some(k))
+            .map(|e| s(&e["value"]).to_string())
+            .unwrap_or_else(|| panic!("install-cni has no {k}"))
+    };
+    inside(
+        "install-cni",
+        Path::new(env("AMBIT_PLUGIN_CONFIG").trim_start_matches('@')),
+    );
+    inside("install-cni", Path::new(&env("AMBIT_CNI_CONF_DIR")));
+    inside("install-cni", Path::new(&env("AMBIT_CNI_BIN_DIR")));
+    // The plugin skips the agent's own pods: the DaemonSet's pods match what it skips.
+    assert_eq!(s(&ds["metadata"]["namespace"]), conf.agent_namespace);
+    assert!(format!("{}-", s(&ds["metadata"]["name"])).starts_with(&conf.agent_pod_prefix));
+}
