@@ -5,7 +5,14 @@
 //! uncaptured.
 
 use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Node, Taint};
 use kube::Api;
+use kube::api::{Patch, PatchParams};
+
+/// The taint a node can be registered with (kubelet `--register-with-taints`) so that no pod
+/// is scheduled on it before Ambit captures pods there; the installer removes it once the
+/// plugin is chained and the agent answers.
+pub const NOT_READY_TAINT: &str = "ambit.dev/agent-not-ready";
 
 /// What the DaemonSet's state means for the plugin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,9 +41,107 @@ pub async fn lookup(
     Ok(decide(api.get_opt(name).await?.as_ref()))
 }
 
+/// The node's taints without `key`; `None` when it has no such taint.
+pub fn without_taint(node: &Node, key: &str) -> Option<Vec<Taint>> {
+    let taints = node.spec.as_ref()?.taints.as_ref()?;
+    if !taints.iter().any(|t| t.key == key) {
+        return None;
+    }
+    Some(taints.iter().filter(|t| t.key != key).cloned().collect())
+}
+
+/// Removes taint `key` from node `name`. The patch carries the resourceVersion it was computed
+/// from, so a concurrent change of the node's taints makes it fail (409) instead of being
+/// overwritten; the caller retries. Returns whether a taint was removed.
+pub async fn untaint(client: kube::Client, name: &str, key: &str) -> Result<bool, kube::Error> {
+    let api: Api<Node> = Api::all(client);
+    let node = api.get(name).await?;
+    let Some(rest) = without_taint(&node, key) else {
+        return Ok(false);
+    };
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": node.metadata.resource_version},
+        "spec": {"taints": rest},
+    });
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node(taints: serde_json::Value) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1", "resourceVersion": "42"},
+            "spec": {"taints": taints}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_our_taint_is_removed() {
+        let n = node(serde_json::json!([
+            {"key": NOT_READY_TAINT, "effect": "NoSchedule"},
+            {"key": "dedicated", "value": "gpu", "effect": "NoExecute"}
+        ]));
+        let rest = without_taint(&n, NOT_READY_TAINT).unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].key, "dedicated");
+        assert_eq!(
+            without_taint(&node(serde_json::json!([])), NOT_READY_TAINT),
+            None
+        );
+    }
+
+    /// Against an in-process API double: GET the node, PATCH with the precondition.
+    #[tokio::test]
+    async fn untaint_patches_with_the_resource_version_it_read() {
+        use std::sync::{Arc, Mutex};
+        let patches: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Default::default();
+        let seen = patches.clone();
+        let svc = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let seen = seen.clone();
+            async move {
+                use http_body_util::BodyExt;
+                let path = req.uri().path().to_owned();
+                let body = if req.method() == http::Method::PATCH {
+                    let b = req.into_body().collect().await.unwrap().to_bytes();
+                    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+                    seen.lock().unwrap().push((path, v));
+                    serde_json::json!({"metadata": {"name": "n1"}})
+                } else {
+                    serde_json::json!({
+                        "apiVersion": "v1", "kind": "Node",
+                        "metadata": {"name": "n1", "resourceVersion": "42"},
+                        "spec": {"taints": [
+                            {"key": NOT_READY_TAINT, "effect": "NoSchedule"},
+                            {"key": "dedicated", "value": "gpu", "effect": "NoExecute"}
+                        ]}
+                    })
+                };
+                Ok::<_, std::convert::Infallible>(
+                    http::Response::builder()
+                        .status(200)
+                        .body(http_body_util::Full::new(bytes::Bytes::from(
+                            body.to_string(),
+                        )))
+                        .unwrap(),
+                )
+            }
+        });
+        let client = kube::Client::new(svc, "default");
+        assert!(untaint(client, "n1", NOT_READY_TAINT).await.unwrap());
+        let p = patches.lock().unwrap().clone();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].0, "/api/v1/nodes/n1");
+        assert_eq!(p[0].1["metadata"]["resourceVersion"], "42");
+        assert_eq!(
+            p[0].1["spec"]["taints"],
+            serde_json::json!([{"key": "dedicated", "value": "gpu", "effect": "NoExecute"}])
+        );
+    }
 
     #[test]
     fn only_a_missing_or_deleted_daemonset_means_uninstall() {

@@ -79,6 +79,10 @@ enum Cmd {
         /// namespace/name of the DaemonSet this installer belongs to (for --on-exit auto).
         #[arg(long, env = "AMBIT_DAEMONSET")]
         daemonset: Option<String>,
+        /// This node's name: once the plugin is chained and the agent answers STATUS, remove
+        /// the taint ambit.dev/agent-not-ready from it (if the node was registered with it).
+        #[arg(long, env = "AMBIT_UNTAINT_NODE")]
+        untaint_node: Option<String>,
     },
     /// Install once and exit (exit 3 if there is no pod network configuration yet).
     Install,
@@ -141,6 +145,74 @@ async fn exit_decision(on_exit: OnExitArg, daemonset: Option<&str>) -> OnExit {
                 }
             }
         }
+    }
+}
+
+fn agent_socket(entry: &serde_json::Value) -> PathBuf {
+    entry
+        .get("agentSocket")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or(ambit_common::DEFAULT_AGENT_SOCKET)
+        .into()
+}
+
+/// Removes the node's not-ready taint once pods scheduled here would be captured: the plugin
+/// is chained and the agent answers STATUS (re-adopted its pods, synced with the API server).
+/// Polls every 2 s; runs on its own thread until done.
+fn untaint_when_ready(s: &Settings, socket: &std::path::Path, node: &str) {
+    use ambit_common::protocol::{self, Request};
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return error!("cannot start the untaint task: {e}"),
+    };
+    let mut last = String::new();
+    loop {
+        let ready = install::check(s).and_then(|_| {
+            match protocol::call(socket, &Request::Status, None, Duration::from_secs(5)) {
+                Ok(r) if r.ok => Ok(()),
+                Ok(r) => Err(format!("agent not ready: {}", r.error.unwrap_or_default())),
+                Err(e) => Err(format!("agent not reachable: {e}")),
+            }
+        });
+        match ready {
+            Err(why) => {
+                if why != last {
+                    info!(
+                        "node {node} keeps taint {}: {why}",
+                        cluster::NOT_READY_TAINT
+                    );
+                    last = why;
+                }
+            }
+            Ok(()) => {
+                let r = rt.block_on(async {
+                    let client = kube::Client::try_default().await?;
+                    cluster::untaint(client, node, cluster::NOT_READY_TAINT).await
+                });
+                match r {
+                    Ok(true) => {
+                        return info!(
+                            "removed taint {} from node {node}",
+                            cluster::NOT_READY_TAINT
+                        );
+                    }
+                    Ok(false) => {
+                        return info!(
+                            "node {node} has no taint {}: nothing to remove",
+                            cluster::NOT_READY_TAINT
+                        );
+                    }
+                    Err(e) => warn!(
+                        "cannot remove taint {} from node {node} (retrying): {e}",
+                        cluster::NOT_READY_TAINT
+                    ),
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_secs(2));
     }
 }
 
@@ -210,7 +282,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             resync_seconds,
             on_exit,
             daemonset,
+            untaint_node,
         } => {
+            if let Some(node) = untaint_node {
+                let (s, socket) = (settings.clone(), agent_socket(&settings.entry));
+                std::thread::spawn(move || untaint_when_ready(&s, &socket, &node));
+            }
             info!(
                 conf_dir = %settings.conf_dir.display(),
                 bin_dir = %settings.bin_dir.display(),

@@ -175,10 +175,15 @@ fn dispatch(req: Request, mut fds: Vec<OwnedFd>, mgr: &Manager) -> Response {
             Err(e) => Response::error(e),
         },
         Request::Status => {
-            if mgr.ready() {
-                Response::ok()
-            } else {
+            let pending = mgr.store().pending_sources();
+            if !mgr.ready() {
                 Response::error("agent is still re-adopting pods after a restart")
+            } else if !pending.is_empty() {
+                Response::error(format!(
+                    "agent is waiting for its first snapshot from {pending:?}"
+                ))
+            } else {
+                Response::ok()
             }
         }
         Request::Enrollment {
