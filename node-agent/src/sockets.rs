@@ -15,6 +15,17 @@ pub struct InPodSockets {
     pub mark: u32,
 }
 
+/// `net.ipv4.tcp_migrate_req` of the namespace the calling thread is in (Linux 5.14+): when an
+/// agent closes its listeners (drain during an upgrade), connections already queued on them
+/// move to the other agent's listener of the same SO_REUSEPORT group instead of being reset.
+/// `/proc/sys/net` resolves to the opening thread's namespace. Best effort: on an older kernel
+/// the handover still works, with a small window for resets.
+fn migrate_requests() {
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1") {
+        tracing::debug!("net.ipv4.tcp_migrate_req not set in the pod namespace: {e}");
+    }
+}
+
 fn in_ns<T>(ns: &Netns, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     ns.run(f).map_err(io::Error::other)?
 }
@@ -23,6 +34,7 @@ impl SocketFactory for InPodSockets {
     fn listener(&self, port: u16) -> io::Result<std::net::TcpListener> {
         let mark = self.mark;
         in_ns(&self.netns, || {
+            migrate_requests();
             // Dual-stack where the pod has IPv6, IPv4 only where it has not.
             let (s, addr) = match Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))
                 .and_then(|s| {

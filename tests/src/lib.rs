@@ -359,6 +359,34 @@ impl Node {
         Ok(())
     }
 
+    /// Starts a second agent on the same socket and state directory (a surge upgrade: the
+    /// DaemonSet's new pod beside the old one), with its own endpoint addresses and log
+    /// (`agent-<tag>.log`). The caller owns (and must stop) the process.
+    pub fn start_second_agent(&self, tag: &str, port_base: u16) -> Result<Child> {
+        let log = std::fs::File::create(self.dir.0.join(format!("agent-{tag}.log")))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns.name])
+            .arg(&bins().agent)
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .args(["--log", "debug", "--reconcile-seconds", "0.5"])
+            .arg(format!("--metrics-address=127.0.0.1:{}", port_base))
+            .arg(format!("--readiness-address=127.0.0.1:{}", port_base + 1))
+            .arg(format!("--admin-address=127.0.0.1:{}", port_base + 2))
+            .args(&self.agent_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        Ok(child)
+    }
+
+    pub fn log_of(&self, tag: &str) -> String {
+        std::fs::read_to_string(self.dir.0.join(format!("agent-{tag}.log"))).unwrap_or_default()
+    }
+
     /// The agent's pid (`ip netns exec` execs it in place).
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().map(Child::id)

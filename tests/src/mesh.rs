@@ -377,6 +377,8 @@ pub struct SeenConnect {
     pub client_identity: String,
     /// Bytes received on the stream (when answered 200).
     pub data: Vec<u8>,
+    /// TCP connections accepted (2 when the first was shut down with GOAWAY).
+    pub connections: usize,
 }
 
 /// A destination's HBONE endpoint played by the test: mutual TLS with `leaf` (clients must
@@ -387,6 +389,19 @@ pub fn hbone_server(
     leaf: &Leaf,
     ca: &TestCa,
     status: u16,
+) -> std::thread::JoinHandle<Result<SeenConnect>> {
+    hbone_server_with(netns, leaf, ca, status, false)
+}
+
+/// [`hbone_server`]; with `goaway_first`, the first connection is answered, after its TLS and
+/// HTTP/2 handshakes, with GOAWAY (NO_ERROR, last stream 0) — what a draining agent's server
+/// does — so its streams are refused unprocessed; the CONNECT is served on the next one.
+pub fn hbone_server_with(
+    netns: &ambit_common::netns::Netns,
+    leaf: &Leaf,
+    ca: &TestCa,
+    status: u16,
+    goaway_first: bool,
 ) -> std::thread::JoinHandle<Result<SeenConnect>> {
     use rustls::pki_types::pem::PemObject;
     let l = netns
@@ -416,12 +431,28 @@ pub fn hbone_server(
             .build()?;
         rt.block_on(async move {
             let l = tokio::net::TcpListener::from_std(l)?;
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+            let mut connections = 0;
+            if goaway_first {
+                let (tcp, _) = tokio::time::timeout(Duration::from_secs(20), l.accept())
+                    .await
+                    .context("no HBONE connection arrived")??;
+                connections += 1;
+                let mut conn = h2::server::handshake(acceptor.accept(tcp).await?).await?;
+                conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                // Driven until the client lets go of it; its streams are never served.
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                        while let Some(Ok(_)) = conn.accept().await {}
+                    })
+                    .await;
+                });
+            }
             let (tcp, _) = tokio::time::timeout(Duration::from_secs(20), l.accept())
                 .await
                 .context("no HBONE connection arrived")??;
-            let tls = tokio_rustls::TlsAcceptor::from(Arc::new(config))
-                .accept(tcp)
-                .await?;
+            connections += 1;
+            let tls = acceptor.accept(tcp).await?;
             let client_identity = tls
                 .get_ref()
                 .1
@@ -446,6 +477,7 @@ pub fn hbone_server(
                 baggage: header("baggage"),
                 client_identity,
                 data: Vec::new(),
+                connections,
             };
             let resp = http::Response::builder().status(status).body(())?;
             if status != 200 {
@@ -486,4 +518,41 @@ pub fn manifest_args(manifests: &Path, trust_domain: &str) -> Vec<String> {
         "--manifests-dir".into(),
         manifests.display().to_string(),
     ]
+}
+
+/// Whether `needle` occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Everything a capture must show: TCP only to or from 15008, TLS records only, never the
+/// marker. Returns the TCP payload bytes seen (each segment once, whatever the interface).
+pub fn assert_only_tls(where_: &str, capture: &[u8], marker: &[u8]) -> usize {
+    assert!(
+        !contains(capture, marker),
+        "{where_}: the plaintext marker is on the wire"
+    );
+    let segments = crate::pcap::tcp_segments(capture).unwrap();
+    assert!(!segments.is_empty(), "{where_}: nothing captured");
+    let stray: Vec<_> = segments
+        .iter()
+        .filter(|s| s.src.port() != 15008 && s.dst.port() != 15008)
+        .map(|s| format!("{} -> {}", s.src, s.dst))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "{where_}: TCP outside HBONE: {:?}",
+        &stray[..stray.len().min(5)]
+    );
+    let mut bytes = 0;
+    for ((src, dst), data) in crate::pcap::streams(&segments) {
+        let (records, _) = crate::pcap::tls_records(&data)
+            .unwrap_or_else(|e| panic!("{where_}: {src} -> {dst} is not TLS: {e}"));
+        assert!(
+            records > 0,
+            "{where_}: {src} -> {dst} carried no TLS record"
+        );
+        bytes += data.len();
+    }
+    bytes
 }

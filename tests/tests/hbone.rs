@@ -8,7 +8,6 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use ambit_tests::mesh::*;
-use ambit_tests::pcap;
 use ambit_tests::*;
 
 const TD: &str = "cluster1";
@@ -38,42 +37,6 @@ fn payload(marker: &str, len: usize) -> Vec<u8> {
     }
     v.truncate(len);
     v
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Everything a capture must show: TCP only to or from 15008, TLS records only, never the
-/// marker. Returns the TCP payload bytes seen (each segment once, whatever the interface).
-fn assert_only_tls(where_: &str, capture: &[u8], marker: &[u8]) -> usize {
-    assert!(
-        !contains(capture, marker),
-        "{where_}: the plaintext marker is on the wire"
-    );
-    let segments = pcap::tcp_segments(capture).unwrap();
-    assert!(!segments.is_empty(), "{where_}: nothing captured");
-    let stray: Vec<_> = segments
-        .iter()
-        .filter(|s| s.src.port() != 15008 && s.dst.port() != 15008)
-        .map(|s| format!("{} -> {}", s.src, s.dst))
-        .collect();
-    assert!(
-        stray.is_empty(),
-        "{where_}: TCP outside HBONE: {:?}",
-        &stray[..stray.len().min(5)]
-    );
-    let mut bytes = 0;
-    for ((src, dst), data) in pcap::streams(&segments) {
-        let (records, _) = pcap::tls_records(&data)
-            .unwrap_or_else(|e| panic!("{where_}: {src} -> {dst} is not TLS: {e}"));
-        assert!(
-            records > 0,
-            "{where_}: {src} -> {dst} carried no TLS record"
-        );
-        bytes += data.len();
-    }
-    bytes
 }
 
 #[test]
@@ -450,6 +413,36 @@ fn the_client_speaks_the_wire_contract_and_any_non_200_fails_the_connection() {
     assert_eq!(seen.authority, format!("{}:9080", d2.ip));
     let log = node.agent_log();
     assert!(log.contains("answered CONNECT with 503"), "{log}");
+}
+
+/// A draining destination answers the pooled connection with GOAWAY: the stream it refused
+/// unprocessed is retried on a new connection, and the app never notices.
+#[test]
+fn a_stream_refused_by_goaway_is_retried_on_a_new_connection() {
+    let ca = TestCa::new("mesh");
+    let shared = TempDir::new("mesh");
+    let manifests = shared.0.join("manifests");
+    let mut node = Node::new("1.0.0").unwrap();
+    node.agent_args = mesh_args(&ca, &shared.0);
+    node.start_agent().unwrap();
+    let a = node.add_pod("productpage").unwrap();
+    write_pod_manifest(&manifests, &a, "productpage", true);
+    let d = node.add_pod_in("kube-system", "details").unwrap();
+    write_manifest(&manifests, "default", "details", &[d.ip], "details", true);
+    wait_manifests(&node, 2);
+    let leaf = ca.valid_leaf(&format!("spiffe://{TD}/ns/default/sa/details"));
+    let server = hbone_server_with(&d.ns.open(), &leaf, &ca, 200, true);
+    let reply = talk(&a.ns.open(), SocketAddr::new(d.ip, 9080), b"hello")
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.agent_log()));
+    assert_eq!(reply, "ok:hello");
+    let seen = server.join().unwrap().unwrap();
+    assert_eq!(seen.connections, 2, "the retry used a new connection");
+    assert_eq!(seen.authority, format!("{}:9080", d.ip));
+    let log = node.agent_log();
+    assert!(
+        log.contains("CONNECT not processed by the peer, retrying"),
+        "{log}"
+    );
 }
 
 #[test]

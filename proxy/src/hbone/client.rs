@@ -76,6 +76,16 @@ impl Drop for StreamGuard {
 
 type Slot = Arc<AsyncMutex<Vec<Arc<Conn>>>>;
 
+/// How many connections one CONNECT may try when streams are refused unprocessed.
+const ATTEMPTS: usize = 3;
+
+/// The outcome of one CONNECT attempt that did not succeed.
+enum Attempt {
+    /// The peer provably did not process the stream: safe to try another connection.
+    Retry(Error),
+    Fail(Error),
+}
+
 pub struct Pool {
     factory: Arc<dyn SocketFactory>,
     mesh: Arc<Mesh>,
@@ -114,6 +124,11 @@ impl Pool {
 
     /// Opens a CONNECT stream to `req.target` through the destination pod's 15008. Succeeds
     /// only on a 200 answer.
+    ///
+    /// A stream the peer provably did not process — refused because the pooled connection got
+    /// a GOAWAY (the destination's agent is draining, e.g. during an upgrade) or with
+    /// REFUSED_STREAM, or never sent because the connection had just ended — is retried on
+    /// another connection, up to [`ATTEMPTS`] times: a drain must not fail new connections.
     pub async fn connect(&self, req: &Request) -> Result<(Tunnel, StreamGuard), Error> {
         let addr = SocketAddr::new(req.target.ip(), ambit_common::INBOUND_HBONE_PORT);
         let key = Key {
@@ -121,31 +136,57 @@ impl Pool {
             dst: req.dst_identity.clone(),
             addr,
         };
-        let timeout = self.mesh.settings.connect_timeout;
-        let guard = {
-            let slot = self.slot(&key);
-            let mut conns = slot.lock().await;
-            conns.retain(|c| !c.closed.load(Ordering::Acquire) && Instant::now() < c.fresh_until);
-            let conn = match conns.iter().find(|c| c.usable()) {
-                Some(c) => c.clone(),
-                None => {
-                    let c = Arc::new(
-                        tokio::time::timeout(timeout, self.open(&key))
-                            .await
-                            .map_err(|_| Error::Timeout {
-                                addr,
-                                what: "HBONE connection setup",
-                            })??,
-                    );
-                    conns.push(c.clone());
-                    c
+        let mut attempt = 1;
+        loop {
+            let guard = self.checkout(&key).await?;
+            match self.exchange(&guard, req, addr).await {
+                Ok(tunnel) => return Ok((tunnel, guard)),
+                Err(Attempt::Retry(e)) if attempt < ATTEMPTS => {
+                    // This connection takes no more streams; the next attempt opens or picks
+                    // another.
+                    guard.0.closed.store(true, Ordering::Release);
+                    debug!(%addr, attempt, "CONNECT not processed by the peer, retrying: {e}");
+                    attempt += 1;
                 }
-            };
-            conn.streams.fetch_add(1, Ordering::AcqRel);
-            let gauge = ProxyMetrics::gauge(&self.mesh.metrics.hbone_streams, "outbound");
-            StreamGuard(conn, GaugeGuard::new(gauge))
+                Err(Attempt::Retry(e) | Attempt::Fail(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// A usable pooled connection for `key` (opened if none), with one stream reserved on it.
+    async fn checkout(&self, key: &Key) -> Result<StreamGuard, Error> {
+        let addr = key.addr;
+        let timeout = self.mesh.settings.connect_timeout;
+        let slot = self.slot(key);
+        let mut conns = slot.lock().await;
+        conns.retain(|c| !c.closed.load(Ordering::Acquire) && Instant::now() < c.fresh_until);
+        let conn = match conns.iter().find(|c| c.usable()) {
+            Some(c) => c.clone(),
+            None => {
+                let c = Arc::new(
+                    tokio::time::timeout(timeout, self.open(key))
+                        .await
+                        .map_err(|_| Error::Timeout {
+                            addr,
+                            what: "HBONE connection setup",
+                        })??,
+                );
+                conns.push(c.clone());
+                c
+            }
         };
-        let h2err = |source| Error::H2 { addr, source };
+        conn.streams.fetch_add(1, Ordering::AcqRel);
+        let gauge = ProxyMetrics::gauge(&self.mesh.metrics.hbone_streams, "outbound");
+        Ok(StreamGuard(conn, GaugeGuard::new(gauge)))
+    }
+
+    /// One CONNECT on `guard`'s connection.
+    async fn exchange(
+        &self,
+        guard: &StreamGuard,
+        req: &Request,
+        addr: SocketAddr,
+    ) -> Result<Tunnel, Attempt> {
         let request = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(req.target.to_string())
@@ -154,32 +195,43 @@ impl Pool {
             .header("baggage", req.baggage.as_str())
             .body(())
             .expect("a CONNECT request from a socket address is always valid");
-        let exchange = async {
-            let mut send = guard.0.send.clone().ready().await.map_err(h2err)?;
-            let (response, stream) = send.send_request(request, false).map_err(h2err)?;
-            let response = response.await.map_err(h2err)?;
-            Ok::<_, Error>((response, stream))
+        // Before the request is on the wire any failure is retryable; after, only a refusal
+        // that proves the peer did not process the stream.
+        let unsent = |source| Attempt::Retry(Error::H2 { addr, source });
+        let sent = |source: h2::Error| {
+            let refused =
+                source.is_go_away() || source.reason() == Some(h2::Reason::REFUSED_STREAM);
+            let e = Error::H2 { addr, source };
+            if refused {
+                Attempt::Retry(e)
+            } else {
+                Attempt::Fail(e)
+            }
         };
-        let (response, stream) =
-            tokio::time::timeout(timeout, exchange)
-                .await
-                .map_err(|_| Error::Timeout {
+        let exchange = async {
+            let mut send = guard.0.send.clone().ready().await.map_err(unsent)?;
+            let (response, stream) = send.send_request(request, false).map_err(unsent)?;
+            let response = response.await.map_err(sent)?;
+            Ok::<_, Attempt>((response, stream))
+        };
+        let (response, stream) = tokio::time::timeout(self.mesh.settings.connect_timeout, exchange)
+            .await
+            .map_err(|_| {
+                Attempt::Fail(Error::Timeout {
                     addr,
                     what: "CONNECT",
-                })??;
+                })
+            })??;
         if response.status() != http::StatusCode::OK {
-            return Err(Error::Status {
+            return Err(Attempt::Fail(Error::Status {
                 addr,
                 status: response.status(),
-            });
+            }));
         }
-        Ok((
-            Tunnel {
-                send: stream,
-                recv: response.into_body(),
-            },
-            guard,
-        ))
+        Ok(Tunnel {
+            send: stream,
+            recv: response.into_body(),
+        })
     }
 
     async fn open(&self, key: &Key) -> Result<Conn, Error> {

@@ -1,0 +1,119 @@
+//! Tier "faults": the agent killed (SIGKILL) in the middle of traffic. While it is down a
+//! captured pod's new connections fail — refused inside the pod — and a packet capture of the
+//! node, running throughout, shows that nothing but TLS to 15008 ever left a pod: no plaintext,
+//! not the marker the client sends. A restarted agent re-adopts the pods without any CNI call.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use ambit_tests::mesh::*;
+use ambit_tests::*;
+
+/// One new connection: sends `msg`, expects it echoed.
+fn exchange(ns: &ambit_common::netns::Netns, dst: SocketAddr, msg: &[u8]) -> std::io::Result<()> {
+    ns.run(|| -> std::io::Result<()> {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(msg)?;
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back)?;
+        if back != msg {
+            return Err(std::io::Error::other("echo differs"));
+        }
+        Ok(())
+    })
+    .map_err(std::io::Error::other)?
+}
+
+#[test]
+fn sigkill_under_traffic_fails_closed_leaks_nothing_and_restart_readopts_without_cni() {
+    let dir = TempDir::new("faults");
+    let mut node = Node::new("1.0.0").unwrap();
+    node.start_agent().unwrap();
+    let client = node.add_pod("client").unwrap();
+    let server = node.add_pod("server").unwrap();
+    let listener = server
+        .ns
+        .open()
+        .run(|| std::net::TcpListener::bind(("0.0.0.0", 7200)))
+        .unwrap()
+        .unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let dst = SocketAddr::new(server.ip, 7200);
+    let marker = format!("AMBIT-MARKER-{}", unique("k"));
+    let msg = format!("{marker}|{}", ".".repeat(1000)).into_bytes();
+    let ns = client.ns.open();
+    let adds_before = node.cni_log().matches("ADD ").count();
+
+    let cap = Capture::start(&node.ns.name, &dir.0).unwrap();
+    // Traffic flows; a long-lived connection is open when the agent dies.
+    for _ in 0..20 {
+        exchange(&ns, dst, &msg).unwrap();
+    }
+    let mut long = ns
+        .run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(2)))
+        .unwrap()
+        .unwrap();
+    long.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    long.write_all(&msg).unwrap();
+    let mut back = vec![0u8; msg.len()];
+    long.read_exact(&mut back).unwrap();
+
+    node.kill_agent();
+    // The outage: every new connection fails; the open one is broken, not downgraded.
+    let mut refused = 0;
+    for _ in 0..20 {
+        assert!(
+            exchange(&ns, dst, &msg).is_err(),
+            "a connection succeeded with the agent down"
+        );
+        refused += 1;
+    }
+    let _ = long.write_all(&msg);
+    assert!(
+        long.read_exact(&mut back).is_err(),
+        "the long-lived connection went on without the agent"
+    );
+
+    let restarted = Instant::now();
+    node.start_agent().unwrap();
+    let mut attempts = 0;
+    wait_for(Duration::from_secs(20), || {
+        attempts += 1;
+        exchange(&ns, dst, &msg).is_ok()
+    })
+    .unwrap_or_else(|_| panic!("no connection after restart:\n{}", node.agent_log()));
+    let back_after = restarted.elapsed();
+    for _ in 0..20 {
+        exchange(&ns, dst, &msg).unwrap();
+    }
+    let pcap = cap.finish().unwrap();
+    let tls = assert_only_tls("node during kill and restart", &pcap, marker.as_bytes());
+    assert_eq!(
+        node.cni_log().matches("ADD ").count(),
+        adds_before,
+        "re-adoption needed a CNI call"
+    );
+    assert!(
+        node.agent_log()
+            .contains("re-adopted pods from the state directory")
+    );
+    eprintln!(
+        "sigkill: {refused} connections refused during the outage; first success {:?} after the restart began ({attempts} attempts); capture {} bytes, {tls} TLS payload bytes, marker absent",
+        back_after,
+        pcap.len()
+    );
+}
