@@ -42,23 +42,34 @@ fn closed() -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed")
 }
 
-/// TCP → stream until TCP EOF (then END_STREAM); returns the bytes moved.
+/// First read buffer of a connection: most connections (requests, responses, health checks)
+/// never need more, and a thousand idle connections must not pin a thousand large buffers.
+pub const INITIAL_BUFFER: usize = 4 << 10;
+
+/// TCP → stream until TCP EOF (then END_STREAM); returns the bytes moved. The read buffer
+/// starts at [`INITIAL_BUFFER`] and doubles, up to `buffer`, each time a read fills it (a bulk
+/// transfer), so memory follows the traffic instead of the connection count.
 async fn tcp_to_stream(
     rd: &mut tokio::net::tcp::ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
     buffer: usize,
 ) -> io::Result<u64> {
-    let mut buf = BytesMut::with_capacity(buffer);
+    let mut size = INITIAL_BUFFER.min(buffer);
+    let mut buf = BytesMut::new();
     let mut total = 0u64;
     loop {
-        if buf.capacity() < buffer / 2 {
+        if buf.capacity() < size / 2 {
             // Reclaims the previous allocation when h2 is done with it.
-            buf.reserve(buffer);
+            buf.reserve(size);
         }
+        let room = buf.capacity() - buf.len();
         let n = rd.read_buf(&mut buf).await?;
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
             return Ok(total);
+        }
+        if n == room && size < buffer {
+            size = (size * 2).min(buffer);
         }
         total += n as u64;
         let mut chunk = buf.split().freeze();
