@@ -14,6 +14,8 @@ pub mod protocol;
 pub mod redirect;
 pub mod route;
 pub mod sys;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 /// Port of the outbound listener inside every captured pod.
 pub const OUTBOUND_PORT: u16 = 15001;

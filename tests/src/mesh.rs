@@ -298,6 +298,33 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
     }
 }
 
+/// A TLS client for probing 15008: presents `client` (or no certificate), speaks only
+/// `versions` with every cipher suite rustls has (not just Ambit's), offers ALPN h2, and
+/// accepts any server certificate (the probe tests the server).
+pub fn probe_client_config(
+    client: Option<&Leaf>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<rustls::ClientConfig> {
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(versions)?
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AcceptAnyServer));
+    let mut config = match client {
+        Some(leaf) => {
+            use rustls::pki_types::pem::PemObject;
+            builder.with_client_auth_cert(
+                pem_certs(&leaf.cert_pem),
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?,
+            )?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
 /// From inside `netns`, opens TLS to `server` presenting `client` (or no certificate), then
 /// sends one CONNECT for `authority` (or another method) and reports the outcome.
 pub fn hbone_attempt(
@@ -311,21 +338,7 @@ pub fn hbone_attempt(
         .run(|| std::net::TcpStream::connect_timeout(&server, Duration::from_secs(3)))
         .map_err(anyhow::Error::msg)??;
     tcp.set_nonblocking(true)?;
-    let builder = rustls::ClientConfig::builder_with_provider(ambit_proxy::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer));
-    let mut config = match client {
-        Some(leaf) => {
-            use rustls::pki_types::pem::PemObject;
-            builder.with_client_auth_cert(
-                pem_certs(&leaf.cert_pem),
-                rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?,
-            )?
-        }
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    let config = probe_client_config(client, &[&rustls::version::TLS13])?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -319,3 +319,77 @@ fn pod_annotations_from_runtime_config() {
     assert_eq!(a.len(), 2);
     assert!(conf("").pod_annotations().is_empty());
 }
+
+mod fuzz {
+    use super::*;
+    use ambit_common::testing::{json, text};
+    use proptest::prelude::*;
+
+    const KEYS: &[&str] = &[
+        "cniVersion",
+        "name",
+        "type",
+        "agentSocket",
+        "agentTimeoutSeconds",
+        "agentMark",
+        "excludeNamespaces",
+        "includeNamespaces",
+        "enrollment",
+        "nonKubernetes",
+        "probeSources",
+        "prevResult",
+        "ips",
+        "address",
+        "interfaces",
+        "runtimeConfig",
+        "io.kubernetes.cri.pod-annotations",
+        "ambit.dev/capture",
+        "logLevel",
+        "logStderr",
+        "cni.dev/valid-attachments",
+        "containerID",
+        "ifname",
+        "1.0.0",
+        "1.1.0",
+        "0.3.1",
+    ];
+
+    proptest! {
+        /// Whatever a runtime pipes in: parsed and validated, or refused with a CNI error in
+        /// the configuration/decoding range — never a panic.
+        #[test]
+        fn fuzz_network_configurations(v in json(KEYS), raw in proptest::collection::vec(any::<u8>(), 0..128)) {
+            for bytes in [serde_json::to_vec(&v).unwrap(), raw.clone()] {
+                match NetConf::parse(&bytes) {
+                    Ok(c) => {
+                        let _ = c.prev_result_ips();
+                        let _ = c.pod_annotations();
+                        let _ = c.result();
+                        let _ = enrollment(&c, &PodArgs::default(), &c.pod_annotations());
+                    }
+                    Err(e) => prop_assert!(
+                        [crate::error::code::INCOMPATIBLE_VERSION, crate::error::code::DECODE, crate::error::code::INVALID_CONFIG]
+                            .contains(&e.code),
+                        "unexpected code {} for {:?}", e.code, String::from_utf8_lossy(&bytes)
+                    ),
+                }
+            }
+        }
+
+        #[test]
+        fn fuzz_environment(cmd in text(), id in text(), args in text(), netns in text()) {
+            let env = CniEnv::from_vars([
+                ("CNI_COMMAND", cmd.as_str()),
+                ("CNI_CONTAINERID", id.as_str()),
+                ("CNI_ARGS", args.as_str()),
+                ("CNI_NETNS", netns.as_str()),
+            ]);
+            let _ = env.command();
+            let _ = env.container_id();
+            let _ = env.ifname();
+            if let Ok(a) = env.args() {
+                let _ = PodArgs::from_args(&a);
+            }
+        }
+    }
+}

@@ -94,3 +94,43 @@ fn our_entry_goes_last_and_comes_out_whole() {
     .unwrap();
     assert_eq!(without_entry(&clean), None);
 }
+
+mod fuzz {
+    use super::*;
+    use ambit_common::testing::json;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any file in the configuration directory: loaded like libcni or refused; chaining into
+        /// whatever loads keeps every other plugin, in order, with ours last, and removing ours
+        /// gives back exactly the original plugins.
+        #[test]
+        fn fuzz_conf_files(
+            v in json(&["cniVersion", "name", "plugins", "type", "ambit-cni", "1.0.0", "0.3.1", "ipam"]),
+            ext in proptest::sample::select(&["conf", "conflist", "json"][..]),
+        ) {
+            let path = PathBuf::from(format!("/etc/cni/net.d/10-x.{ext}"));
+            let Ok(net) = parse(&path, &serde_json::to_vec(&v).unwrap()) else {
+                return Ok(());
+            };
+            let entry = serde_json::json!({"type": PLUGIN_TYPE, "name": PLUGIN_TYPE});
+            let theirs: Vec<Value> = net.list["plugins"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| p.get("type").and_then(Value::as_str) != Some(PLUGIN_TYPE))
+                .cloned()
+                .collect();
+            if let Ok(list) = with_entry(&net, &entry) {
+                let plugins = list["plugins"].as_array().unwrap();
+                prop_assert_eq!(&plugins[..plugins.len() - 1], &theirs[..]);
+                prop_assert_eq!(plugins.last(), Some(&entry));
+                let rendered = render(&list);
+                let again = parse(&PathBuf::from("/etc/cni/net.d/10-x.conflist"), &rendered).unwrap();
+                prop_assert!(again.has_entry(&entry));
+                let back = without_entry(&again).unwrap();
+                prop_assert_eq!(back["plugins"].as_array().unwrap(), &theirs);
+            }
+        }
+    }
+}

@@ -1202,3 +1202,89 @@ fn hostile_documents_never_panic() {
         assert_eq!(st[0].state, State::Rejected, "{doc}: {}", st[0]);
     }
 }
+
+mod fuzz {
+    use super::*;
+    use ambit_common::testing::json;
+    use proptest::prelude::*;
+
+    const KEYS: &[&str] = &[
+        "selector",
+        "matchLabels",
+        "action",
+        "rules",
+        "from",
+        "to",
+        "when",
+        "source",
+        "operation",
+        "principals",
+        "notPrincipals",
+        "namespaces",
+        "notNamespaces",
+        "ipBlocks",
+        "notIpBlocks",
+        "remoteIpBlocks",
+        "ports",
+        "notPorts",
+        "key",
+        "values",
+        "notValues",
+        "mtls",
+        "mode",
+        "portLevelMtls",
+        "targetRef",
+        "targetRefs",
+        "provider",
+        "app",
+        "ALLOW",
+        "DENY",
+        "AUDIT",
+        "CUSTOM",
+        "STRICT",
+        "PERMISSIVE",
+        "DISABLE",
+        "source.ip",
+        "destination.port",
+        "hosts",
+        "methods",
+        "paths",
+    ];
+
+    proptest! {
+        /// Any spec, in either kind: compiled (or rejected with a status), then evaluated
+        /// against a connection — never a panic.
+        #[test]
+        fn fuzz_policies_compile_and_evaluate_without_panicking(
+            spec in json(KEYS),
+            labels in json(&["app", "version"]),
+            peer_auth in any::<bool>(),
+        ) {
+            let kind = if peer_auth { "PeerAuthentication" } else { "AuthorizationPolicy" };
+            let doc = serde_json::json!({
+                "apiVersion": "security.istio.io/v1", "kind": kind,
+                "metadata": {"name": "fuzzed", "namespace": "ns", "labels": labels},
+                "spec": spec,
+            });
+            let yaml = serde_yaml_ng::to_string(&doc).unwrap();
+            let (pols, pas, st) = compile(&yaml);
+            prop_assert_eq!(st.len(), 1);
+            let conn = Connection {
+                src_identity: Some(Identity::new("td", "ns", "sa")),
+                src_ip: "10.1.2.3".parse().unwrap(),
+                dst_ip: "10.1.2.4".parse().unwrap(),
+                dst_port: 8080,
+            };
+            let app: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
+            let _ = authz::evaluate(&pols, &pas, "ns", &app, &conn);
+        }
+
+        /// Arbitrary bytes as a manifests file: loaded or reported, never a panic or a hang.
+        #[test]
+        fn fuzz_manifest_files_load_or_report(text in "\\PC{0,300}") {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("f.yaml"), &text).unwrap();
+            let _ = crate::manifests::load(dir.path(), ROOT);
+        }
+    }
+}

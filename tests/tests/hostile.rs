@@ -1,0 +1,177 @@
+//! Tier "hostile": port 15008 against peers that misbehave on purpose — a TLS handshake that
+//! never finishes (slowloris), TLS 1.2 only, a CONNECT with oversized headers, and a flood of
+//! streams on one connection. Each ends with a clear refusal or a bounded close, and the pod
+//! keeps being served to well-behaved peers afterwards.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ambit_tests::mesh::*;
+use ambit_tests::*;
+
+const TD: &str = "cluster1";
+
+#[test]
+fn port_15008_withstands_slowloris_tls12_oversized_headers_and_stream_floods() {
+    let ca = TestCa::new("hostile");
+    let shared = TempDir::new("hostile");
+    let mut node = Node::new("1.0.0").unwrap();
+    let mut args = ca.agent_args(&shared.0.join("ca"));
+    args.extend(manifest_args(&shared.0.join("manifests"), TD));
+    node.agent_args = args;
+    node.start_agent().unwrap();
+    let b = node.add_pod("b").unwrap();
+    let _app = echo_server(&b.ns.open(), 7500, 1);
+    let hbone = SocketAddr::new(b.ip, 15008);
+    let probe = node.ns.open();
+    let good = ca.valid_leaf(&format!("spiffe://{TD}/ns/default/sa/tester"));
+    let app = format!("{}:7500", b.ip);
+
+    // Slowloris: a TCP connection that never sends a ClientHello, and one that stops halfway
+    // through it. The server closes both on its handshake deadline (10 s); the read below
+    // would fail the test only if nothing happened for 30 s.
+    let stalled: Vec<TcpStream> = (0..2)
+        .map(|i| {
+            let mut s = probe
+                .run(|| TcpStream::connect_timeout(&hbone, Duration::from_secs(3)))
+                .unwrap()
+                .unwrap();
+            if i == 1 {
+                // The first bytes of a TLS record header: handshake, TLS 1.0 legacy version.
+                s.write_all(&[0x16, 0x03, 0x01, 0x02]).unwrap();
+            }
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            s
+        })
+        .collect();
+    let started = Instant::now();
+    for mut s in stalled {
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => {
+                // An alert may come first; then the close.
+                assert!(buf[0] == 0x15, "unexpected {n} bytes: {:?}", &buf[..n]);
+                let _ = s.read(&mut buf);
+            }
+            Err(e) => assert!(
+                e.kind() == std::io::ErrorKind::ConnectionReset,
+                "the stalled handshake was not closed: {e}"
+            ),
+        }
+    }
+    eprintln!(
+        "slowloris: both stalled handshakes closed after {:?}",
+        started.elapsed()
+    );
+
+    // TLS 1.2 only: refused at the handshake.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tls_connect = |versions: &[&'static rustls::SupportedProtocolVersion]| {
+        let config = Arc::new(probe_client_config(Some(&good), versions).unwrap());
+        let tcp = probe
+            .run(|| TcpStream::connect_timeout(&hbone, Duration::from_secs(3)))
+            .unwrap()
+            .unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        rt.block_on(async move {
+            let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+            let name = rustls::pki_types::ServerName::IpAddress(hbone.ip().into());
+            tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+        })
+    };
+    let err = tls_connect(&[&rustls::version::TLS12])
+        .map(|_| ())
+        .expect_err("a TLS 1.2 handshake was accepted");
+    assert!(
+        err.to_string().to_lowercase().contains("version"),
+        "TLS 1.2: {err}"
+    );
+
+    // Oversized headers, then a flood of streams, on one good connection.
+    let tls = tls_connect(&[&rustls::version::TLS13]).unwrap();
+    let (statuses, big) = rt.block_on(async move {
+        let (send, conn) = h2::client::handshake(tls).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let connect = |extra: usize| {
+            let mut r = http::Request::builder().method("CONNECT").uri(app.as_str());
+            if extra > 0 {
+                r = r.header("x-padding", "a".repeat(extra));
+            }
+            r.body(()).unwrap()
+        };
+        // 100 KiB of headers: beyond the server's 64 KiB limit.
+        let big = async {
+            let (resp, _) = send
+                .clone()
+                .ready()
+                .await?
+                .send_request(connect(100 << 10), true)?;
+            resp.await
+        };
+        let big = tokio::time::timeout(Duration::from_secs(10), big).await;
+        // 1,000 streams at once to a port with an app that answers one connection: the
+        // server admits at most 200 at a time (flow of SETTINGS), answers every one.
+        let mut tasks = Vec::new();
+        for _ in 0..1000 {
+            let send = send.clone();
+            let req = connect(0);
+            tasks.push(tokio::spawn(async move {
+                let (resp, _) = send.ready().await?.send_request(req, true)?;
+                resp.await.map(|r| r.status().as_u16())
+            }));
+        }
+        let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+        for t in tasks {
+            let key = match tokio::time::timeout(Duration::from_secs(30), t).await {
+                Ok(Ok(Ok(s))) => s.to_string(),
+                Ok(Ok(Err(e))) => format!(
+                    "error: {}",
+                    e.reason().map_or("other".into(), |r| format!("{r:?}"))
+                ),
+                Ok(Err(e)) => panic!("task: {e}"),
+                Err(_) => "no answer in 30 s".into(),
+            };
+            *statuses.entry(key).or_default() += 1;
+        }
+        (
+            statuses,
+            big.map(|r| r.map(|r| r.status().as_u16()).map_err(|e| e.to_string())),
+        )
+    });
+    assert!(
+        !matches!(big, Ok(Ok(200))),
+        "oversized headers were accepted: {big:?}"
+    );
+    assert!(
+        !statuses.contains_key("no answer in 30 s"),
+        "streams hung: {statuses:?}"
+    );
+    assert_eq!(statuses.values().sum::<usize>(), 1000);
+    eprintln!("oversized headers: {big:?}; flood of 1000 streams: {statuses:?}");
+
+    // The pod is still served to a well-behaved peer.
+    assert_eq!(
+        hbone_attempt(
+            &probe,
+            hbone,
+            Some(&good),
+            "CONNECT",
+            &format!("{}:7501", b.ip)
+        )
+        .unwrap(),
+        HboneOutcome::Status(503),
+        "after all that, a normal CONNECT gets its normal answer"
+    );
+    let log = node.agent_log();
+    assert!(!log.contains("panicked"), "{log}");
+}
