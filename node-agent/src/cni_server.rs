@@ -55,10 +55,13 @@ pub fn bind(path: &Path) -> Result<UnixListener, Error> {
     Ok(l)
 }
 
-/// The inode of the socket file at `path` (to tell our socket from a successor's).
-pub fn inode(path: &Path) -> Option<u64> {
+/// Identifies the socket file at `path` (to tell our socket from a successor's): device,
+/// inode and change time — an inode number alone is reused as soon as a file is replaced.
+pub fn identity(path: &Path) -> Option<(u64, u64, i64, i64)> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 pub async fn serve(
@@ -305,4 +308,24 @@ async fn reply(stream: &mut UnixStream, resp: Response) -> io::Result<()> {
     let frame = protocol::encode(&resp).map_err(io::Error::other)?;
     stream.write_all(&frame).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bind_creates_a_missing_directory_and_replaces_a_stale_socket() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("run/ambit/cni.sock");
+        let l = bind(&path).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o755);
+        let first = identity(&path);
+        drop(l);
+        // The file of a dead agent is still there: a new bind replaces it.
+        let _l = bind(&path).unwrap();
+        assert!(identity(&path).is_some() && identity(&path) != first);
+    }
 }

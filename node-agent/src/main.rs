@@ -184,7 +184,7 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         "re-adopted pods from the state directory"
     );
     let listener = cni_server::bind(&config.socket)?;
-    let socket_inode = cni_server::inode(&config.socket);
+    let socket_identity = cni_server::identity(&config.socket);
     info!(socket = %config.socket.display(), "listening for the CNI plugin");
     let server = tokio::spawn(cni_server::serve(
         listener,
@@ -234,7 +234,7 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     let _ = server.await;
     // During a surge upgrade the next agent has bound the path already: only our own socket
     // file is removed, never the successor's.
-    if cni_server::inode(&config.socket) == socket_inode {
+    if cni_server::identity(&config.socket) == socket_identity {
         let _ = std::fs::remove_file(&config.socket);
     } else {
         info!("the plugin socket now belongs to another agent: left in place");

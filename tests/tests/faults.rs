@@ -117,3 +117,73 @@ fn sigkill_under_traffic_fails_closed_leaks_nothing_and_restart_readopts_without
         pcap.len()
     );
 }
+
+#[test]
+fn vanished_namespaces_are_forgotten_and_corrupt_or_old_records_do_not_stop_a_restart() {
+    let mut node = Node::new("1.0.0").unwrap();
+    node.start_agent().unwrap();
+    let keep = node.add_pod("keep").unwrap();
+    let gone = node.add_pod("gone").unwrap();
+    let gone_id = gone.container_id.clone();
+    assert_eq!(node.recorded_pods().len(), 2);
+
+    // The namespace disappears and DEL never comes: the agent notices on its own.
+    drop(gone);
+    wait_for(Duration::from_secs(10), || {
+        !node.recorded_pods().contains(&gone_id)
+    })
+    .unwrap_or_else(|_| panic!("vanished pod still recorded:\n{}", node.agent_log()));
+    assert!(
+        node.agent_log()
+            .contains("namespace gone without DEL; pod forgotten")
+    );
+
+    // A crash leaves a corrupt record, a record from an older version and a stray file.
+    node.kill_agent();
+    let state = node.state_dir();
+    std::fs::write(
+        state.join("pod-corrupt.json"),
+        b"{\"version\": 1, \"pod\": ",
+    )
+    .unwrap();
+    std::fs::write(
+        state.join("pod-old.json"),
+        br#"{"version":0,"pod":{"container_id":"old"}}"#,
+    )
+    .unwrap();
+    std::fs::write(state.join("notes.txt"), b"not a record").unwrap();
+    node.start_agent().unwrap();
+    let (st, body) = http(
+        &node.ns.open(),
+        "127.0.0.1:15021".parse().unwrap(),
+        "GET",
+        "/healthz/ready",
+    )
+    .unwrap();
+    let ready = wait_for(Duration::from_secs(10), || {
+        http(
+            &node.ns.open(),
+            "127.0.0.1:15021".parse().unwrap(),
+            "GET",
+            "/healthz/ready",
+        )
+        .is_ok_and(|(st, _)| st == 200)
+    });
+    assert!(
+        ready.is_ok(),
+        "not ready after restart ({st}: {body}):\n{}",
+        node.agent_log()
+    );
+    let log = node.agent_log();
+    assert!(log.contains("adopted: 1"), "{log}");
+    assert!(
+        log.contains("pod-corrupt.json"),
+        "the corrupt record is reported:\n{log}"
+    );
+    assert!(log.contains("from another version"), "{log}");
+    // The surviving pod is served, without a CNI call.
+    let _srv = echo_server(&keep.ns.open(), 7600, 1);
+    let peer = node.add_pod("peer").unwrap();
+    let reply = talk(&peer.ns.open(), SocketAddr::new(keep.ip, 7600), b"still").unwrap();
+    assert!(reply.ends_with("still"), "{reply}");
+}
