@@ -1,56 +1,136 @@
-//! ambit-bench: the same-node data-path benchmark.
+//! ambit-bench: the benchmark suite.
 //!
 //! Two pods on one node (bridge + host-local + ambit-cni through libcni, ambit-agent running).
-//! First through Ambit (client pod → 15001 → HBONE → server pod's 15008 → app), then the
-//! same pods with their capture rules removed (direct), in the same run, and reports each
-//! figure with its ratio to direct. A measurement, not a test: nothing here asserts a speed.
+//! Every figure is measured through Ambit (client pod → 15001 → HBONE → server pod's 15008 →
+//! app) and then between the same pods with their capture rules removed (direct), in the same
+//! run, unpinned and with every process pinned to one vCPU, `--repeat` times each; the report
+//! gives medians and ratios to direct, as a Markdown table and JSON. Also: CNI ADD latency of
+//! the whole chain through libcni, and the agent's RSS with 0, 100 and 250 captured pods and
+//! during the throughput test. A measurement, not a test: nothing here asserts a speed.
 //!
-//!     bash bench/run.sh                    # installs what it needs, builds release, runs
-//!     bash bench/run.sh --seconds 5 --json out.json
+//!     bash bench/run.sh                              # installs what it needs, builds release
+//!     bash bench/run.sh --json out.json --markdown out.md
+//!     bash bench/run.sh --smoke                      # seconds; what CI runs
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ambit_common::netns::Netns;
 use ambit_tests::{Node, require_root};
 use anyhow::{Context, Result};
 use clap::Parser;
+use serde_json::{Value, json};
 
-#[derive(Parser)]
-#[command(about = "Same-node throughput and latency through Ambit vs direct")]
+#[derive(Parser, Clone)]
+#[command(about = "Ambit's benchmark suite: through Ambit vs direct, in the same run")]
 struct Args {
-    /// Seconds of the single-stream throughput test.
+    /// Seconds of each single-stream throughput run.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
-    /// Round trips per latency test (after 1,000 warm-up round trips).
+    /// Round trips per latency run (after 1,000 warm-up round trips).
     #[arg(long, default_value_t = 20_000)]
     iterations: usize,
-    /// New connections in the connection-setup test.
+    /// New connections per connection-setup run.
     #[arg(long, default_value_t = 2_000)]
     connections: usize,
+    /// Runs of every figure, per mode and variant; the report gives medians.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Skip the variant with every process pinned to one vCPU.
+    #[arg(long)]
+    no_pinned: bool,
+    /// Pods whose CNI ADD latency is measured.
+    #[arg(long, default_value_t = 50)]
+    add_pods: usize,
+    /// Captured-pod counts at which the agent's RSS is read (pods added in between).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![0, 100, 250])]
+    rss_pods: Vec<usize>,
+    /// A short run that only checks the suite works (CI): tiny durations, one repetition.
+    #[arg(long)]
+    smoke: bool,
     /// Extra ambit-agent arguments, e.g. `--agent-arg=--worker-threads=1` (repeatable): to
     /// measure a lever against the default in the same conditions.
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     agent_args: Vec<String>,
-    /// Also write the figures as JSON here.
+    /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write the Markdown table here (it is printed either way).
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+impl Args {
+    fn effective(mut self) -> Self {
+        if self.smoke {
+            self.seconds = 0.3;
+            self.iterations = 200;
+            self.connections = 20;
+            self.repeat = 1;
+            self.add_pods = 3;
+            self.rss_pods = vec![0, 3];
+        }
+        self
+    }
 }
 
 const SINK_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 5202;
 const WARMUP: usize = 1_000;
 
-/// Figures of one mode (direct or through Ambit).
-#[derive(Default, Debug)]
+/// Figures of one run.
+#[derive(Default, Debug, Clone)]
 struct Figures {
     gbps: f64,
     rtt1: (f64, f64),
     rtt1k: (f64, f64),
     connect: (f64, f64),
     agent_cores: f64,
+    rss_peak_kib: u64,
+}
+
+/// Pins the calling thread to CPU 0.
+fn pin_thread() {
+    let mut set = nix::sched::CpuSet::new();
+    let _ = set.set(0);
+    let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+}
+
+/// Pins every thread of `pid` to CPU 0, or lets them run anywhere again.
+fn pin_process(pid: u32, pinned: bool) -> Result<()> {
+    let cpus = if pinned {
+        "0".to_string()
+    } else {
+        format!(
+            "0-{}",
+            std::thread::available_parallelism().map_or(1, |n| n.get()) - 1
+        )
+    };
+    let out = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", &cpus, &pid.to_string()])
+        .output()
+        .context("taskset (util-linux)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "taskset: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn bind(ns: &Netns, port: u16) -> Result<TcpListener> {
@@ -69,8 +149,11 @@ fn connect(ns: &Netns, dst: SocketAddr) -> Result<TcpStream> {
 }
 
 /// Serves `conns` connections: counts bytes to EOF and answers the count (8 bytes, BE).
-fn sink(l: TcpListener, conns: usize) -> std::thread::JoinHandle<()> {
+fn sink(l: TcpListener, conns: usize, pinned: bool) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
+        if pinned {
+            pin_thread();
+        }
         let mut buf = vec![0u8; 256 << 10];
         for _ in 0..conns {
             let Ok((mut c, _)) = l.accept() else { return };
@@ -87,12 +170,18 @@ fn sink(l: TcpListener, conns: usize) -> std::thread::JoinHandle<()> {
 }
 
 /// Serves `conns` connections, echoing everything until EOF, one thread per connection.
-fn echo(l: TcpListener, conns: usize) -> std::thread::JoinHandle<()> {
+fn echo(l: TcpListener, conns: usize, pinned: bool) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
+        if pinned {
+            pin_thread();
+        }
         for _ in 0..conns {
             let Ok((mut c, _)) = l.accept() else { return };
             let _ = c.set_nodelay(true);
             std::thread::spawn(move || {
+                if pinned {
+                    pin_thread();
+                }
                 let mut buf = vec![0u8; 64 << 10];
                 while let Ok(k) = c.read(&mut buf) {
                     if k == 0 || c.write_all(&buf[..k]).is_err() {
@@ -173,23 +262,41 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
+/// One run of every data-path figure. `agent`: the agent's pid (CPU and RSS are read).
 fn measure(
     args: &Args,
     client: &Netns,
     server: &Netns,
     ip: std::net::IpAddr,
     agent: Option<u32>,
+    pinned: bool,
 ) -> Result<Figures> {
-    let sink_srv = sink(bind(server, SINK_PORT)?, 1);
-    let echo_srv = echo(bind(server, ECHO_PORT)?, 2 + args.connections);
+    let sink_srv = sink(bind(server, SINK_PORT)?, 1, pinned);
+    let echo_srv = echo(bind(server, ECHO_PORT)?, 2 + args.connections, pinned);
     let (sink_dst, echo_dst) = (
         SocketAddr::new(ip, SINK_PORT),
         SocketAddr::new(ip, ECHO_PORT),
     );
+    // RSS sampled every 50 ms during the throughput run.
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = agent.map(|pid| {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    });
     let cpu0 = agent.map(cpu_seconds);
     let t0 = Instant::now();
     let gbps = throughput(client, sink_dst, args.seconds)?;
     let wall = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    if let Some(s) = sampler {
+        let _ = s.join();
+    }
     let agent_cores = match (agent, cpu0) {
         (Some(pid), Some(c0)) => (cpu_seconds(pid) - c0) / wall,
         _ => 0.0,
@@ -205,11 +312,74 @@ fn measure(
         rtt1k,
         connect,
         agent_cores,
+        rss_peak_kib: peak.load(Ordering::Relaxed),
     })
 }
 
+/// `repeat` runs; the client side runs on this thread (pinned with the rest if asked).
+fn runs(
+    args: &Args,
+    client: &Netns,
+    server: &Netns,
+    ip: std::net::IpAddr,
+    agent: Option<u32>,
+    pinned: bool,
+) -> Result<Vec<Figures>> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            if pinned {
+                pin_thread();
+            }
+            (0..args.repeat)
+                .map(|i| {
+                    eprintln!("  run {}/{}", i + 1, args.repeat);
+                    measure(args, client, server, ip, agent, pinned)
+                })
+                .collect()
+        })
+        .join()
+        .expect("measurement thread")
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+/// The figures of a set of runs, by name: (name, unit, median, every run).
+fn summarize(runs: &[Figures]) -> Vec<(&'static str, &'static str, f64, Vec<f64>)> {
+    let pick = |f: fn(&Figures) -> f64| {
+        let all: Vec<f64> = runs.iter().map(f).collect();
+        (median(all.clone()), all)
+    };
+    let rows: [(&'static str, &'static str, fn(&Figures) -> f64); 7] = [
+        ("throughput, 1 stream", "Gbit/s", |f| f.gbps),
+        ("RTT 1 B p50", "µs", |f| f.rtt1.0),
+        ("RTT 1 B p99", "µs", |f| f.rtt1.1),
+        ("RTT 1 KiB p50", "µs", |f| f.rtt1k.0),
+        ("RTT 1 KiB p99", "µs", |f| f.rtt1k.1),
+        ("new conn + 1 B echo p50", "µs", |f| f.connect.0),
+        ("new conn + 1 B echo p99", "µs", |f| f.connect.1),
+    ];
+    rows.into_iter()
+        .map(|(n, u, f)| {
+            let (m, all) = pick(f);
+            (n, u, m, all)
+        })
+        .collect()
+}
+
+fn p50_p99_ms(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return (0.0, 0.0);
+    }
+    (pct(&v, 0.5), pct(&v, 0.99))
+}
+
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let args = Args::parse().effective();
     require_root();
     if std::env::var("AMBIT_PROFILE").as_deref() != Ok("release") {
         eprintln!(
@@ -222,16 +392,63 @@ fn main() -> Result<()> {
     let a = node.add_pod("bench-client")?;
     let b = node.add_pod("bench-server")?;
     let (ca, cb) = (a.ns.open(), b.ns.open());
+    let pid = node.agent_pid().context("agent pid")?;
     eprintln!("pods: client {} -> server {}", a.ip, b.ip);
+    let variants: Vec<bool> = if args.no_pinned {
+        vec![false]
+    } else {
+        vec![false, true]
+    };
 
-    eprintln!("through Ambit (HBONE, same node)...");
-    let ambit = measure(&args, &ca, &cb, b.ip, node.agent_pid())?;
-    let rss = node.agent_rss_kib().unwrap_or(0);
+    let rss_idle = rss_kib(pid);
+    let mut ambit = Vec::new();
+    for &pinned in &variants {
+        eprintln!(
+            "through Ambit (HBONE, same node){}...",
+            if pinned { ", pinned to CPU 0" } else { "" }
+        );
+        pin_process(pid, pinned)?;
+        ambit.push(runs(&args, &ca, &cb, b.ip, Some(pid), pinned)?);
+    }
+    pin_process(pid, false)?;
     let log = node.agent_log();
     anyhow::ensure!(
         log.contains("protocol=\"hbone\""),
         "the measured traffic did not go through HBONE"
     );
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_after = rss_kib(pid);
+
+    // CNI ADD latency of the whole chain, then RSS as captured pods accumulate.
+    eprintln!(
+        "CNI ADD latency ({} pods) and RSS at {:?} captured pods...",
+        args.add_pods, args.rss_pods
+    );
+    let mut extra = Vec::new();
+    let mut add_ms = Vec::new();
+    let mut rss_at = Vec::new();
+    let max_pods = args
+        .rss_pods
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(args.add_pods);
+    for n in 0..=max_pods {
+        if args.rss_pods.contains(&n) {
+            std::thread::sleep(Duration::from_millis(500));
+            rss_at.push((n, rss_kib(pid)));
+        }
+        if n == max_pods {
+            break;
+        }
+        let p = node.add_pod(&format!("idle{n}"))?;
+        if n < args.add_pods {
+            add_ms.push(p.add_time.as_secs_f64() * 1e3);
+        }
+        extra.push(p);
+    }
+    let add = p50_p99_ms(add_ms);
 
     // The same pods without capture: the agent stopped (it would reinstall the rules) and
     // Ambit's table removed from both namespaces.
@@ -239,54 +456,86 @@ fn main() -> Result<()> {
     for p in [&a, &b] {
         p.ns.exec(&["nft", "delete", "table", "inet", "ambit"])?;
     }
-    eprintln!("direct (capture rules removed)...");
-    let direct = measure(&args, &ca, &cb, b.ip, None)?;
+    let mut direct = Vec::new();
+    for &pinned in &variants {
+        eprintln!(
+            "direct (capture rules removed){}...",
+            if pinned { ", pinned to CPU 0" } else { "" }
+        );
+        direct.push(runs(&args, &ca, &cb, b.ip, None, pinned)?);
+    }
 
-    let row = |name: &str, d: f64, x: f64, unit: &str| {
-        println!("| {name} | {d:.2} {unit} | {x:.2} {unit} | {:.2}x |", x / d);
-    };
-    println!("\n| figure | direct | through Ambit | ratio |");
-    println!("|---|---|---|---|");
-    row("throughput, 1 stream", direct.gbps, ambit.gbps, "Gbit/s");
-    row("RTT 1 B p50", direct.rtt1.0, ambit.rtt1.0, "µs");
-    row("RTT 1 B p99", direct.rtt1.1, ambit.rtt1.1, "µs");
-    row("RTT 1 KiB p50", direct.rtt1k.0, ambit.rtt1k.0, "µs");
-    row("RTT 1 KiB p99", direct.rtt1k.1, ambit.rtt1k.1, "µs");
-    row(
-        "new conn + 1 B echo p50",
-        direct.connect.0,
-        ambit.connect.0,
-        "µs",
-    );
-    row(
-        "new conn + 1 B echo p99",
-        direct.connect.1,
-        ambit.connect.1,
-        "µs",
-    );
-    println!(
-        "\nagent CPU during the throughput test: {:.2} cores ({:.3} core per Gbit/s); agent RSS after: {:.1} MB",
-        ambit.agent_cores,
-        ambit.agent_cores / ambit.gbps.max(1e-9),
-        rss as f64 / 1024.0
-    );
+    // The report.
+    let mut md = String::new();
+    md.push_str(&format!(
+        "| figure | direct (median of {}) | through Ambit | ratio |\n|---|---|---|---|\n",
+        args.repeat
+    ));
+    let mut json_rows = Vec::new();
+    for (i, &pinned) in variants.iter().enumerate() {
+        let tag = if pinned { " (pinned, 1 vCPU)" } else { "" };
+        for ((name, unit, d, d_all), (_, _, x, x_all)) in
+            summarize(&direct[i]).into_iter().zip(summarize(&ambit[i]))
+        {
+            md.push_str(&format!(
+                "| {name}{tag} | {d:.2} {unit} | {x:.2} {unit} | {:.2}x |\n",
+                x / d
+            ));
+            json_rows.push(json!({
+                "figure": format!("{name}{tag}"), "unit": unit, "pinned": pinned,
+                "direct": d, "ambit": x, "ratio": x / d,
+                "direct_runs": d_all, "ambit_runs": x_all,
+            }));
+        }
+        let cores = median(ambit[i].iter().map(|f| f.agent_cores).collect());
+        let gbps = median(ambit[i].iter().map(|f| f.gbps).collect());
+        md.push_str(&format!(
+            "| agent CPU during throughput{tag} | – | {cores:.2} cores ({:.3} core per Gbit/s) | – |\n",
+            cores / gbps.max(1e-9)
+        ));
+        json_rows.push(
+            json!({"figure": format!("agent cores during throughput{tag}"), "ambit": cores,
+                              "core_per_gbps": cores / gbps.max(1e-9), "pinned": pinned}),
+        );
+    }
+    let rss_peak = ambit
+        .iter()
+        .flatten()
+        .map(|f| f.rss_peak_kib)
+        .max()
+        .unwrap_or(0);
+    md.push_str(&format!(
+        "| agent RSS idle / peak during throughput / after | – | {:.1} / {:.1} / {:.1} MB | – |\n",
+        rss_idle as f64 / 1024.0,
+        rss_peak as f64 / 1024.0,
+        rss_after as f64 / 1024.0
+    ));
+    for (n, kib) in &rss_at {
+        md.push_str(&format!(
+            "| agent RSS with {n} more captured pods (+2 bench pods) | – | {:.1} MB | – |\n",
+            *kib as f64 / 1024.0
+        ));
+    }
+    md.push_str(&format!(
+        "| CNI ADD of the whole chain via libcni, {} pods, p50 / p99 | – | {:.1} / {:.1} ms | – |\n",
+        args.add_pods, add.0, add.1
+    ));
+    println!("\n{md}");
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, &md)?;
+    }
     if let Some(path) = &args.json {
-        let fig = |f: &Figures| {
-            serde_json::json!({
-                "throughput_gbps": f.gbps,
-                "rtt_1b_us": {"p50": f.rtt1.0, "p99": f.rtt1.1},
-                "rtt_1k_us": {"p50": f.rtt1k.0, "p99": f.rtt1k.1},
-                "connect_echo_us": {"p50": f.connect.0, "p99": f.connect.1},
-            })
-        };
-        let out = serde_json::json!({
-            "direct": fig(&direct),
-            "ambit": fig(&ambit),
-            "throughput_ratio": ambit.gbps / direct.gbps,
-            "agent_cores_during_throughput": ambit.agent_cores,
-            "agent_rss_kib": rss,
+        let out: Value = json!({
+            "settings": {"seconds": args.seconds, "iterations": args.iterations,
+                         "connections": args.connections, "repeat": args.repeat,
+                         "agent_args": args.agent_args, "smoke": args.smoke},
+            "figures": json_rows,
+            "agent_rss_kib": {"idle": rss_idle, "peak_during_throughput": rss_peak, "after": rss_after,
+                              "by_pods": rss_at.iter().map(|(n, k)| json!({"pods": n, "kib": k})).collect::<Vec<_>>()},
+            "cni_add_ms": {"pods": args.add_pods, "p50": add.0, "p99": add.1},
         });
         std::fs::write(path, serde_json::to_vec_pretty(&out)?)?;
     }
+    drop(extra);
     Ok(())
 }
