@@ -342,6 +342,9 @@ fn runs(
     })
 }
 
+/// A reported figure: name, unit, and how to read it off one run.
+type Row = (&'static str, &'static str, fn(&Figures) -> f64);
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
@@ -353,7 +356,7 @@ fn summarize(runs: &[Figures]) -> Vec<(&'static str, &'static str, f64, Vec<f64>
         let all: Vec<f64> = runs.iter().map(f).collect();
         (median(all.clone()), all)
     };
-    let rows: [(&'static str, &'static str, fn(&Figures) -> f64); 7] = [
+    let rows: [Row; 7] = [
         ("throughput, 1 stream", "Gbit/s", |f| f.gbps),
         ("RTT 1 B p50", "µs", |f| f.rtt1.0),
         ("RTT 1 B p99", "µs", |f| f.rtt1.1),
