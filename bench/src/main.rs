@@ -403,26 +403,8 @@ fn main() -> Result<()> {
         vec![false, true]
     };
 
-    let rss_idle = rss_kib(pid);
-    let mut ambit = Vec::new();
-    for &pinned in &variants {
-        eprintln!(
-            "through Ambit (HBONE, same node){}...",
-            if pinned { ", pinned to CPU 0" } else { "" }
-        );
-        pin_process(pid, pinned)?;
-        ambit.push(runs(&args, &ca, &cb, b.ip, Some(pid), pinned)?);
-    }
-    pin_process(pid, false)?;
-    let log = node.agent_log();
-    anyhow::ensure!(
-        log.contains("protocol=\"hbone\""),
-        "the measured traffic did not go through HBONE"
-    );
-    std::thread::sleep(Duration::from_secs(1));
-    let rss_after = rss_kib(pid);
-
-    // CNI ADD latency of the whole chain, then RSS as captured pods accumulate.
+    // First, on a fresh agent: CNI ADD latency of the whole chain, and RSS as captured idle
+    // pods accumulate (then they are deleted again).
     eprintln!(
         "CNI ADD latency ({} pods) and RSS at {:?} captured pods...",
         args.add_pods, args.rss_pods
@@ -452,6 +434,39 @@ fn main() -> Result<()> {
         extra.push(p);
     }
     let add = p50_p99_ms(add_ms);
+    // Back to the two bench pods, so the data path is measured as it was.
+    for p in extra.drain(..) {
+        let args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={};K8S_POD_UID=uid-{}",
+            p.name, p.name
+        );
+        let out = node.cnitool("del", &p.ns, &p.container_id, &args);
+        anyhow::ensure!(
+            out.status.success(),
+            "DEL {}: {}",
+            p.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let rss_idle = rss_kib(pid);
+    let mut ambit = Vec::new();
+    for &pinned in &variants {
+        eprintln!(
+            "through Ambit (HBONE, same node){}...",
+            if pinned { ", pinned to CPU 0" } else { "" }
+        );
+        pin_process(pid, pinned)?;
+        ambit.push(runs(&args, &ca, &cb, b.ip, Some(pid), pinned)?);
+    }
+    pin_process(pid, false)?;
+    let log = node.agent_log();
+    anyhow::ensure!(
+        log.contains("protocol=\"hbone\""),
+        "the measured traffic did not go through HBONE"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_after = rss_kib(pid);
 
     // The same pods without capture: the agent stopped (it would reinstall the rules) and
     // Ambit's table removed from both namespaces.
@@ -515,7 +530,7 @@ fn main() -> Result<()> {
     ));
     for (n, kib) in &rss_at {
         md.push_str(&format!(
-            "| agent RSS with {n} more captured pods (+2 bench pods) | – | {:.1} MB | – |\n",
+            "| agent RSS with {n} more idle captured pods (+2 bench pods), before any traffic | – | {:.1} MB | – |\n",
             *kib as f64 / 1024.0
         ));
     }
@@ -539,6 +554,5 @@ fn main() -> Result<()> {
         });
         std::fs::write(path, serde_json::to_vec_pretty(&out)?)?;
     }
-    drop(extra);
     Ok(())
 }

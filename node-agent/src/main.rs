@@ -200,6 +200,8 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         stop.clone(),
         move || {
             m.reconcile();
+            // Memory freed since the last pass goes back to the system (RSS follows load).
+            ambit_common::sys::trim_heap();
         },
     ));
     let m = mgr.clone();
