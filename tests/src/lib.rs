@@ -333,14 +333,10 @@ impl Node {
         std::fs::read_to_string(self.dir.0.join("cni.log")).unwrap_or_default()
     }
 
-    /// Starts the agent inside the node namespace and waits until its socket exists.
-    pub fn start_agent(&mut self) -> Result<()> {
-        let _ = std::fs::remove_file(self.socket());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.0.join("agent.log"))?;
-        let child = Command::new("ip")
+    /// Spawns `ambit-agent` in the node namespace on the node's socket and state directory,
+    /// logging to `log`, with `extra` arguments before the node's `agent_args`.
+    fn spawn_agent(&self, log: std::fs::File, extra: &[String]) -> Result<Child> {
+        Ok(Command::new("ip")
             .args(["netns", "exec", &self.ns.name])
             .arg(&bins().agent)
             .arg("--socket")
@@ -348,12 +344,22 @@ impl Node {
             .arg("--state-dir")
             .arg(self.state_dir())
             .args(["--log", "debug", "--reconcile-seconds", "0.5"])
+            .args(extra)
             .args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .spawn()?;
-        self.agent = Some(child);
+            .spawn()?)
+    }
+
+    /// Starts the agent inside the node namespace and waits until its socket exists.
+    pub fn start_agent(&mut self) -> Result<()> {
+        let _ = std::fs::remove_file(self.socket());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.0.join("agent.log"))?;
+        self.agent = Some(self.spawn_agent(log, &[])?);
         wait_for(Duration::from_secs(10), || self.socket().exists())
             .context("the agent did not create its socket")?;
         Ok(())
@@ -364,23 +370,14 @@ impl Node {
     /// (`agent-<tag>.log`). The caller owns (and must stop) the process.
     pub fn start_second_agent(&self, tag: &str, port_base: u16) -> Result<Child> {
         let log = std::fs::File::create(self.dir.0.join(format!("agent-{tag}.log")))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns.name])
-            .arg(&bins().agent)
-            .arg("--socket")
-            .arg(self.socket())
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .args(["--log", "debug", "--reconcile-seconds", "0.5"])
-            .arg(format!("--metrics-address=127.0.0.1:{}", port_base))
-            .arg(format!("--readiness-address=127.0.0.1:{}", port_base + 1))
-            .arg(format!("--admin-address=127.0.0.1:{}", port_base + 2))
-            .args(&self.agent_args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        Ok(child)
+        self.spawn_agent(
+            log,
+            &[
+                format!("--metrics-address=127.0.0.1:{port_base}"),
+                format!("--readiness-address=127.0.0.1:{}", port_base + 1),
+                format!("--admin-address=127.0.0.1:{}", port_base + 2),
+            ],
+        )
     }
 
     pub fn log_of(&self, tag: &str) -> String {
@@ -592,6 +589,28 @@ pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> Result<Duration
         std::thread::sleep(Duration::from_millis(20));
     }
     bail!("condition not met within {limit:?}")
+}
+
+/// A TCP server inside `ns` echoing every connection until its peer half-closes, for as many
+/// connections as come (a thread per connection; it lives as long as the test process).
+pub fn echo_forever(ns: &Netns, port: u16) {
+    let l = ns
+        .run(|| TcpListener::bind(("0.0.0.0", port)))
+        .unwrap()
+        .unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
 }
 
 /// A TCP server inside `ns` that answers each connection with `peer=<ip>;` followed by

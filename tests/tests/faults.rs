@@ -33,25 +33,7 @@ fn sigkill_under_traffic_fails_closed_leaks_nothing_and_restart_readopts_without
     node.start_agent().unwrap();
     let client = node.add_pod("client").unwrap();
     let server = node.add_pod("server").unwrap();
-    let listener = server
-        .ns
-        .open()
-        .run(|| std::net::TcpListener::bind(("0.0.0.0", 7200)))
-        .unwrap()
-        .unwrap();
-    std::thread::spawn(move || {
-        for s in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    echo_forever(&server.ns.open(), 7200);
     let dst = SocketAddr::new(server.ip, 7200);
     let marker = format!("AMBIT-MARKER-{}", unique("k"));
     let msg = format!("{marker}|{}", ".".repeat(1000)).into_bytes();

@@ -30,23 +30,7 @@ fn a_surge_upgrade_hands_over_without_failing_a_new_connection() {
     let server = node.add_pod("server").unwrap();
     let dst = SocketAddr::new(server.ip, 8080);
     // An echo server answering as many connections as the load makes.
-    let listener = server
-        .ns
-        .open()
-        .run(|| std::net::TcpListener::bind(("0.0.0.0", 8080)))
-        .unwrap()
-        .unwrap();
-    std::thread::spawn(move || {
-        for s in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let mut b = [0u8; 1];
-                if s.read_exact(&mut b).is_ok() {
-                    let _ = s.write_all(&b);
-                }
-            });
-        }
-    });
+    echo_forever(&server.ns.open(), 8080);
 
     // Steady load of new connections from the client pod, 1 byte echoed on each.
     let stop = Arc::new(AtomicBool::new(false));
