@@ -165,6 +165,20 @@ pub fn link_nodes(a: &Node, b: &Node) -> Result<String> {
     Ok(ea)
 }
 
+/// Packet captures prove an absence, so they must drop nothing, and tcpdump falls behind when
+/// other tests of the same binary load both CPUs. A test that captures holds this lock
+/// exclusively ([`capture_alone`]); the other tests of its binary hold it shared
+/// ([`beside_captures`]), so they still run in parallel with each other, never with a capture.
+static CAPTURE_LOCK: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+pub fn capture_alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    CAPTURE_LOCK.write().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn beside_captures() -> std::sync::RwLockReadGuard<'static, ()> {
+    CAPTURE_LOCK.read().unwrap_or_else(|p| p.into_inner())
+}
+
 /// tcpdump on every interface of a namespace (`-i any`), stopped and read on [`Capture::finish`].
 pub struct Capture {
     child: Option<Child>,

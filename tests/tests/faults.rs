@@ -28,6 +28,7 @@ fn exchange(ns: &ambit_common::netns::Netns, dst: SocketAddr, msg: &[u8]) -> std
 
 #[test]
 fn sigkill_under_traffic_fails_closed_leaks_nothing_and_restart_readopts_without_cni() {
+    let _alone = capture_alone();
     let dir = TempDir::new("faults");
     let mut node = Node::new("1.0.0").unwrap();
     node.start_agent().unwrap();
@@ -102,6 +103,7 @@ fn sigkill_under_traffic_fails_closed_leaks_nothing_and_restart_readopts_without
 
 #[test]
 fn vanished_namespaces_are_forgotten_and_corrupt_or_old_records_do_not_stop_a_restart() {
+    let _shared = beside_captures();
     let mut node = Node::new("1.0.0").unwrap();
     node.start_agent().unwrap();
     let keep = node.add_pod("keep").unwrap();

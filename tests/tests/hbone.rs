@@ -41,6 +41,7 @@ fn payload(marker: &str, len: usize) -> Vec<u8> {
 
 #[test]
 fn pods_talk_over_hbone_on_one_node_and_across_nodes_and_the_wire_carries_only_tls() {
+    let _alone = capture_alone();
     let ca = TestCa::new("mesh");
     let shared = TempDir::new("mesh");
     let manifests = shared.0.join("manifests");
@@ -175,6 +176,7 @@ fn impostor(ns: &ambit_common::netns::Netns, leaf: &Leaf) -> std::thread::JoinHa
 
 #[test]
 fn port_15008_refuses_unauthenticated_foreign_and_expired_clients_and_clients_refuse_impostors() {
+    let _shared = beside_captures();
     let ca = TestCa::new("mesh");
     let other_ca = TestCa::new("other");
     let shared = TempDir::new("mesh");
@@ -289,6 +291,7 @@ fn port_15008_refuses_unauthenticated_foreign_and_expired_clients_and_clients_re
 
 #[test]
 fn certificates_rotate_during_a_long_transfer_that_continues_unbroken() {
+    let _shared = beside_captures();
     let mut node = Node::new("1.0.0").unwrap();
     node.agent_args = ["--cert-lifetime", "2s"].map(String::from).to_vec();
     node.start_agent().unwrap();
@@ -364,6 +367,7 @@ fn certificates_rotate_during_a_long_transfer_that_continues_unbroken() {
 
 #[test]
 fn the_client_speaks_the_wire_contract_and_any_non_200_fails_the_connection() {
+    let _shared = beside_captures();
     let ca = TestCa::new("mesh");
     let shared = TempDir::new("mesh");
     let manifests = shared.0.join("manifests");
@@ -419,6 +423,7 @@ fn the_client_speaks_the_wire_contract_and_any_non_200_fails_the_connection() {
 /// unprocessed is retried on a new connection, and the app never notices.
 #[test]
 fn a_stream_refused_by_goaway_is_retried_on_a_new_connection() {
+    let _shared = beside_captures();
     let ca = TestCa::new("mesh");
     let shared = TempDir::new("mesh");
     let manifests = shared.0.join("manifests");
@@ -447,6 +452,7 @@ fn a_stream_refused_by_goaway_is_retried_on_a_new_connection() {
 
 #[test]
 fn streams_share_a_pooled_connection_resets_propagate_and_idle_connections_close() {
+    let _shared = beside_captures();
     let mut node = Node::new("1.0.0").unwrap();
     node.agent_args = ["--pool-idle-timeout", "1s"].map(String::from).to_vec();
     node.start_agent().unwrap();
