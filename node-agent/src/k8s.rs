@@ -129,6 +129,15 @@ struct Caches {
 }
 
 impl Caches {
+    /// The cache of one of the two policy kinds.
+    fn policy_cache(&mut self, kind: Kind) -> &mut Cache<DynamicObject> {
+        if kind == Kind::AuthorizationPolicy {
+            &mut self.policies
+        } else {
+            &mut self.peer_auths
+        }
+    }
+
     fn synced(&self) -> bool {
         self.pods.synced && self.namespaces.synced && self.policies.synced && self.peer_auths.synced
     }
@@ -201,7 +210,7 @@ pub async fn run(client: Client, store: Arc<Store>, root_ns: String, stop: Cance
     let pods = watcher::watcher(Api::<Pod>::all(client.clone()), cfg())
         .default_backoff()
         .map(|r| match r {
-            Ok(ev) => Update::Pod(Box::new(ev.map_slim())),
+            Ok(ev) => Update::Pod(Box::new(slim_event(ev))),
             Err(e) => Update::Failed(Kind::Pod, e),
         })
         .boxed();
@@ -262,17 +271,11 @@ pub async fn run(client: Client, store: Arc<Store>, root_ns: String, stop: Cance
 }
 
 /// Keeps only what the agent reads of each Pod event.
-trait SlimEvent {
-    fn map_slim(self) -> Event<Pod>;
-}
-
-impl SlimEvent for Event<Pod> {
-    fn map_slim(self) -> Event<Pod> {
-        match self {
-            Event::Apply(p) => Event::Apply(slim(p)),
-            Event::InitApply(p) => Event::InitApply(slim(p)),
-            other => other,
-        }
+fn slim_event(ev: Event<Pod>) -> Event<Pod> {
+    match ev {
+        Event::Apply(p) => Event::Apply(slim(p)),
+        Event::InitApply(p) => Event::InitApply(slim(p)),
+        other => other,
     }
 }
 
@@ -280,30 +283,18 @@ fn apply(caches: &mut Caches, u: Update, failing: &mut HashSet<Kind>) -> bool {
     let (kind, changed) = match u {
         Update::Pod(ev) => (Kind::Pod, caches.pods.apply(*ev)),
         Update::Namespace(ev) => (Kind::Namespace, caches.namespaces.apply(ev)),
-        Update::Policy(k, ev) => {
-            let cache = if k == Kind::AuthorizationPolicy {
-                &mut caches.policies
-            } else {
-                &mut caches.peer_auths
-            };
-            (k, cache.apply(ev))
-        }
+        Update::Policy(k, ev) => (k, caches.policy_cache(k).apply(ev)),
         Update::Failed(kind, e) => {
             if matches!(kind, Kind::AuthorizationPolicy | Kind::PeerAuthentication)
                 && is_not_found(&e)
             {
-                let cache = if kind == Kind::AuthorizationPolicy {
-                    &mut caches.policies
-                } else {
-                    &mut caches.peer_auths
-                };
                 if failing.insert(kind) {
                     warn!(
                         ?kind,
                         "the {ISTIO_GROUP} CRD is not installed: no such policies (retrying)"
                     );
                 }
-                return cache.absent();
+                return caches.policy_cache(kind).absent();
             }
             if failing.insert(kind) {
                 warn!(

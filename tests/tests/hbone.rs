@@ -18,6 +18,15 @@ fn mesh_args(ca: &TestCa, shared: &Path) -> Vec<String> {
     v
 }
 
+/// A single node whose agent uses `ca` and a fresh manifests directory (in the returned dir).
+fn mesh_node(ca: &TestCa) -> (TempDir, Node) {
+    let shared = TempDir::new("mesh");
+    let mut node = Node::new("1.0.0").unwrap();
+    node.agent_args = mesh_args(ca, &shared.0);
+    node.start_agent().unwrap();
+    (shared, node)
+}
+
 /// Waits until `node`'s agent loaded a manifest snapshot with `pods` pods.
 fn wait_manifests(node: &Node, pods: usize) {
     wait_for(Duration::from_secs(10), || {
@@ -179,11 +188,8 @@ fn port_15008_refuses_unauthenticated_foreign_and_expired_clients_and_clients_re
     let _shared = beside_captures();
     let ca = TestCa::new("mesh");
     let other_ca = TestCa::new("other");
-    let shared = TempDir::new("mesh");
+    let (shared, mut node) = mesh_node(&ca);
     let manifests = shared.0.join("manifests");
-    let mut node = Node::new("1.0.0").unwrap();
-    node.agent_args = mesh_args(&ca, &shared.0);
-    node.start_agent().unwrap();
     let a = node.add_pod("a").unwrap();
     let b = node.add_pod("b").unwrap();
     let server = echo_server(&b.ns.open(), 7100, 1);
@@ -369,11 +375,8 @@ fn certificates_rotate_during_a_long_transfer_that_continues_unbroken() {
 fn the_client_speaks_the_wire_contract_and_any_non_200_fails_the_connection() {
     let _shared = beside_captures();
     let ca = TestCa::new("mesh");
-    let shared = TempDir::new("mesh");
+    let (shared, mut node) = mesh_node(&ca);
     let manifests = shared.0.join("manifests");
-    let mut node = Node::new("1.0.0").unwrap();
-    node.agent_args = mesh_args(&ca, &shared.0);
-    node.start_agent().unwrap();
     let a = node.add_pod("productpage").unwrap();
     write_pod_manifest(&manifests, &a, "productpage", true);
     // Two uncaptured pods play destinations' HBONE endpoints with the right identities.
@@ -425,11 +428,8 @@ fn the_client_speaks_the_wire_contract_and_any_non_200_fails_the_connection() {
 fn a_stream_refused_by_goaway_is_retried_on_a_new_connection() {
     let _shared = beside_captures();
     let ca = TestCa::new("mesh");
-    let shared = TempDir::new("mesh");
+    let (shared, mut node) = mesh_node(&ca);
     let manifests = shared.0.join("manifests");
-    let mut node = Node::new("1.0.0").unwrap();
-    node.agent_args = mesh_args(&ca, &shared.0);
-    node.start_agent().unwrap();
     let a = node.add_pod("productpage").unwrap();
     write_pod_manifest(&manifests, &a, "productpage", true);
     let d = node.add_pod_in("kube-system", "details").unwrap();

@@ -200,12 +200,18 @@ impl Drop for Running {
     }
 }
 
+/// The recorded cluster: pods, namespaces, one policy; PEER_AUTHS is not listed, so the double
+/// answers 404, as a cluster without that CRD does.
 fn start() -> Running {
     let double = Arc::new(Double::default());
     double.list(PODS, 200, recorded("pods.json"));
     double.list(NAMESPACES, 200, recorded("namespaces.json"));
     double.list(POLICIES, 200, recorded("authorizationpolicies.json"));
-    // PEER_AUTHS is not listed: the double answers 404, as a cluster without that CRD does.
+    start_with(double)
+}
+
+/// Runs the Kubernetes source against `double` until the returned guard is dropped.
+fn start_with(double: Arc<Double>) -> Running {
     let store = Store::new("td");
     let stop = CancellationToken::new();
     tokio::spawn(run(
@@ -385,14 +391,8 @@ async fn an_unreachable_api_server_keeps_the_agent_unsynced_and_inbound_refused(
                    "reason": "ServiceUnavailable", "message": "etcd is down", "code": 503}),
         );
     }
-    let store = Store::new("td");
-    let stop = CancellationToken::new();
-    tokio::spawn(run(
-        client(double.clone()),
-        store.clone(),
-        "istio-system".into(),
-        stop.clone(),
-    ));
+    let r = start_with(double);
+    let (double, store) = (&r.double, &r.store);
     // Several list attempts (back-off) and still nothing: not synced, inbound refused, and
     // enrollment cannot be answered.
     eventually("retried lists", || {
@@ -403,9 +403,7 @@ async fn an_unreachable_api_server_keeps_the_agent_unsynced_and_inbound_refused(
     assert_eq!(store.pending_sources(), vec![Source::Kubernetes]);
     let d = store.authorize("default", "db", &conn());
     assert!(!d.allowed() && d.to_string().contains("not loaded"), "{d}");
-    let resp =
-        crate::cni_server::enrollment(&store, "default", "db", "", Duration::from_millis(50));
+    let resp = crate::cni_server::enrollment(store, "default", "db", "", Duration::from_millis(50));
     assert!(!resp.ok);
     assert!(resp.error.unwrap().contains("not yet synced"));
-    stop.cancel();
 }
