@@ -37,6 +37,12 @@ struct Args {
     /// New connections per connection-setup run.
     #[arg(long, default_value_t = 2_000)]
     connections: usize,
+    /// Parallel streams of the multi-stream throughput figure.
+    #[arg(long, default_value_t = 4)]
+    streams: usize,
+    /// Concurrent connections of the many-connection throughput figure.
+    #[arg(long, default_value_t = 1_000)]
+    many: usize,
     /// Runs of every figure, per mode and variant; the report gives medians.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -70,6 +76,7 @@ impl Args {
             self.seconds = 0.3;
             self.iterations = 200;
             self.connections = 20;
+            self.many = 20;
             self.repeat = 1;
             self.add_pods = 3;
             self.rss_pods = vec![0, 3];
@@ -80,12 +87,19 @@ impl Args {
 
 const SINK_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 5202;
+const MANY_SINK_PORT: u16 = 5203;
+/// How long the parallel-throughput figures may take to deliver what was written.
+const STALL_LIMIT: Duration = Duration::from_secs(180);
 const WARMUP: usize = 1_000;
 
 /// Figures of one run.
 #[derive(Default, Debug, Clone)]
 struct Figures {
     gbps: f64,
+    /// Throughput with `--streams` parallel connections.
+    gbps_streams: f64,
+    /// Throughput with `--many` concurrent connections.
+    gbps_many: f64,
     rtt1: (f64, f64),
     rtt1k: (f64, f64),
     connect: (f64, f64),
@@ -133,10 +147,20 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// A listener in `ns` with a deep accept queue: through a proxy, a burst of client connects
+/// becomes a burst of upstream connects, and std's backlog of 128 would drop SYNs (each
+/// dropped one waits a second or more to be retried), measuring the listener, not the path.
 fn bind(ns: &Netns, port: u16) -> Result<TcpListener> {
-    ns.run(|| TcpListener::bind(("0.0.0.0", port)))
-        .map_err(anyhow::Error::msg)?
-        .with_context(|| format!("binding :{port}"))
+    ns.run(|| -> std::io::Result<TcpListener> {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+        s.listen(4096)?;
+        Ok(s.into())
+    })
+    .map_err(anyhow::Error::msg)?
+    .with_context(|| format!("binding :{port}"))
 }
 
 fn connect(ns: &Netns, dst: SocketAddr) -> Result<TcpStream> {
@@ -217,6 +241,105 @@ fn throughput(ns: &Netns, dst: SocketAddr, seconds: f64) -> Result<f64> {
     Ok(u64::from_be_bytes(n) as f64 * 8.0 / secs / 1e9)
 }
 
+/// Total throughput of `conns` connections writing at once for `seconds`, in Gbit/s. The
+/// connections are opened first (a barrier), then every one writes 256 KiB chunks (of one
+/// shared buffer, as the single-stream figure does) until the deadline; the server counts
+/// what arrived. One single-threaded tokio runtime drives each
+/// side (pinned with the caller when the caller is pinned), so the load generator's own
+/// cost does not grow with the connection count.
+fn throughput_many(
+    client: &Netns,
+    server: &Netns,
+    dst: SocketAddr,
+    conns: usize,
+    seconds: f64,
+    pinned: bool,
+) -> Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = bind(server, MANY_SINK_PORT)?;
+    listener.set_nonblocking(true)?;
+    let sink = std::thread::spawn(move || -> Result<u64> {
+        if pinned {
+            pin_thread();
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(listener)?;
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..conns {
+                let (mut c, _) = tokio::time::timeout(Duration::from_secs(30), l.accept())
+                    .await
+                    .context("accepting the parallel connections")??;
+                tasks.spawn(async move {
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut n = 0u64;
+                    loop {
+                        match c.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => n += k as u64,
+                        }
+                    }
+                    let _ = c.write_all(&n.to_be_bytes()).await;
+                    n
+                });
+            }
+            let mut total = 0;
+            while let Some(n) = tasks.join_next().await {
+                total += n?;
+            }
+            Ok(total)
+        })
+    });
+    let streams = (0..conns)
+        .map(|_| {
+            let s = connect(client, dst)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    static CHUNK: [u8; 256 << 10] = [0x5a; 256 << 10];
+    let start = Instant::now();
+    let limit = Duration::from_secs_f64(seconds);
+    rt.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for s in streams {
+            tasks.spawn(async move {
+                let mut s = tokio::net::TcpStream::from_std(s)?;
+                while start.elapsed() < limit {
+                    s.write_all(&CHUNK).await?;
+                }
+                s.shutdown().await?;
+                let mut n = [0u8; 8];
+                s.read_exact(&mut n).await?;
+                Ok::<_, std::io::Error>(())
+            });
+        }
+        // Bounded: a stalled connection fails the figure instead of hanging the suite.
+        let all = async {
+            while let Some(r) = tasks.join_next().await {
+                r??;
+            }
+            Ok::<_, anyhow::Error>(())
+        };
+        tokio::time::timeout(limit + STALL_LIMIT, all)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "some of the {conns} connections stalled: not all data \
+                                          arrived within {STALL_LIMIT:?} after the writers stopped"
+                )
+            })?
+    })?;
+    let secs = start.elapsed().as_secs_f64();
+    let total = sink.join().expect("sink thread")?;
+    Ok(total as f64 * 8.0 / secs / 1e9)
+}
+
 /// Round trips of `size`-byte messages on one connection, in microseconds.
 fn ping_pong(ns: &Netns, dst: SocketAddr, size: usize, n: usize) -> Result<(f64, f64)> {
     let mut s = connect(ns, dst)?;
@@ -291,7 +414,7 @@ fn measure(
     });
     let cpu0 = agent.map(cpu_seconds);
     let t0 = Instant::now();
-    let gbps = throughput(client, sink_dst, args.seconds)?;
+    let gbps = throughput(client, sink_dst, args.seconds).context("throughput")?;
     let wall = t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     if let Some(s) = sampler {
@@ -301,13 +424,21 @@ fn measure(
         (Some(pid), Some(c0)) => (cpu_seconds(pid) - c0) / wall,
         _ => 0.0,
     };
-    let rtt1 = ping_pong(client, echo_dst, 1, args.iterations)?;
-    let rtt1k = ping_pong(client, echo_dst, 1024, args.iterations)?;
-    let connect = connections(client, echo_dst, args.connections)?;
+    let many_dst = SocketAddr::new(ip, MANY_SINK_PORT);
+    let gbps_streams =
+        throughput_many(client, server, many_dst, args.streams, args.seconds, pinned)
+            .with_context(|| format!("throughput of {} streams", args.streams))?;
+    let gbps_many = throughput_many(client, server, many_dst, args.many, args.seconds, pinned)
+        .with_context(|| format!("throughput of {} connections", args.many))?;
+    let rtt1 = ping_pong(client, echo_dst, 1, args.iterations).context("1 B round trips")?;
+    let rtt1k = ping_pong(client, echo_dst, 1024, args.iterations).context("1 KiB round trips")?;
+    let connect = connections(client, echo_dst, args.connections).context("new connections")?;
     sink_srv.join().ok();
     echo_srv.join().ok();
     Ok(Figures {
         gbps,
+        gbps_streams,
+        gbps_many,
         rtt1,
         rtt1k,
         connect,
@@ -343,7 +474,7 @@ fn runs(
 }
 
 /// A reported figure: name, unit, and how to read it off one run.
-type Row = (&'static str, &'static str, fn(&Figures) -> f64);
+type Row<'a> = (&'a str, &'static str, fn(&Figures) -> f64);
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -351,13 +482,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// The figures of a set of runs, by name: (name, unit, median, every run).
-fn summarize(runs: &[Figures]) -> Vec<(&'static str, &'static str, f64, Vec<f64>)> {
+fn summarize(args: &Args, runs: &[Figures]) -> Vec<(String, &'static str, f64, Vec<f64>)> {
     let pick = |f: fn(&Figures) -> f64| {
         let all: Vec<f64> = runs.iter().map(f).collect();
         (median(all.clone()), all)
     };
-    let rows: [Row; 7] = [
+    let streams = format!("throughput, {} streams", args.streams);
+    let many = format!("throughput, {} concurrent connections", args.many);
+    let rows: [Row; 9] = [
         ("throughput, 1 stream", "Gbit/s", |f| f.gbps),
+        (&streams, "Gbit/s", |f| f.gbps_streams),
+        (&many, "Gbit/s", |f| f.gbps_many),
         ("RTT 1 B p50", "µs", |f| f.rtt1.0),
         ("RTT 1 B p99", "µs", |f| f.rtt1.1),
         ("RTT 1 KiB p50", "µs", |f| f.rtt1k.0),
@@ -368,7 +503,7 @@ fn summarize(runs: &[Figures]) -> Vec<(&'static str, &'static str, f64, Vec<f64>
     rows.into_iter()
         .map(|(n, u, f)| {
             let (m, all) = pick(f);
-            (n, u, m, all)
+            (n.to_string(), u, m, all)
         })
         .collect()
 }
@@ -390,7 +525,13 @@ fn main() -> Result<()> {
         );
     }
     let mut node = Node::new("1.0.0")?;
-    node.agent_args = args.agent_args.clone();
+    // The agent as production runs it (the test harness asks for debug logs and a fast
+    // reconcile loop; a debug line per HTTP/2 frame would be measured as data-path cost).
+    node.agent_args = ["--log", "info", "--reconcile-seconds", "5"]
+        .into_iter()
+        .map(String::from)
+        .chain(args.agent_args.iter().cloned())
+        .collect();
     node.start_agent()?;
     let a = node.add_pod("bench-client")?;
     let b = node.add_pod("bench-server")?;
@@ -457,7 +598,24 @@ fn main() -> Result<()> {
             if pinned { ", pinned to CPU 0" } else { "" }
         );
         pin_process(pid, pinned)?;
-        ambit.push(runs(&args, &ca, &cb, b.ip, Some(pid), pinned)?);
+        match runs(&args, &ca, &cb, b.ip, Some(pid), pinned) {
+            Ok(r) => ambit.push(r),
+            Err(e) => {
+                // The node directory goes with the node: keep what the agent said.
+                let log = node.agent_log();
+                let tail: Vec<&str> = log
+                    .lines()
+                    .filter(|l| !l.starts_with("  "))
+                    .rev()
+                    .take(30)
+                    .collect();
+                eprintln!("agent log (last lines):");
+                for l in tail.into_iter().rev() {
+                    eprintln!("  {l}");
+                }
+                return Err(e);
+            }
+        }
     }
     pin_process(pid, false)?;
     let log = node.agent_log();
@@ -465,7 +623,8 @@ fn main() -> Result<()> {
         log.contains("protocol=\"hbone\""),
         "the measured traffic did not go through HBONE"
     );
-    std::thread::sleep(Duration::from_secs(1));
+    // The agent hands freed memory back on its reconcile pass (every 5 s as run here).
+    std::thread::sleep(Duration::from_secs(6));
     let rss_after = rss_kib(pid);
 
     // The same pods without capture: the agent stopped (it would reinstall the rules) and
@@ -492,8 +651,9 @@ fn main() -> Result<()> {
     let mut json_rows = Vec::new();
     for (i, &pinned) in variants.iter().enumerate() {
         let tag = if pinned { " (pinned, 1 vCPU)" } else { "" };
-        for ((name, unit, d, d_all), (_, _, x, x_all)) in
-            summarize(&direct[i]).into_iter().zip(summarize(&ambit[i]))
+        for ((name, unit, d, d_all), (_, _, x, x_all)) in summarize(&args, &direct[i])
+            .into_iter()
+            .zip(summarize(&args, &ambit[i]))
         {
             md.push_str(&format!(
                 "| {name}{tag} | {d:.2} {unit} | {x:.2} {unit} | {:.2}x |\n",
@@ -515,6 +675,25 @@ fn main() -> Result<()> {
             json!({"figure": format!("agent cores during throughput{tag}"), "ambit": cores,
                               "core_per_gbps": cores / gbps.max(1e-9), "pinned": pinned}),
         );
+        // Scaling: does throughput grow with parallel streams and connections?
+        let med = |runs: &[Figures], f: fn(&Figures) -> f64| median(runs.iter().map(f).collect());
+        for (what, pick) in [
+            (
+                format!("{} streams", args.streams),
+                (|f: &Figures| f.gbps_streams) as fn(&Figures) -> f64,
+            ),
+            (format!("{} connections", args.many), |f: &Figures| {
+                f.gbps_many
+            }),
+        ] {
+            let scale = |runs: &[Figures]| med(runs, pick) / med(runs, |f| f.gbps).max(1e-9);
+            let (d, x) = (scale(&direct[i]), scale(&ambit[i]));
+            md.push_str(&format!(
+                "| scaling: {what} ÷ 1 stream{tag} | {d:.2}x | {x:.2}x | – |\n"
+            ));
+            json_rows.push(json!({"figure": format!("scaling, {what} / 1 stream{tag}"),
+                "direct_scaling": d, "ambit_scaling": x, "pinned": pinned}));
+        }
     }
     let rss_peak = ambit
         .iter()

@@ -26,9 +26,13 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
     );
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let figures = v["figures"].as_array().unwrap();
-    // 7 data-path figures + agent CPU, unpinned and pinned.
-    assert_eq!(figures.len(), 16, "{v:#}");
+    // 9 data-path figures + agent CPU + 2 scaling rows, unpinned and pinned.
+    assert_eq!(figures.len(), 24, "{v:#}");
     for f in figures {
+        if let Some(d) = f["direct_scaling"].as_f64() {
+            assert!(d > 0.0 && f["ambit_scaling"].as_f64().unwrap() > 0.0, "{f}");
+            continue;
+        }
         let ambit = f["ambit"].as_f64().unwrap();
         assert!(ambit > 0.0, "{f}");
         if let Some(d) = f["direct"].as_f64() {
@@ -48,4 +52,11 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
         table.contains("| throughput, 1 stream (pinned, 1 vCPU) |"),
         "{table}"
     );
+    for row in [
+        "| throughput, 4 streams |",
+        "| throughput, 20 concurrent connections (pinned, 1 vCPU) |",
+        "| scaling: 20 connections ÷ 1 stream |",
+    ] {
+        assert!(table.contains(row), "{row} missing:\n{table}");
+    }
 }

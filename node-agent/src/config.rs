@@ -25,7 +25,13 @@ pub enum Error {
 }
 
 #[derive(Clone, Debug, Parser)]
-#[command(name = "ambit-agent", version, about = "Ambit node agent")]
+// A flag given twice takes its last value (a wrapper's defaults, then the operator's).
+#[command(
+    name = "ambit-agent",
+    version,
+    about = "Ambit node agent",
+    args_override_self = true
+)]
 pub struct Config {
     /// YAML file of settings (keys are the long flag names); flags and environment win.
     #[arg(long, env = "AMBIT_CONFIG")]
@@ -385,6 +391,20 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("both"), "{e}");
+        let c = load(&[
+            "--log",
+            "debug",
+            "--reconcile-seconds",
+            "0.5",
+            "--log",
+            "info",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.log.as_str(), c.reconcile_seconds),
+            ("info", 0.5),
+            "a repeated flag takes its last value"
+        );
         let e = load(&["--log", "info,[["]).unwrap_err().to_string();
         assert!(e.contains("log"), "{e}");
         assert!(matches!(load(&["--help"]), Err(Error::Info(_))));

@@ -32,6 +32,8 @@ fn main() -> std::process::ExitCode {
     };
     let log = init_logging(&config);
     info!(config = %config.redacted(), "starting ambit-agent (effective configuration)");
+    // Before any thread allocates. Freed memory goes back on each reconcile pass instead.
+    ambit_common::sys::tune_heap(HEAP_TRIM_THRESHOLD, HEAP_MMAP_THRESHOLD);
     let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads())
         .enable_all()
@@ -47,6 +49,12 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+
+/// Free memory glibc may keep at the top of a heap before `free` returns it (2 MiB).
+const HEAP_TRIM_THRESHOLD: usize = 2 << 20;
+/// Allocations at least this large get their own mapping (1 MiB: above every buffer the data
+/// path uses, so relay and frame buffers are reused, not mapped and faulted in again).
+const HEAP_MMAP_THRESHOLD: usize = 1 << 20;
 
 /// Logging to stderr, plain or JSON, with a filter the admin endpoint can change.
 fn init_logging(config: &Config) -> LogControl {

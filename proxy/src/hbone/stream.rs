@@ -13,7 +13,7 @@
 use std::future::poll_fn;
 use std::io;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -46,6 +46,20 @@ fn closed() -> io::Error {
 /// never need more, and a thousand idle connections must not pin a thousand large buffers.
 pub const INITIAL_BUFFER: usize = 4 << 10;
 
+/// Plaintext bytes of a full TLS record.
+const TLS_RECORD: usize = 16 << 10;
+/// Bytes of an HTTP/2 frame header.
+const FRAME_HEADER: usize = 9;
+
+/// The largest payload up to `size` whose frame fills whole TLS records (or `size` itself,
+/// below one record).
+fn aligned(size: usize) -> usize {
+    if size + FRAME_HEADER <= TLS_RECORD {
+        return size;
+    }
+    (size + FRAME_HEADER) / TLS_RECORD * TLS_RECORD - FRAME_HEADER
+}
+
 /// TCP → stream until TCP EOF (then END_STREAM); returns the bytes moved. The read buffer
 /// starts at [`INITIAL_BUFFER`] and doubles, up to `buffer`, each time a read fills it (a bulk
 /// transfer), so memory follows the traffic instead of the connection count.
@@ -62,8 +76,12 @@ async fn tcp_to_stream(
             // Reclaims the previous allocation when h2 is done with it.
             buf.reserve(size);
         }
-        let room = buf.capacity() - buf.len();
-        let n = rd.read_buf(&mut buf).await?;
+        // One read becomes one DATA frame; its 9-byte header plus the payload fill whole TLS
+        // records (16 KiB of plaintext each) when the payload is a multiple of 16 KiB minus
+        // the header. A 64 KiB payload would end in a record carrying 9 bytes: one more
+        // record to seal, send, receive and open per frame.
+        let room = aligned(size).min(buf.capacity() - buf.len());
+        let n = rd.read_buf(&mut (&mut buf).limit(room)).await?;
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
             return Ok(total);
@@ -112,4 +130,28 @@ pub async fn copy(tcp: &mut TcpStream, tunnel: Tunnel, buffer: usize) -> io::Res
         tcp_to_stream(&mut rd, &mut send, buffer),
         stream_to_tcp(&mut recv, &mut wr)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bulk_frames_fill_whole_tls_records() {
+        assert_eq!(
+            aligned(INITIAL_BUFFER),
+            INITIAL_BUFFER,
+            "below one record: as is"
+        );
+        assert_eq!(aligned(64 << 10), (64 << 10) - FRAME_HEADER);
+        for size in [TLS_RECORD, 32 << 10, 64 << 10, 100_000, 256 << 10] {
+            let payload = aligned(size);
+            assert!(payload <= size, "{size}");
+            assert_eq!((payload + FRAME_HEADER) % TLS_RECORD, 0, "{size}");
+            assert!(
+                size - payload < TLS_RECORD,
+                "{size}: at most one record less"
+            );
+        }
+    }
 }
