@@ -665,8 +665,9 @@ fn main() -> Result<()> {
                 "direct_runs": d_all, "ambit_runs": x_all,
             }));
         }
-        let cores = median(ambit[i].iter().map(|f| f.agent_cores).collect());
-        let gbps = median(ambit[i].iter().map(|f| f.gbps).collect());
+        let med = |runs: &[Figures], f: fn(&Figures) -> f64| median(runs.iter().map(f).collect());
+        let cores = med(&ambit[i], |f| f.agent_cores);
+        let gbps = med(&ambit[i], |f| f.gbps);
         md.push_str(&format!(
             "| agent CPU during throughput{tag} | – | {cores:.2} cores ({:.3} core per Gbit/s) | – |\n",
             cores / gbps.max(1e-9)
@@ -676,7 +677,6 @@ fn main() -> Result<()> {
                               "core_per_gbps": cores / gbps.max(1e-9), "pinned": pinned}),
         );
         // Scaling: does throughput grow with parallel streams and connections?
-        let med = |runs: &[Figures], f: fn(&Figures) -> f64| median(runs.iter().map(f).collect());
         for (what, pick) in [
             (
                 format!("{} streams", args.streams),
