@@ -15,6 +15,8 @@ pub struct Segment {
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub seq: u32,
+    /// The SYN flag: its sequence number is the flow's initial one.
+    pub syn: bool,
     pub payload: Vec<u8>,
 }
 
@@ -72,6 +74,7 @@ fn tcp_segment(ethertype: u16, ip: &[u8]) -> Option<Segment> {
         src: SocketAddr::new(src, u16be(tcp, 0)?),
         dst: SocketAddr::new(dst, u16be(tcp, 2)?),
         seq: u32be(tcp, 4)?,
+        syn: tcp.get(13)? & 0x02 != 0,
         payload: tcp.get(off..)?.to_vec(),
     })
 }
@@ -105,39 +108,60 @@ pub fn tcp_segments(file: &[u8]) -> Result<Vec<Segment>> {
     Ok(out)
 }
 
-/// The byte stream of each direction of each flow, from its first captured data segment up
-/// to the first gap. A packet seen on several interfaces (veth, bridge) counts once.
+/// The byte stream of each direction of each flow, from its first data byte (after the SYN,
+/// or, if the SYN was not captured, from the earliest captured data byte) up to the first gap.
+/// A packet seen on several interfaces (veth, bridge) counts once.
+///
+/// Segments are ordered by their offset from that start, not by raw sequence number: a
+/// flow's sequence numbers start anywhere in 2^32 and wrap, and ordering them raw put the
+/// wrapped tail first (a flaky "not a TLS record at offset 0").
 pub fn streams(segments: &[Segment]) -> HashMap<(SocketAddr, SocketAddr), Vec<u8>> {
+    let mut start: HashMap<(SocketAddr, SocketAddr), u32> = HashMap::new();
+    for s in segments.iter().filter(|s| s.syn) {
+        start.insert((s.src, s.dst), s.seq.wrapping_add(1));
+    }
+    // No SYN: the earliest data segment, earliest in sequence space relative to the first
+    // one captured (within 2^31 either way, as TCP's own comparisons).
+    let mut earliest: HashMap<(SocketAddr, SocketAddr), (u32, i32)> = HashMap::new();
+    for s in segments.iter().filter(|s| !s.payload.is_empty()) {
+        let (first, min) = earliest.entry((s.src, s.dst)).or_insert((s.seq, 0));
+        *min = (*min).min(s.seq.wrapping_sub(*first) as i32);
+    }
+    for (flow, (first, min)) in earliest {
+        start.entry(flow).or_insert(first.wrapping_add(min as u32));
+    }
     let mut by_flow: HashMap<(SocketAddr, SocketAddr), BTreeMap<u32, Vec<u8>>> = HashMap::new();
     for s in segments.iter().filter(|s| !s.payload.is_empty()) {
+        let flow = (s.src, s.dst);
+        let offset = s.seq.wrapping_sub(start[&flow]);
         by_flow
-            .entry((s.src, s.dst))
+            .entry(flow)
             .or_default()
-            .entry(s.seq)
+            .entry(offset)
             .or_insert_with(|| s.payload.clone());
     }
     by_flow
         .into_iter()
         .map(|(flow, segs)| {
             let mut data = Vec::new();
-            let mut next: Option<u32> = None;
-            for (seq, payload) in segs {
+            let mut next: u32 = 0;
+            for (offset, payload) in segs {
                 // The same bytes may be captured cut differently on different interfaces
                 // (offloaded super-segments on a veth, split ones elsewhere): keep what is new.
-                let skip = match next {
-                    Some(n) if seq != n => {
-                        if seq.wrapping_sub(n) < (1 << 31) {
-                            break; // a gap: stop here
-                        }
-                        n.wrapping_sub(seq) as usize // overlaps bytes already taken
-                    }
-                    _ => 0,
-                };
+                // An offset "past 2^31" lies before the start (a retransmission of bytes
+                // sent before the capture began): nothing new.
+                if offset >= 1 << 31 {
+                    continue;
+                }
+                if offset > next {
+                    break; // a gap: stop here
+                }
+                let skip = (next - offset) as usize;
                 if skip >= payload.len() {
                     continue;
                 }
                 data.extend_from_slice(&payload[skip..]);
-                next = Some(seq.wrapping_add(payload.len() as u32));
+                next = offset.wrapping_add(payload.len() as u32);
             }
             (flow, data)
         })
@@ -186,6 +210,7 @@ mod tests {
             src: a,
             dst: b,
             seq,
+            syn: false,
             payload: p.to_vec(),
         };
         let s = streams(&[
@@ -195,5 +220,31 @@ mod tests {
             seg(20, b"zz"),
         ]);
         assert_eq!(s[&(a, b)], b"abccd");
+    }
+
+    #[test]
+    fn streams_survive_sequence_numbers_wrapping_past_two_to_the_32() {
+        let a: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:15008".parse().unwrap();
+        let seg = |seq: u32, syn, p: &[u8]| Segment {
+            src: a,
+            dst: b,
+            seq,
+            syn,
+            payload: p.to_vec(),
+        };
+        let isn = u32::MAX - 3;
+        // Captured out of order, wrapping after "abc", with a copy cut differently.
+        let s = streams(&[
+            seg(isn, true, b""),
+            seg(1, false, b"efg"),
+            seg(isn + 1, false, b"abc"),
+            seg(0, false, b"de"),
+            seg(u32::MAX, false, b"cd"),
+        ]);
+        assert_eq!(s[&(a, b)], b"abcdefg");
+        // Without the SYN, the earliest captured data byte is the start.
+        let s = streams(&[seg(1, false, b"z"), seg(u32::MAX, false, b"xy")]);
+        assert_eq!(s[&(a, b)], b"xyz");
     }
 }
