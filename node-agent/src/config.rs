@@ -104,6 +104,11 @@ pub struct Config {
     /// A pooled HBONE connection without streams for this long is closed, e.g. 5m.
     #[arg(long, env = "AMBIT_POOL_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_lifetime)]
     pub pool_idle_timeout: Duration,
+    /// Receive buffer (KiB) of the agent's sockets facing an app in its own pod; 0 = kernel
+    /// autotuning. Bounds what 1,000s of busy connections queue in the kernel, so the host
+    /// stays under net.ipv4.tcp_mem pressure (see docs/troubleshooting.md).
+    #[arg(long, env = "AMBIT_APP_RECEIVE_BUFFER_KIB", default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=65536))]
+    pub app_receive_buffer_kib: u32,
     /// Runtime worker threads serving every pod (default: one per CPU, at most 4).
     #[arg(long, env = "AMBIT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub worker_threads: Option<u16>,
@@ -290,6 +295,7 @@ impl Config {
             "kubernetes": self.kubernetes,
             "root-namespace": self.root_namespace,
             "pool-idle-timeout": humantime::format_duration(self.pool_idle_timeout).to_string(),
+            "app-receive-buffer-kib": self.app_receive_buffer_kib,
             "metrics-address": self.metrics_address,
             "readiness-address": self.readiness_address,
             "admin-address": self.admin_address,

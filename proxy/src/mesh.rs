@@ -48,6 +48,10 @@ pub struct Settings {
     pub max_frame_size: u32,
     /// Bytes per direction buffered between a TCP socket and an HBONE stream.
     pub copy_buffer: usize,
+    /// `SO_RCVBUF` of the sockets facing an app in its own pod (accepted on 15001, connected
+    /// to the app for inbound traffic); 0 leaves the kernel's autotuning. See
+    /// [`crate::socket::limit_receive_buffer`].
+    pub app_receive_buffer: usize,
 }
 
 impl Default for Settings {
@@ -60,6 +64,7 @@ impl Default for Settings {
             connection_window: 16 << 20,
             max_frame_size: 1 << 20,
             copy_buffer: 64 << 10,
+            app_receive_buffer: 256 << 10,
         }
     }
 }

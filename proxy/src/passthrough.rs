@@ -129,7 +129,14 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
         }
         _ => None,
     };
-    let upstream = match shared.factory.upstream(dst, source) {
+    let upstream = match shared.factory.upstream(dst, source).and_then(|s| {
+        // Inbound, the destination is an app of this pod.
+        if dir == Direction::Inbound {
+            let n = shared.mesh.settings.app_receive_buffer;
+            crate::socket::limit_receive_buffer((&s).into(), n)?;
+        }
+        Ok(s)
+    }) {
         Ok(s) => s.connect(dst).await,
         Err(e) => Err(e),
     };

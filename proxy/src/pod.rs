@@ -192,7 +192,10 @@ impl PodProxy {
         ctx: PodContext,
         mesh: Arc<Mesh>,
     ) -> io::Result<Self> {
-        let out = TcpListener::from_std(factory.listener(OUTBOUND_PORT)?)?;
+        let out = factory.listener(OUTBOUND_PORT)?;
+        // Every connection to 15001 comes from the pod's own apps.
+        crate::socket::limit_receive_buffer((&out).into(), mesh.settings.app_receive_buffer)?;
+        let out = TcpListener::from_std(out)?;
         let inb = TcpListener::from_std(factory.listener(INBOUND_PLAINTEXT_PORT)?)?;
         let hbone = TcpListener::from_std(factory.listener(INBOUND_HBONE_PORT)?)?;
         let stop = CancellationToken::new();

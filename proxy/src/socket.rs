@@ -15,6 +15,28 @@ pub trait SocketFactory: Send + Sync + 'static {
     fn upstream(&self, dst: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpSocket>;
 }
 
+/// Caps the kernel receive buffer of a socket whose peer is an app in the same pod.
+///
+/// Why: while HTTP/2 flow control holds a stream, the agent stops reading its app socket and
+/// the kernel buffers for it instead. Autotuning grows such a buffer to `tcp_rmem`'s maximum
+/// (32 MiB on many hosts), so 1,000 busy connections queue gigabytes and push the host past
+/// `net.ipv4.tcp_mem`'s pressure threshold; under pressure a socket holding more than its share
+/// drops arriving segments (TcpExtTCPRcvQDrop), and the senders' congestion control (BBR
+/// collapsed to kbit/s) turns that into connections stalled for minutes. A socket under its
+/// share keeps receiving. The peer is in the same namespace (round trip in microseconds), so a
+/// fixed buffer of a few hundred KiB costs no throughput. Sockets facing the network (HBONE,
+/// passthrough to remote destinations, plaintext from outside the mesh) keep autotuning: their
+/// round trips need large windows.
+///
+/// Set before `listen()`/`connect()`: the window scale is chosen from it. `bytes == 0` keeps
+/// autotuning.
+pub fn limit_receive_buffer(sock: SockRef<'_>, bytes: usize) -> io::Result<()> {
+    if bytes > 0 {
+        sock.set_recv_buffer_size(bytes)?;
+    }
+    Ok(())
+}
+
 /// The destination a connection had before REDIRECT rewrote it.
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     let sock = SockRef::from(stream);

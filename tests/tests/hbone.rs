@@ -538,3 +538,110 @@ fn streams_share_a_pooled_connection_resets_propagate_and_idle_connections_close
         "the app must see the client's reset"
     );
 }
+
+/// The receive buffer (`rb`, SO_RCVBUF as the kernel holds it) of every established TCP
+/// socket in namespace `ns` that matches the `ss` filter.
+fn receive_buffers(ns: &str, filter: &str) -> Vec<u64> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "ss",
+            "-tmnH",
+            "state",
+            "established",
+            filter,
+        ])
+        .output()
+        .expect("running ss (package iproute2)");
+    assert!(out.status.success(), "ss failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .split("rb")
+        .skip(1)
+        .filter_map(|s| {
+            let digits: String = s.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+/// 1,000 busy connections once stalled for minutes: autotuning grew the agent's app-facing
+/// receive buffers to tens of MiB while HTTP/2 flow control held their streams, the host
+/// crossed net.ipv4.tcp_mem's pressure threshold, and sockets over their share dropped
+/// segments. The sockets whose peer is an app in the same pod now have a fixed buffer (the
+/// agent flag), while those facing the network keep autotuning.
+#[test]
+fn app_facing_sockets_have_a_fixed_receive_buffer_and_network_facing_ones_autotune() {
+    let _shared = beside_captures();
+    let mut node = Node::new("1.0.0").unwrap();
+    node.agent_args = ["--app-receive-buffer-kib", "192"]
+        .map(String::from)
+        .to_vec();
+    node.start_agent().unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    let outside = node.add_pod_in("kube-system", "outside").unwrap();
+    let via_hbone = echo_server(&b.ns.open(), 7300, 1);
+    let via_plaintext = echo_server(&b.ns.open(), 7301, 1);
+    let msg = payload("buffers", 64 << 10);
+    let open = |from: &Pod, port| {
+        let dst = SocketAddr::new(b.ip, port);
+        let mut s = from
+            .ns
+            .open()
+            .run(|| std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3)))
+            .unwrap()
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&msg).unwrap();
+        s
+    };
+    // A → B goes 15001 → HBONE → the agent's socket to B's app; the uncaptured pod's
+    // plaintext goes 15006 → the agent's socket to B's app.
+    let conns = [(open(&a, 7300), a.ip), (open(&outside, 7301), outside.ip)];
+    let to_app = "( dport = :7300 or dport = :7301 )";
+    wait_for(Duration::from_secs(10), || {
+        receive_buffers(&b.ns.name, to_app).len() == 2
+    })
+    .unwrap_or_else(|_| panic!("the agent's sockets to B's app:\n{}", node.agent_log()));
+
+    // The kernel doubles SO_RCVBUF for its bookkeeping and, once set, never autotunes it.
+    let fixed = 2 * 192 * 1024;
+    let from_app = receive_buffers(&a.ns.name, "( sport = :15001 )");
+    assert_eq!(
+        from_app,
+        vec![fixed],
+        "the agent's socket accepted on 15001"
+    );
+    assert_eq!(
+        receive_buffers(&b.ns.name, to_app),
+        vec![fixed, fixed],
+        "the agent's sockets connected to B's app"
+    );
+    // Facing the network: the HBONE connection (both ends) and the plaintext client's socket.
+    let network = [
+        receive_buffers(&a.ns.name, "( dport = :15008 )"),
+        receive_buffers(&b.ns.name, "( sport = :15008 or sport = :15006 )"),
+    ]
+    .concat();
+    assert_eq!(
+        network.len(),
+        3,
+        "HBONE client, HBONE server, 15006: {network:?}"
+    );
+    assert!(
+        network.iter().all(|&rb| rb != fixed),
+        "a network-facing socket got the app-facing buffer: {network:?}"
+    );
+
+    for (mut s, from) in conns {
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).unwrap();
+        let prefix = format!("peer={from};");
+        assert!(reply.starts_with(prefix.as_bytes()) && reply[prefix.len()..] == msg[..]);
+    }
+    via_hbone.join().unwrap();
+    via_plaintext.join().unwrap();
+}
