@@ -16,7 +16,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ambit_common::netns::Netns;
@@ -104,7 +104,41 @@ struct Figures {
     rtt1k: (f64, f64),
     connect: (f64, f64),
     agent_cores: f64,
+    /// Agent RSS peak during the single-stream figure.
     rss_peak_kib: u64,
+    /// Agent RSS peak during the `--many` figure.
+    rss_many_peak_kib: u64,
+}
+
+/// The agent hands freed memory back on its reconcile pass (every 5 s as the bench runs it):
+/// waiting this long after a figure lets its RSS return before the next one is measured.
+const SETTLE: Duration = Duration::from_secs(6);
+
+/// Samples a process's RSS every 50 ms until stopped; keeps the peak.
+struct RssPeak {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl RssPeak {
+    fn start(pid: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(Ordering::Relaxed) {
+                peak = peak.max(rss_kib(pid));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        });
+        Self { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or(0)
+    }
 }
 
 /// Pins the calling thread to CPU 0.
@@ -400,26 +434,16 @@ fn measure(
         SocketAddr::new(ip, SINK_PORT),
         SocketAddr::new(ip, ECHO_PORT),
     );
-    // RSS sampled every 50 ms during the throughput run.
-    let stop = Arc::new(AtomicBool::new(false));
-    let peak = Arc::new(AtomicU64::new(0));
-    let sampler = agent.map(|pid| {
-        let (stop, peak) = (stop.clone(), peak.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-    });
+    // What an earlier figure left in the agent's heap is not this figure's peak.
+    if agent.is_some() {
+        std::thread::sleep(SETTLE);
+    }
+    let sampler = agent.map(RssPeak::start);
     let cpu0 = agent.map(cpu_seconds);
     let t0 = Instant::now();
     let gbps = throughput(client, sink_dst, args.seconds).context("throughput")?;
     let wall = t0.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    if let Some(s) = sampler {
-        let _ = s.join();
-    }
+    let rss_peak_kib = sampler.map_or(0, RssPeak::stop);
     let agent_cores = match (agent, cpu0) {
         (Some(pid), Some(c0)) => (cpu_seconds(pid) - c0) / wall,
         _ => 0.0,
@@ -428,8 +452,10 @@ fn measure(
     let gbps_streams =
         throughput_many(client, server, many_dst, args.streams, args.seconds, pinned)
             .with_context(|| format!("throughput of {} streams", args.streams))?;
+    let sampler = agent.map(RssPeak::start);
     let gbps_many = throughput_many(client, server, many_dst, args.many, args.seconds, pinned)
         .with_context(|| format!("throughput of {} connections", args.many))?;
+    let rss_many_peak_kib = sampler.map_or(0, RssPeak::stop);
     let rtt1 = ping_pong(client, echo_dst, 1, args.iterations).context("1 B round trips")?;
     let rtt1k = ping_pong(client, echo_dst, 1024, args.iterations).context("1 KiB round trips")?;
     let connect = connections(client, echo_dst, args.connections).context("new connections")?;
@@ -443,7 +469,8 @@ fn measure(
         rtt1k,
         connect,
         agent_cores,
-        rss_peak_kib: peak.load(Ordering::Relaxed),
+        rss_peak_kib,
+        rss_many_peak_kib,
     })
 }
 
@@ -623,8 +650,7 @@ fn main() -> Result<()> {
         log.contains("protocol=\"hbone\""),
         "the measured traffic did not go through HBONE"
     );
-    // The agent hands freed memory back on its reconcile pass (every 5 s as run here).
-    std::thread::sleep(Duration::from_secs(6));
+    std::thread::sleep(SETTLE);
     let rss_after = rss_kib(pid);
 
     // The same pods without capture: the agent stopped (it would reinstall the rules) and
@@ -695,17 +721,18 @@ fn main() -> Result<()> {
                 "direct_scaling": d, "ambit_scaling": x, "pinned": pinned}));
         }
     }
-    let rss_peak = ambit
-        .iter()
-        .flatten()
-        .map(|f| f.rss_peak_kib)
-        .max()
-        .unwrap_or(0);
+    let peak = |f: fn(&Figures) -> u64| ambit.iter().flatten().map(f).max().unwrap_or(0);
+    let (rss_peak, rss_many_peak) = (peak(|f| f.rss_peak_kib), peak(|f| f.rss_many_peak_kib));
     md.push_str(&format!(
-        "| agent RSS idle / peak during throughput / after | – | {:.1} / {:.1} / {:.1} MB | – |\n",
+        "| agent RSS idle / peak during 1-stream throughput / after | – | {:.1} / {:.1} / {:.1} MB | – |\n",
         rss_idle as f64 / 1024.0,
         rss_peak as f64 / 1024.0,
         rss_after as f64 / 1024.0
+    ));
+    md.push_str(&format!(
+        "| agent RSS peak during {} concurrent connections | – | {:.1} MB | – |\n",
+        args.many,
+        rss_many_peak as f64 / 1024.0
     ));
     for (n, kib) in &rss_at {
         md.push_str(&format!(
@@ -727,7 +754,8 @@ fn main() -> Result<()> {
                          "connections": args.connections, "repeat": args.repeat,
                          "agent_args": args.agent_args, "smoke": args.smoke},
             "figures": json_rows,
-            "agent_rss_kib": {"idle": rss_idle, "peak_during_throughput": rss_peak, "after": rss_after,
+            "agent_rss_kib": {"idle": rss_idle, "peak_during_throughput": rss_peak,
+                              "peak_during_many": rss_many_peak, "after": rss_after,
                               "by_pods": rss_at.iter().map(|(n, k)| json!({"pods": n, "kib": k})).collect::<Vec<_>>()},
             "cni_add_ms": {"pods": args.add_pods, "p50": add.0, "p99": add.1},
         });

@@ -39,12 +39,9 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
             assert!(d > 0.0 && f["ratio"].as_f64().unwrap() > 0.0, "{f}");
         }
     }
-    assert!(
-        v["agent_rss_kib"]["peak_during_throughput"]
-            .as_u64()
-            .unwrap()
-            > 0
-    );
+    for peak in ["peak_during_throughput", "peak_during_many"] {
+        assert!(v["agent_rss_kib"][peak].as_u64().unwrap() > 0, "{peak}");
+    }
     assert_eq!(v["agent_rss_kib"]["by_pods"].as_array().unwrap().len(), 2);
     assert!(v["cni_add_ms"]["p50"].as_f64().unwrap() > 0.0);
     let table = std::fs::read_to_string(&md).unwrap();
@@ -56,6 +53,7 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
         "| throughput, 4 streams |",
         "| throughput, 20 concurrent connections (pinned, 1 vCPU) |",
         "| scaling: 20 connections ÷ 1 stream |",
+        "| agent RSS peak during 20 concurrent connections |",
     ] {
         assert!(table.contains(row), "{row} missing:\n{table}");
     }

@@ -273,10 +273,7 @@ impl Pool {
             .initial_connection_window_size(s.connection_window)
             .max_frame_size(s.max_frame_size)
             .max_header_list_size(16 << 10)
-            // Data queued per stream beyond what the peer's window lets out: 1 MiB is
-            // ample on a node-local or in-cluster path, and bounds what a thousand busy
-            // streams can hold (4 MiB each measured no faster).
-            .max_send_buffer_size(1 << 20)
+            .max_send_buffer_size(s.stream_send_buffer)
             .enable_push(false)
             .initial_max_send_streams(s.max_streams_per_connection)
             .handshake::<_, Bytes>(tls)

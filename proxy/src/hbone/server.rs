@@ -107,7 +107,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
         .max_frame_size(s.max_frame_size)
         .max_concurrent_streams(200)
         .max_header_list_size(64 << 10)
-        .max_send_buffer_size(400 << 10)
+        .max_send_buffer_size(s.stream_send_buffer)
         .handshake::<_, Bytes>(tls)
         .await
     {
