@@ -467,10 +467,14 @@ pub fn hbone_server_with(
                 connections += 1;
                 let mut conn = h2::server::handshake(acceptor.accept(tcp).await?).await?;
                 conn.abrupt_shutdown(h2::Reason::NO_ERROR);
-                // Driven until the client lets go of it; its streams are never served.
+                // Driven until the GOAWAY is out; its streams are never served. Then held
+                // open, as a draining agent holds its connections: closed at once, the
+                // socket would answer a CONNECT that crossed the GOAWAY with a reset, and
+                // the client would see a broken pipe instead of the GOAWAY (a flaky failure).
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(Duration::from_secs(10), async {
                         while let Some(Ok(_)) = conn.accept().await {}
+                        std::future::pending::<()>().await;
                     })
                     .await;
                 });
