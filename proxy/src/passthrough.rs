@@ -129,14 +129,12 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
         }
         _ => None,
     };
-    let upstream = match shared.factory.upstream(dst, source).and_then(|s| {
-        // Inbound, the destination is an app of this pod.
-        if dir == Direction::Inbound {
-            let n = shared.mesh.settings.app_receive_buffer;
-            crate::socket::limit_receive_buffer((&s).into(), n)?;
-        }
-        Ok(s)
-    }) {
+    // Inbound, the destination is an app of this pod; outbound, anything beyond it.
+    let socket = match dir {
+        Direction::Inbound => shared.socket_to_app(dst, source),
+        Direction::Outbound => shared.factory.upstream(dst, source),
+    };
+    let upstream = match socket {
         Ok(s) => s.connect(dst).await,
         Err(e) => Err(e),
     };

@@ -60,6 +60,18 @@ impl Drop for Admitted {
 }
 
 impl PodShared {
+    /// An unconnected socket to `dst`, an app of this pod (with `source` as its transparent
+    /// source address): its receive buffer is the fixed app-facing one.
+    pub fn socket_to_app(
+        &self,
+        dst: std::net::SocketAddr,
+        source: Option<std::net::IpAddr>,
+    ) -> io::Result<tokio::net::TcpSocket> {
+        let s = self.factory.upstream(dst, source)?;
+        crate::socket::limit_receive_buffer((&s).into(), self.mesh.settings.app_receive_buffer)?;
+        Ok(s)
+    }
+
     /// Marks a connection active until the guard drops.
     pub fn active_guard(&self) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::AcqRel);

@@ -641,11 +641,15 @@ pub fn echo_server(ns: &Netns, port: u16, conns: usize) -> std::thread::JoinHand
     })
 }
 
+/// A TCP connection to `dst` opened from inside `ns` (at most 3 s to connect).
+pub fn connect_in(ns: &Netns, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    ns.run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(3)))
+        .map_err(std::io::Error::other)?
+}
+
 /// Connects from inside `ns` to `dst`, sends `msg`, half-closes, and returns the reply.
 pub fn talk(ns: &Netns, dst: SocketAddr, msg: &[u8]) -> std::io::Result<String> {
-    let mut s = ns
-        .run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(3)))
-        .map_err(std::io::Error::other)??;
+    let mut s = connect_in(ns, dst)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.write_all(msg)?;
     s.shutdown(std::net::Shutdown::Write)?;
@@ -676,9 +680,7 @@ pub fn http(
     method: &str,
     path: &str,
 ) -> std::io::Result<(u16, String)> {
-    let mut s = ns
-        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(3)))
-        .map_err(std::io::Error::other)??;
+    let mut s = connect_in(ns, addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,

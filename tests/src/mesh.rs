@@ -348,9 +348,7 @@ pub fn hbone_attempt(
     method: &str,
     authority: &str,
 ) -> Result<HboneOutcome> {
-    let tcp = netns
-        .run(|| std::net::TcpStream::connect_timeout(&server, Duration::from_secs(3)))
-        .map_err(anyhow::Error::msg)??;
+    let tcp = crate::connect_in(netns, server)?;
     tcp.set_nonblocking(true)?;
     let config = probe_client_config(client, &[&rustls::version::TLS13])?;
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -220,12 +220,7 @@ fn a_policy_applied_during_a_connection_cuts_it_and_bad_policies_fail_closed() {
     wait_manifest_pods(&m, 2);
     let dst = SocketAddr::new(ratings.ip, 9080);
     echo_many(&ratings.ns.open(), 9080);
-    let mut c = reviews
-        .ns
-        .open()
-        .run(|| std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3)))
-        .unwrap()
-        .unwrap();
+    let mut c = connect_in(&reviews.ns.open(), dst).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     c.write_all(b"one").unwrap();
     let mut buf = [0u8; 256];

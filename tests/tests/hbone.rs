@@ -310,10 +310,7 @@ fn certificates_rotate_during_a_long_transfer_that_continues_unbroken() {
 
     // One connection streaming for ~7 s (several certificate lifetimes)...
     let ns = a.ns.open();
-    let mut s = ns
-        .run(|| std::net::TcpStream::connect_timeout(&long_dst, Duration::from_secs(3)))
-        .unwrap()
-        .unwrap();
+    let mut s = connect_in(&ns, long_dst).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let chunk = payload("rotation", 32 << 10);
     let started = Instant::now();
@@ -587,12 +584,7 @@ fn app_facing_sockets_have_a_fixed_receive_buffer_and_network_facing_ones_autotu
     let msg = payload("buffers", 64 << 10);
     let open = |from: &Pod, port| {
         let dst = SocketAddr::new(b.ip, port);
-        let mut s = from
-            .ns
-            .open()
-            .run(|| std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3)))
-            .unwrap()
-            .unwrap();
+        let mut s = connect_in(&from.ns.open(), dst).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s.write_all(&msg).unwrap();
         s

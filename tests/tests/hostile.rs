@@ -34,10 +34,7 @@ fn port_15008_withstands_slowloris_tls12_oversized_headers_and_stream_floods() {
     // would fail the test only if nothing happened for 30 s.
     let stalled: Vec<TcpStream> = (0..2)
         .map(|i| {
-            let mut s = probe
-                .run(|| TcpStream::connect_timeout(&hbone, Duration::from_secs(3)))
-                .unwrap()
-                .unwrap();
+            let mut s = connect_in(&probe, hbone).unwrap();
             if i == 1 {
                 // The first bytes of a TLS record header: handshake, TLS 1.0 legacy version.
                 s.write_all(&[0x16, 0x03, 0x01, 0x02]).unwrap();
@@ -74,10 +71,7 @@ fn port_15008_withstands_slowloris_tls12_oversized_headers_and_stream_floods() {
         .unwrap();
     let tls_connect = |versions: &[&'static rustls::SupportedProtocolVersion]| {
         let config = Arc::new(probe_client_config(Some(&good), versions).unwrap());
-        let tcp = probe
-            .run(|| TcpStream::connect_timeout(&hbone, Duration::from_secs(3)))
-            .unwrap()
-            .unwrap();
+        let tcp = connect_in(&probe, hbone).unwrap();
         tcp.set_nonblocking(true).unwrap();
         rt.block_on(async move {
             let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();

@@ -424,11 +424,7 @@ fn sigterm_stops_accepting_drains_and_cuts_what_is_left() {
         }
         total
     });
-    let mut c =
-        a.ns.open()
-            .run(|| std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3)))
-            .unwrap()
-            .unwrap();
+    let mut c = connect_in(&a.ns.open(), dst).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut buf = [0u8; 16];
     c.write_all(b"1").unwrap();

@@ -223,12 +223,7 @@ async fn stream(
     // The app sees the client's own address (transparent bind), unless the client is this pod.
     let source =
         (!pod.ctx.ips.contains(&peer.ip()) && !peer.ip().is_loopback()).then_some(peer.ip());
-    let upstream = match pod.factory.upstream(dst, source).and_then(|s| {
-        // The destination is an app of this pod.
-        let n = pod.mesh.settings.app_receive_buffer;
-        crate::socket::limit_receive_buffer((&s).into(), n)?;
-        Ok(s)
-    }) {
+    let upstream = match pod.socket_to_app(dst, source) {
         Ok(s) => tokio::time::timeout(pod.mesh.settings.connect_timeout, s.connect(dst))
             .await
             .unwrap_or_else(|_| {
