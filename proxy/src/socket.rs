@@ -28,8 +28,9 @@ pub trait SocketFactory: Send + Sync + 'static {
 /// passthrough to remote destinations, plaintext from outside the mesh) keep autotuning: their
 /// round trips need large windows.
 ///
-/// Set before `listen()`/`connect()`: the window scale is chosen from it. `bytes == 0` keeps
-/// autotuning.
+/// On a listener, set it before the first connection arrives: each accepted socket copies the
+/// listener's buffer and chooses its window scale from it. On an outgoing socket, set it before
+/// `connect()`. `bytes == 0` keeps autotuning.
 pub fn limit_receive_buffer(sock: SockRef<'_>, bytes: usize) -> io::Result<()> {
     if bytes > 0 {
         sock.set_recv_buffer_size(bytes)?;
