@@ -39,7 +39,11 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
             assert!(d > 0.0 && f["ratio"].as_f64().unwrap() > 0.0, "{f}");
         }
     }
-    for peak in ["peak_during_throughput", "peak_during_many"] {
+    for peak in [
+        "peak_during_throughput",
+        "peak_during_first_throughput",
+        "peak_during_many",
+    ] {
         assert!(v["agent_rss_kib"][peak].as_u64().unwrap() > 0, "{peak}");
     }
     assert_eq!(v["agent_rss_kib"]["by_pods"].as_array().unwrap().len(), 2);

@@ -104,6 +104,10 @@ pub struct Config {
     /// A pooled HBONE connection without streams for this long is closed, e.g. 5m.
     #[arg(long, env = "AMBIT_POOL_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_lifetime)]
     pub pool_idle_timeout: Duration,
+    /// Idle pooled connections to a destination beyond the first close after this (capped
+    /// at --pool-idle-timeout): connections a burst opened do not linger with its memory.
+    #[arg(long, env = "AMBIT_POOL_SURPLUS_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_lifetime)]
+    pub pool_surplus_idle_timeout: Duration,
     /// Receive buffer (KiB) of the agent's sockets facing an app in its own pod; 0 = kernel
     /// autotuning. Bounds what 1,000s of busy connections queue in the kernel, so the host
     /// stays under net.ipv4.tcp_mem pressure (see docs/troubleshooting.md).
@@ -295,6 +299,7 @@ impl Config {
             "kubernetes": self.kubernetes,
             "root-namespace": self.root_namespace,
             "pool-idle-timeout": humantime::format_duration(self.pool_idle_timeout).to_string(),
+            "pool-surplus-idle-timeout": humantime::format_duration(self.pool_surplus_idle_timeout).to_string(),
             "app-receive-buffer-kib": self.app_receive_buffer_kib,
             "metrics-address": self.metrics_address,
             "readiness-address": self.readiness_address,

@@ -148,6 +148,7 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         trust_domain: config.trust_domain.clone(),
         settings: Settings {
             pool_idle_timeout: config.pool_idle_timeout,
+            pool_surplus_idle_timeout: config.pool_surplus_idle_timeout,
             app_receive_buffer: config.app_receive_buffer_kib as usize * 1024,
             ..Settings::default()
         },

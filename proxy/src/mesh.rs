@@ -41,6 +41,11 @@ pub struct Settings {
     pub max_streams_per_connection: usize,
     /// A pooled connection with no stream for this long is closed.
     pub pool_idle_timeout: Duration,
+    /// Idle connections to a destination beyond the first close after this (at most
+    /// `pool_idle_timeout`): a burst that needed several connections does not keep them all.
+    /// Each holds what its busiest moment grew (h2 keeps its frame and stream tables at
+    /// their peak size while the connection lives).
+    pub pool_surplus_idle_timeout: Duration,
     /// TCP connect plus TLS and HTTP/2 handshakes, and the CONNECT response.
     pub connect_timeout: Duration,
     pub stream_window: u32,
@@ -64,6 +69,7 @@ impl Default for Settings {
         Self {
             max_streams_per_connection: 100,
             pool_idle_timeout: Duration::from_secs(300),
+            pool_surplus_idle_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             stream_window: 4 << 20,
             connection_window: 16 << 20,

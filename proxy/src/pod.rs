@@ -266,11 +266,12 @@ impl Drop for PodProxy {
 
 async fn reap_idle(pod: Arc<PodShared>, stop: CancellationToken) {
     let idle = pod.mesh.settings.pool_idle_timeout;
-    let mut tick = tokio::time::interval((idle / 4).max(std::time::Duration::from_millis(100)));
+    let surplus = pod.mesh.settings.pool_surplus_idle_timeout.min(idle);
+    let mut tick = tokio::time::interval((surplus / 4).max(std::time::Duration::from_millis(100)));
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => { pod.pool.reap(idle); }
+            _ = tick.tick() => { pod.pool.reap(idle, surplus); }
         }
     }
 }

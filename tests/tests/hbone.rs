@@ -536,6 +536,63 @@ fn streams_share_a_pooled_connection_resets_propagate_and_idle_connections_close
     );
 }
 
+#[test]
+fn a_burst_s_extra_pooled_connections_close_soon_and_the_first_stays_warm() {
+    let _shared = beside_captures();
+    let mut node = Node::new("1.0.0").unwrap();
+    node.agent_args = [
+        "--pool-idle-timeout",
+        "1h",
+        "--pool-surplus-idle-timeout",
+        "1s",
+    ]
+    .map(String::from)
+    .to_vec();
+    node.start_agent().unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    echo_forever(&b.ns.open(), 7310);
+    let dst = SocketAddr::new(b.ip, 7310);
+    let established = |node: &Node| {
+        node.agent_log()
+            .matches("HBONE connection established")
+            .count()
+    };
+    let closed = |node: &Node| node.agent_log().matches("HBONE connection closed").count();
+
+    // 150 open at once: more than one connection carries (100 streams each).
+    let held: Vec<_> = (0..150)
+        .map(|i| {
+            let mut s = connect_in(&a.ns.open(), dst).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let byte = [i as u8];
+            s.write_all(&byte).unwrap();
+            let mut back = [0u8; 1];
+            s.read_exact(&mut back).unwrap();
+            assert_eq!(back, byte);
+            s
+        })
+        .collect();
+    assert_eq!(established(&node), 2, "{}", node.agent_log());
+    drop(held);
+
+    // The second connection goes once idle for the surplus timeout; the first stays (1h).
+    wait_for(Duration::from_secs(15), || closed(&node) >= 1).unwrap_or_else(|_| {
+        panic!(
+            "the surplus connection was not closed:\n{}",
+            node.agent_log()
+        )
+    });
+    // Still warm: the next connection is carried by the kept one, not a new handshake.
+    assert_eq!(
+        talk(&a.ns.open(), dst, b"again").unwrap(),
+        "again",
+        "echo_forever answers with what it read"
+    );
+    assert_eq!(closed(&node), 1, "{}", node.agent_log());
+    assert_eq!(established(&node), 2, "{}", node.agent_log());
+}
+
 /// The receive buffer (`rb`, SO_RCVBUF as the kernel holds it) of every established TCP
 /// socket in namespace `ns` that matches the `ss` filter.
 fn receive_buffers(ns: &str, filter: &str) -> Vec<u64> {

@@ -310,9 +310,10 @@ impl Pool {
         })
     }
 
-    /// Closes connections idle for longer than `idle` and forgets empty keys; returns how many
-    /// connections were released.
-    pub fn reap(&self, idle: Duration) -> usize {
+    /// Closes connections idle for longer than `idle`, and a destination's idle connections
+    /// beyond the first one kept once idle for longer than `surplus`; forgets empty keys.
+    /// Returns how many connections were released.
+    pub fn reap(&self, idle: Duration, surplus: Duration) -> usize {
         let mut released = 0;
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.retain(|_, slot| {
@@ -321,14 +322,22 @@ impl Pool {
                 return true;
             };
             let before = conns.len();
+            let mut warm = false;
             conns.retain(|c| {
-                !c.closed.load(Ordering::Acquire)
-                    && (c.streams.load(Ordering::Acquire) > 0
-                        || c.idle_since
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .elapsed()
-                            < idle)
+                if c.closed.load(Ordering::Acquire) {
+                    return false;
+                }
+                if c.streams.load(Ordering::Acquire) > 0 {
+                    return true;
+                }
+                let idle_for = c
+                    .idle_since
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .elapsed();
+                let keep = idle_for < if warm { surplus } else { idle };
+                warm |= keep;
+                keep
             });
             released += before - conns.len();
             !conns.is_empty()
