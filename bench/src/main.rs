@@ -735,8 +735,9 @@ fn main() -> Result<()> {
     let peak = |f: fn(&Figures) -> u64| ambit.iter().flatten().map(f).max().unwrap_or(0);
     let (rss_peak, rss_many_peak) = (peak(|f| f.rss_peak_kib), peak(|f| f.rss_many_peak_kib));
     // The first run's peak is the figure's own; later runs start from what the earlier
-    // figures left (pooled HBONE connections of the many-connection figure stay open for
-    // --pool-idle-timeout), so they are reported as the rise over their starting level.
+    // figures left (the pooled HBONE connections the many-connection figure opened, with the
+    // tables it grew in them, until the pool closes them), so they are reported as the rise
+    // over their starting level.
     let first_peak = ambit.iter().flatten().next().map_or(0, |f| f.rss_peak_kib);
     let mut rises: Vec<u64> = ambit
         .iter()
