@@ -443,7 +443,8 @@ fn measure(
         SocketAddr::new(ip, SINK_PORT),
         SocketAddr::new(ip, ECHO_PORT),
     );
-    // What an earlier figure left in the agent's heap is not this figure's peak.
+    // Memory an earlier figure freed goes back first (the reconcile pass); what it left
+    // alive (pooled HBONE connections) is this run's starting level, reported as such.
     if agent.is_some() {
         std::thread::sleep(SETTLE);
     }
