@@ -2,8 +2,8 @@
 //! - metrics (`--metrics-address`, default `0.0.0.0:15020`): `/metrics`, `/stats/prometheus`;
 //! - readiness (`--readiness-address`, default `0.0.0.0:15021`): `/healthz/ready`;
 //! - admin (`--admin-address`, loopback only, default `127.0.0.1:15000`): `/config_dump`
-//!   (pods, identities, certificate metadata — never keys —, policies with their status, the
-//!   effective configuration) and `/logging` (GET shows the filter, `?level=<filter>` sets it).
+//!   (pods, identities, certificate metadata — never keys —, policies with their status,
+//!   Services with their VIPs and endpoints, the effective configuration) and `/logging` (GET shows the filter, `?level=<filter>` sets it).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -136,12 +136,14 @@ impl Admin {
             })
             .collect();
         let (pods, namespaces) = self.store.counts();
+        let (services, endpoints) = self.store.service_counts();
         json(&serde_json::json!({
             "pods": self.mgr.dump(),
+            "services": self.store.services_dump(),
             "certificates": certs,
             "ca": self.certs.ca_description(),
             "policies": policies,
-            "store": {"pods": pods, "namespaces": namespaces},
+            "store": {"pods": pods, "namespaces": namespaces, "services": services, "endpoints": endpoints},
             "config": self.config,
             "generatedAt": rfc3339(std::time::SystemTime::now()),
         }))

@@ -98,6 +98,18 @@ pub struct Config {
     /// Namespace whose policies without selector apply to the whole mesh.
     #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = "istio-system")]
     pub root_namespace: String,
+    /// This node's name, as Kubernetes knows it (EndpointSlice `nodeName`): Services with
+    /// `internalTrafficPolicy: Local` or `trafficDistribution: PreferSameNode` use the
+    /// endpoints on this node. The DaemonSet sets it from `spec.nodeName`.
+    #[arg(long, env = "AMBIT_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// This node's zone, for `trafficDistribution: PreferClose`; when unset, the zone of an
+    /// endpoint on this node.
+    #[arg(long, env = "AMBIT_NODE_ZONE")]
+    pub node_zone: Option<String>,
+    /// The cluster's DNS domain (Service hostnames in the access log and metrics).
+    #[arg(long, env = "AMBIT_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
     /// Seconds between checks of --manifests-dir for changes.
     #[arg(long, env = "AMBIT_MANIFESTS_POLL_SECONDS", default_value_t = 1.0)]
     pub manifests_poll_seconds: f64,
@@ -298,6 +310,9 @@ impl Config {
             "manifests-poll-seconds": self.manifests_poll_seconds,
             "kubernetes": self.kubernetes,
             "root-namespace": self.root_namespace,
+            "node-name": self.node_name,
+            "node-zone": self.node_zone,
+            "cluster-domain": self.cluster_domain,
             "pool-idle-timeout": humantime::format_duration(self.pool_idle_timeout).to_string(),
             "pool-surplus-idle-timeout": humantime::format_duration(self.pool_surplus_idle_timeout).to_string(),
             "app-receive-buffer-kib": self.app_receive_buffer_kib,
@@ -309,6 +324,16 @@ impl Config {
             "log": self.log,
             "log-format": self.log_format,
         })
+    }
+
+    /// Where this node is, for Service endpoint selection.
+    pub fn locality(&self) -> crate::services::Locality {
+        let set = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
+        crate::services::Locality {
+            node: set(&self.node_name),
+            zone: set(&self.node_zone),
+            cluster_domain: self.cluster_domain.clone(),
+        }
     }
 
     /// Where the CA comes from.

@@ -2,7 +2,8 @@
 //!
 //! Kept thin on purpose: it watches Pods (all of them: this node's for identity and enrollment,
 //! the others for remote identities, labels and the redirection annotation), Namespaces
-//! (enrollment labels), and Istio's AuthorizationPolicy and PeerAuthentication, and hands the
+//! (enrollment labels), Services and EndpointSlices (VIPs and their endpoints), and Istio's
+//! AuthorizationPolicy and PeerAuthentication, and hands the
 //! store the same [`Objects`] snapshot the manifests directory produces, converted by the same
 //! code ([`crate::policy`]). Everything that decides anything lives in the store and the
 //! policy module, so the manifests-driven end-to-end tests exercise it.
@@ -22,7 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -40,6 +42,8 @@ const ISTIO_VERSION: &str = "v1";
 enum Kind {
     Pod,
     Namespace,
+    Service,
+    EndpointSlice,
     AuthorizationPolicy,
     PeerAuthentication,
 }
@@ -120,10 +124,19 @@ fn slim(mut pod: Pod) -> Pod {
     pod
 }
 
+/// Services and EndpointSlices without what the agent never reads (annotations can be large).
+fn slim_meta<K: Resource>(o: &mut K) {
+    let meta = o.meta_mut();
+    meta.managed_fields = None;
+    meta.annotations = None;
+}
+
 #[derive(Default)]
 struct Caches {
     pods: Cache<Pod>,
     namespaces: Cache<Namespace>,
+    services: Cache<Service>,
+    slices: Cache<EndpointSlice>,
     policies: Cache<DynamicObject>,
     peer_auths: Cache<DynamicObject>,
 }
@@ -139,7 +152,12 @@ impl Caches {
     }
 
     fn synced(&self) -> bool {
-        self.pods.synced && self.namespaces.synced && self.policies.synced && self.peer_auths.synced
+        self.pods.synced
+            && self.namespaces.synced
+            && self.services.synced
+            && self.slices.synced
+            && self.policies.synced
+            && self.peer_auths.synced
     }
 
     /// The snapshot for the store, converted exactly as manifests are.
@@ -150,6 +168,26 @@ impl Caches {
         }
         for ((_, name), ns) in &self.namespaces.items {
             o.namespaces.insert(name.clone(), ns.clone());
+        }
+        for (key, svc) in &self.services.items {
+            match crate::services::service_record(svc) {
+                Ok(Some(r)) => {
+                    o.services.insert(key.clone(), Arc::new(r));
+                }
+                Ok(None) => {}
+                Err(e) => warn!(service = %format!("{}/{}", key.0, key.1), "Service skipped: {e}"),
+            }
+        }
+        for (key, slice) in &self.slices.items {
+            match crate::services::slice_record(slice) {
+                Ok(Some(r)) => {
+                    o.endpoint_slices.insert(key.clone(), Arc::new(r));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(slice = %format!("{}/{}", key.0, key.1), "EndpointSlice skipped: {e}")
+                }
+            }
         }
         for (kind, cache) in [
             ("AuthorizationPolicy", &self.policies),
@@ -187,6 +225,8 @@ impl Caches {
 enum Update {
     Pod(Box<Event<Pod>>),
     Namespace(Event<Namespace>),
+    Service(Box<Event<Service>>),
+    Slice(Event<EndpointSlice>),
     Policy(Kind, Event<DynamicObject>),
     Failed(Kind, watcher::Error),
 }
@@ -221,6 +261,20 @@ pub async fn run(client: Client, store: Arc<Store>, root_ns: String, stop: Cance
             Err(e) => Update::Failed(Kind::Namespace, e),
         })
         .boxed();
+    let services = watcher::watcher(Api::<Service>::all(client.clone()), cfg())
+        .default_backoff()
+        .map(|r| match r {
+            Ok(ev) => Update::Service(Box::new(ev.modify(slim_meta))),
+            Err(e) => Update::Failed(Kind::Service, e),
+        })
+        .boxed();
+    let slices = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), cfg())
+        .default_backoff()
+        .map(|r| match r {
+            Ok(ev) => Update::Slice(ev.modify(slim_meta)),
+            Err(e) => Update::Failed(Kind::EndpointSlice, e),
+        })
+        .boxed();
     let policy_stream = |kind: Kind, name: &str| {
         let ar = istio(name);
         watcher::watcher(Api::<DynamicObject>::all_with(client.clone(), &ar), cfg())
@@ -234,6 +288,8 @@ pub async fn run(client: Client, store: Arc<Store>, root_ns: String, stop: Cance
     let mut updates = futures_util::stream::select_all([
         pods,
         namespaces,
+        services,
+        slices,
         policy_stream(Kind::AuthorizationPolicy, "AuthorizationPolicy"),
         policy_stream(Kind::PeerAuthentication, "PeerAuthentication"),
     ]);
@@ -259,6 +315,8 @@ pub async fn run(client: Client, store: Arc<Store>, root_ns: String, stop: Cance
             info!(
                 pods = objects.pods.len(),
                 namespaces = objects.namespaces.len(),
+                services = objects.services.len(),
+                endpoint_slices = objects.endpoint_slices.len(),
                 policies = objects.statuses.len(),
                 "Kubernetes snapshot"
             );
@@ -283,6 +341,8 @@ fn apply(caches: &mut Caches, u: Update, failing: &mut HashSet<Kind>) -> bool {
     let (kind, changed) = match u {
         Update::Pod(ev) => (Kind::Pod, caches.pods.apply(*ev)),
         Update::Namespace(ev) => (Kind::Namespace, caches.namespaces.apply(ev)),
+        Update::Service(ev) => (Kind::Service, caches.services.apply(*ev)),
+        Update::Slice(ev) => (Kind::EndpointSlice, caches.slices.apply(ev)),
         Update::Policy(k, ev) => (k, caches.policy_cache(k).apply(ev)),
         Update::Failed(kind, e) => {
             if matches!(kind, Kind::AuthorizationPolicy | Kind::PeerAuthentication)

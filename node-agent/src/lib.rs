@@ -7,6 +7,7 @@
 //! - [`state`]: the on-disk record of captured pods, for re-adoption after a restart.
 //! - [`sockets`]: the `SocketFactory` that creates every pod socket inside the pod's netns.
 //! - [`store`], [`manifests`]: the workload store (Kubernetes objects) and its manifests source.
+//! - [`services`]: Services and EndpointSlices as compact records, indexed by VIP.
 //! - [`policy`]: AuthorizationPolicy / PeerAuthentication validation and compilation.
 //! - [`ca`], [`certs`]: the CA (embedded or plug-in) and the per-identity certificates.
 
@@ -21,6 +22,7 @@ pub mod k8s;
 pub mod manifests;
 pub mod metrics;
 pub mod policy;
+pub mod services;
 pub mod sockets;
 pub mod state;
 pub mod store;

@@ -2,14 +2,15 @@
 //! objects too) as a source for the workload store. Polled: a change of any file's name, size
 //! or modification time reloads the whole directory, and the store gets the new snapshot at
 //! once. A file that does not parse is reported once (until it changes) and the rest still
-//! load. Kinds: Pod, Namespace, AuthorizationPolicy, PeerAuthentication (see [`crate::policy`]);
-//! others are skipped.
+//! load. Kinds: Pod, Namespace, AuthorizationPolicy, PeerAuthentication (see [`crate::policy`]),
+//! Service and EndpointSlice (see [`crate::services`]); others are skipped.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -57,6 +58,19 @@ fn fingerprint(files: &[PathBuf]) -> Fingerprint {
         .collect()
 }
 
+/// (namespace, name) of an object (namespace `default` when absent).
+fn namespaced(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    kind: &str,
+) -> Result<(String, String), String> {
+    let name = meta
+        .name
+        .clone()
+        .ok_or_else(|| format!("{kind} without metadata.name"))?;
+    let ns = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    Ok((ns, name))
+}
+
 fn add_object(
     value: serde_yaml_ng::Value,
     objects: &mut Objects,
@@ -71,17 +85,7 @@ fn add_object(
     match kind.as_str() {
         "Pod" => {
             let pod = Pod::deserialize(value).map_err(|e| format!("Pod: {e}"))?;
-            let name = pod
-                .metadata
-                .name
-                .clone()
-                .ok_or("Pod without metadata.name")?;
-            let ns = pod
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            objects.pods.insert((ns, name), pod);
+            objects.pods.insert(namespaced(&pod.metadata, "Pod")?, pod);
         }
         "Namespace" => {
             let ns = Namespace::deserialize(value).map_err(|e| format!("Namespace: {e}"))?;
@@ -111,6 +115,25 @@ fn add_object(
             let (pa, status) = crate::policy::peer_authentication(&value, root_ns);
             objects.peer_auths.push(pa);
             objects.statuses.push(status);
+        }
+        "Service" => {
+            let svc = Service::deserialize(value).map_err(|e| format!("Service: {e}"))?;
+            let key = namespaced(&svc.metadata, "Service")?;
+            if let Some(r) =
+                crate::services::service_record(&svc).map_err(|e| format!("Service: {e}"))?
+            {
+                objects.services.insert(key, Arc::new(r));
+            }
+        }
+        "EndpointSlice" => {
+            let slice =
+                EndpointSlice::deserialize(value).map_err(|e| format!("EndpointSlice: {e}"))?;
+            let key = namespaced(&slice.metadata, "EndpointSlice")?;
+            if let Some(r) =
+                crate::services::slice_record(&slice).map_err(|e| format!("EndpointSlice: {e}"))?
+            {
+                objects.endpoint_slices.insert(key, Arc::new(r));
+            }
         }
         "" => return Err("document without kind".into()),
         _ => {}
@@ -194,6 +217,8 @@ pub async fn watch(
             dir = %dir.display(),
             pods = objects.pods.len(),
             namespaces = objects.namespaces.len(),
+            services = objects.services.len(),
+            endpoint_slices = objects.endpoint_slices.len(),
             invalid = problems.len(),
             "manifests loaded"
         );

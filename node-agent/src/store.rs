@@ -1,22 +1,24 @@
-//! The workload store: Kubernetes objects (Pods, Namespaces, policies) from every source the
-//! agent has — a directory of manifests, the API server — plus the pods this node's CNI plugin
-//! handed over. The data path asks it who owns an address and which identity a
-//! local pod has.
+//! The workload store: Kubernetes objects (Pods, Namespaces, policies, Services and their
+//! EndpointSlices) from every source the agent has — a directory of manifests, the API server — plus the pods this node's CNI plugin
+//! handed over. The data path asks it who owns an address, which Service a VIP is, and which
+//! identity a local pod has.
 //!
 //! Objects are kept as the API's own types (k8s-openapi), so the Kubernetes watch will feed
 //! the same store without translation.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
 use ambit_common::protocol::PodInfo;
 use ambit_proxy::authz::{self, Connection, Decision, PeerAuthentication, Policy};
 use ambit_proxy::identity::Identity;
 use ambit_proxy::mesh::{Directory, Workload};
+use ambit_proxy::service::{Service, ServiceName};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use crate::policy::Status;
+use crate::services::{Index, Locality, ServiceRecord, SliceRecord};
 
 /// Set on a Pod by the agent that captured it (the Kubernetes source will write it; in a
 /// manifests directory the operator does): the pod serves HBONE on 15008. Only such pods of
@@ -34,6 +36,10 @@ pub struct Objects {
     pub peer_auths: Vec<PeerAuthentication>,
     /// How each policy object was taken (for logs and the admin view).
     pub statuses: Vec<Status>,
+    /// Services with a VIP, keyed by (namespace, name).
+    pub services: BTreeMap<(String, String), Arc<ServiceRecord>>,
+    /// EndpointSlices of Services, keyed by (namespace, slice name).
+    pub endpoint_slices: BTreeMap<(String, String), Arc<SliceRecord>>,
 }
 
 /// Where objects come from. Each source replaces its own snapshot; lookups see the union.
@@ -68,10 +74,13 @@ struct Inner {
     /// Pods captured on this node, by container id.
     local: HashMap<String, PodInfo>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// Services by VIP, built from `merged` whenever its Services or EndpointSlices change.
+    services: Index,
 }
 
 pub struct Store {
     trust_domain: String,
+    locality: Locality,
     inner: RwLock<Inner>,
     policy_version: tokio::sync::watch::Sender<u64>,
     objects_version: tokio::sync::watch::Sender<u64>,
@@ -89,6 +98,13 @@ fn merge<'a>(sources: impl Iterator<Item = &'a Objects>) -> Objects {
         out.policies.extend(o.policies.iter().cloned());
         out.peer_auths.extend(o.peer_auths.iter().cloned());
         out.statuses.extend(o.statuses.iter().cloned());
+        out.services
+            .extend(o.services.iter().map(|(k, v)| (k.clone(), v.clone())));
+        out.endpoint_slices.extend(
+            o.endpoint_slices
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
     }
     out
 }
@@ -154,8 +170,14 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
 
 impl Store {
     pub fn new(trust_domain: &str) -> Arc<Self> {
+        Self::with_locality(trust_domain, Locality::default())
+    }
+
+    /// A store that knows where its node is (Service endpoints on this node or in its zone).
+    pub fn with_locality(trust_domain: &str, locality: Locality) -> Arc<Self> {
         Arc::new(Self {
             trust_domain: trust_domain.into(),
+            locality,
             inner: RwLock::new(Inner::default()),
             policy_version: tokio::sync::watch::Sender::new(0),
             objects_version: tokio::sync::watch::Sender::new(0),
@@ -210,7 +232,16 @@ impl Store {
         let policies_changed = inner.merged.policies != merged.policies
             || inner.merged.peer_auths != merged.peer_auths
             || labels_changed(&inner.merged, &merged);
+        let services_changed = inner.merged.services != merged.services
+            || inner.merged.endpoint_slices != merged.endpoint_slices;
         inner.merged = merged;
+        if services_changed {
+            inner.services = Index::build(
+                &inner.merged.services,
+                &inner.merged.endpoint_slices,
+                &self.locality,
+            );
+        }
         self.reindex(&mut inner);
         drop(inner);
         self.objects_version.send_modify(|v| *v += 1);
@@ -341,6 +372,16 @@ impl Store {
         (inner.merged.pods.len(), inner.merged.namespaces.len())
     }
 
+    /// (Services with a VIP, their endpoints over all ports).
+    pub fn service_counts(&self) -> (usize, usize) {
+        self.read().services.counts()
+    }
+
+    /// Services and endpoints known, for the admin view.
+    pub fn services_dump(&self) -> Vec<serde_json::Value> {
+        self.read().services.dump()
+    }
+
     fn reindex(&self, inner: &mut Inner) {
         let mut by_ip = HashMap::new();
         for ((ns, name), pod) in &inner.merged.pods {
@@ -385,6 +426,15 @@ impl Store {
 impl Directory for Store {
     fn by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {
         self.read().by_ip.get(&ip.to_canonical()).cloned()
+    }
+
+    fn service(&self, ip: IpAddr) -> Option<Arc<Service>> {
+        self.read().services.by_vip.get(&ip.to_canonical()).cloned()
+    }
+
+    fn service_of_endpoint(&self, addr: SocketAddr) -> Option<Arc<ServiceName>> {
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+        self.read().services.by_endpoint.get(&addr).cloned()
     }
 
     fn identity_of(&self, namespace: &str, name: &str) -> Identity {

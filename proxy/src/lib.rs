@@ -11,6 +11,7 @@
 //! - [`hbone`]: HTTP/2 CONNECT over mutual TLS 1.3 (client pool, 15008 server).
 //! - [`identity`], [`tls`]: SPIFFE identities and the rustls configurations that check them.
 //! - [`mesh`]: what the data path asks of the node (workload store, certificates).
+//! - [`service`]: Services by VIP and the choice of an endpoint.
 
 #![forbid(unsafe_code)]
 
@@ -21,5 +22,6 @@ pub mod mesh;
 pub mod metrics;
 pub mod passthrough;
 pub mod pod;
+pub mod service;
 pub mod socket;
 pub mod tls;

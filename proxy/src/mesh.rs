@@ -1,12 +1,13 @@
 //! What the data path needs to know about the mesh: who is at an address (the workload
 //! store) and the certificates of this node's identities.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::authz::{Connection, Decision};
 use crate::identity::Identity;
+use crate::service::{Service, ServiceName};
 use crate::tls::Certificates;
 
 /// A workload as the data path sees it.
@@ -25,6 +26,12 @@ pub struct Workload {
 pub trait Directory: Send + Sync + 'static {
     /// The workload that owns `ip`, if the store knows one.
     fn by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>>;
+    /// The Service whose VIP (ClusterIP) is `ip`, if the store knows one.
+    fn service(&self, ip: IpAddr) -> Option<Arc<Service>>;
+    /// A Service that has `addr` (an endpoint address and target port) as an endpoint, for
+    /// telemetry on the destination side, which never sees the VIP the client called
+    /// (the first by namespace and name when several do).
+    fn service_of_endpoint(&self, addr: SocketAddr) -> Option<Arc<ServiceName>>;
     /// The current identity of a pod of this node (service account `default` while its Pod
     /// object is unknown).
     fn identity_of(&self, namespace: &str, name: &str) -> Identity;

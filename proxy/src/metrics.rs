@@ -30,7 +30,12 @@ pub struct TrafficLabels {
     pub destination_workload_namespace: String,
     pub destination_principal: String,
     pub destination_app: String,
+    /// The Service the connection was addressed to (`<name>.<ns>.svc.<domain>`), `unknown`
+    /// when it went to a pod address; on the destination side, a Service the pod serves
+    /// that port for (the VIP is not seen there), as ztunnel guesses it.
     pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
     pub request_protocol: String,
     /// `-` when nothing happened; `DENY` (authorization), `CONNECT` (upstream failure).
     pub response_flags: String,
@@ -174,10 +179,24 @@ impl TrafficLabels {
             destination_principal: dst.principal.clone(),
             destination_app: dst.app.clone(),
             destination_service: UNKNOWN.into(),
+            destination_service_name: UNKNOWN.into(),
+            destination_service_namespace: UNKNOWN.into(),
             request_protocol: "tcp".into(),
             response_flags: flags.into(),
             connection_security_policy: if mtls { "mutual_tls" } else { UNKNOWN }.into(),
         }
+    }
+}
+
+impl TrafficLabels {
+    /// Names the destination Service, if the connection had one.
+    pub fn with_service(mut self, service: Option<&crate::service::ServiceName>) -> Self {
+        if let Some(s) = service {
+            self.destination_service = s.hostname.clone();
+            self.destination_service_name = s.name.clone();
+            self.destination_service_namespace = s.namespace.clone();
+        }
+        self
     }
 }
 

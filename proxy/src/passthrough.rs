@@ -1,5 +1,7 @@
-//! The 15001 and 15006 listeners. Outbound (15001): a destination the workload store knows as
-//! a captured workload goes through HBONE; anything else is forwarded as is. Inbound plaintext
+//! The 15001 and 15006 listeners. Outbound (15001): a Service VIP is first resolved to one of
+//! the Service's endpoints ([`crate::service`]); a destination the workload store knows as a
+//! captured workload goes through HBONE; anything else is forwarded as is (to the chosen
+//! endpoint, for a Service). Inbound plaintext
 //! (15006): forwarded to the app, keeping the client's source address.
 
 use std::net::{IpAddr, SocketAddr};
@@ -14,6 +16,7 @@ use crate::hbone;
 use crate::mesh::Workload;
 use crate::metrics::{ConnRecord, TrafficLabels};
 use crate::pod::PodShared;
+use crate::service::{NoEndpoint, ServiceName};
 use crate::socket::{canonical, original_dst};
 
 /// Ports that must never be a forwarding destination (loop protection).
@@ -91,17 +94,43 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
         debug!(%peer, %dst, "destination is a reserved Ambit port; closing");
         return;
     }
-    if dir == Direction::Outbound
-        && let Some(w) = shared.mesh.directory.by_ip(dst.ip())
-        && w.hbone
-    {
-        return outbound_hbone(client, peer, dst, &w, &shared, start).await;
+    // Outbound, where the connection goes: a Service VIP is resolved to one of its endpoints
+    // (the node's kube-proxy would have done it after the packet left the pod, too late to
+    // encrypt); anything else goes where the app sent it.
+    let mut target = dst;
+    let mut service = None;
+    if dir == Direction::Outbound {
+        if let Some(svc) = shared.mesh.directory.service(dst.ip()) {
+            match svc.pick(dst, peer.ip()) {
+                Ok(ep) => target = ep.addr,
+                Err(e) => return refuse_no_endpoint(client, peer, dst, &svc.name, e, &shared),
+            }
+            service = Some(svc.name.clone());
+        }
+        if let Some(w) = shared.mesh.directory.by_ip(target.ip())
+            && w.hbone
+        {
+            let route = Route {
+                peer,
+                dst,
+                target,
+                service: service.as_deref(),
+            };
+            return outbound_hbone(client, route, &w, &shared, start).await;
+        }
+    } else {
+        // Inbound the VIP is not known; name a Service this port is an endpoint of.
+        service = shared.mesh.directory.service_of_endpoint(dst);
     }
+    let service = service.as_deref();
+    let vip = (target != dst).then_some(dst);
     let (reporter, src, dst_peer) = match dir {
         Direction::Inbound => ("destination", shared.peer(peer.ip(), None), shared.me()),
-        Direction::Outbound => ("source", shared.me(), shared.peer(dst.ip(), None)),
+        Direction::Outbound => ("source", shared.me(), shared.peer(target.ip(), None)),
     };
-    let labels = |flags: &str| TrafficLabels::new(reporter, &src, &dst_peer, false, flags);
+    let labels = |flags: &str| {
+        TrafficLabels::new(reporter, &src, &dst_peer, false, flags).with_service(service)
+    };
     let metrics = &shared.mesh.metrics;
     let admitted = if dir == Direction::Inbound {
         let conn = crate::authz::Connection {
@@ -132,17 +161,18 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
     // Inbound, the destination is an app of this pod; outbound, anything beyond it.
     let socket = match dir {
         Direction::Inbound => shared.socket_to_app(dst, source),
-        Direction::Outbound => shared.factory.upstream(dst, source),
+        Direction::Outbound => shared.factory.upstream(target, source),
     };
     let upstream = match socket {
-        Ok(s) => s.connect(dst).await,
+        Ok(s) => s.connect(target).await,
         Err(e) => Err(e),
     };
     let mut upstream = match upstream {
         Ok(u) => u,
         Err(e) => {
             ConnRecord::open(metrics, labels("CONNECT"), &shared.series).close(0, 0);
-            info!(target: "access", direction = dir.as_str(), src.addr = %peer, dst.addr = %dst,
+            info!(target: "access", direction = dir.as_str(), src.addr = %peer, dst.addr = %target,
+                dst.service = service.map(|s| s.hostname.as_str()), dst.vip = vip.map(tracing::field::display),
                 src.workload = %src.workload, dst.workload = %dst_peer.workload,
                 pod = %pod.name, namespace = %pod.namespace, error = %e, "connection failed");
             return;
@@ -170,7 +200,8 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
     // `sent` is client→app, the request direction either way.
     record.close(sent, recv);
     info!(target: "access",
-        direction = dir.as_str(), src.addr = %peer, dst.addr = %dst,
+        direction = dir.as_str(), src.addr = %peer, dst.addr = %target,
+        dst.service = service.map(|s| s.hostname.as_str()), dst.vip = vip.map(tracing::field::display),
         src.workload = %src.workload, dst.workload = %dst_peer.workload,
         pod = %pod.name, namespace = %pod.namespace,
         bytes_sent = sent, bytes_recv = recv,
@@ -179,21 +210,61 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
         "connection complete");
 }
 
-/// Outbound to a captured workload: one CONNECT stream through the pod's HBONE pool.
-async fn outbound_hbone(
-    mut client: TcpStream,
+/// Where an outbound connection goes.
+struct Route<'a> {
+    /// The app's own address.
+    peer: SocketAddr,
+    /// The app's original destination (a pod address or a Service VIP).
+    dst: SocketAddr,
+    /// The address served: `dst`, or the endpoint chosen for a Service VIP.
+    target: SocketAddr,
+    service: Option<&'a ServiceName>,
+}
+
+/// A Service VIP without an endpoint to serve it: the app's connection is reset at once,
+/// as kube-proxy rejects a Service without endpoints, and nothing leaves the pod.
+fn refuse_no_endpoint(
+    client: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
+    service: &ServiceName,
+    why: NoEndpoint,
+    shared: &PodShared,
+) {
+    let me = shared.me();
+    let labels = TrafficLabels::new("source", &me, &crate::metrics::Peer::unknown(), false, "UH")
+        .with_service(Some(service));
+    ConnRecord::open(&shared.mesh.metrics, labels, &shared.series).close(0, 0);
+    info!(target: "access", direction = "outbound", src.addr = %peer, dst.addr = %dst,
+        dst.service = service.hostname.as_str(), src.workload = %me.workload,
+        pod = %shared.ctx.name, namespace = %shared.ctx.namespace, error = %why,
+        "connection failed");
+    let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// Outbound to a captured workload: one CONNECT stream through the pod's HBONE pool, to
+/// `route.target` (`:authority`), presenting the source's identity and expecting the
+/// destination workload's.
+async fn outbound_hbone(
+    mut client: TcpStream,
+    route: Route<'_>,
     dst_workload: &Workload,
     shared: &PodShared,
     start: Instant,
 ) {
+    let Route {
+        peer,
+        dst,
+        target,
+        service,
+    } = route;
+    let vip = (target != dst).then_some(dst);
     let pod = &shared.ctx;
     let src_identity = shared.identity();
     let req = hbone::client::Request {
         src_identity: src_identity.clone(),
         dst_identity: dst_workload.identity.clone(),
-        target: dst,
+        target,
         client: peer,
         baggage: format!(
             "k8s.namespace.name={},k8s.pod.name={}",
@@ -201,15 +272,18 @@ async fn outbound_hbone(
         ),
     };
     let me = shared.me();
-    let dst_peer = shared.peer(dst.ip(), Some(&dst_workload.identity));
-    let labels = |flags: &str| TrafficLabels::new("source", &me, &dst_peer, true, flags);
+    let dst_peer = shared.peer(target.ip(), Some(&dst_workload.identity));
+    let labels = |flags: &str| {
+        TrafficLabels::new("source", &me, &dst_peer, true, flags).with_service(service)
+    };
     let metrics = &shared.mesh.metrics;
     let (tunnel, _guard) = match shared.pool.connect(&req).await {
         Ok(t) => t,
         Err(e) => {
             ConnRecord::open(metrics, labels("CONNECT"), &shared.series).close(0, 0);
             info!(target: "access", direction = "outbound", protocol = "hbone",
-                src.addr = %peer, src.identity = %src_identity, dst.addr = %dst,
+                src.addr = %peer, src.identity = %src_identity, dst.addr = %target,
+                dst.service = service.map(|s| s.hostname.as_str()), dst.vip = vip.map(tracing::field::display),
                 src.workload = %me.workload, dst.workload = %dst_peer.workload,
                 dst.identity = %dst_workload.identity, pod = %pod.name, namespace = %pod.namespace,
                 error = %e, "connection failed");
@@ -229,7 +303,8 @@ async fn outbound_hbone(
     info!(target: "access",
         direction = "outbound", protocol = "hbone", src.addr = %peer, src.identity = %src_identity,
         src.workload = %me.workload, dst.workload = %dst_peer.workload,
-        dst.addr = %dst, dst.identity = %dst_workload.identity,
+        dst.addr = %target, dst.service = service.map(|s| s.hostname.as_str()),
+        dst.vip = vip.map(tracing::field::display), dst.identity = %dst_workload.identity,
         pod = %pod.name, namespace = %pod.namespace,
         bytes_sent = sent, bytes_recv = recv,
         duration_ms = start.elapsed().as_millis() as u64, error = err,

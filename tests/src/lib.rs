@@ -733,3 +733,106 @@ impl Node {
         bail!("the agent did not exit within {limit:?} after SIGTERM")
     }
 }
+
+/// How a connection attempt ended, told apart so that a negative check says which failure it
+/// expects: a refusal at connect, a reset, an orderly close without a byte, or nothing at all.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The reply (at least one byte) read until the peer closed.
+    Reply(String),
+    /// `connect` was refused (RST to the SYN).
+    Refused,
+    /// The connection was reset after it was established.
+    Reset,
+    /// Closed in order before a byte arrived.
+    Eof,
+    /// No answer within the bound (connect 3 s, reply 10 s).
+    Timeout,
+    /// Any other error.
+    Other(String),
+}
+
+impl Outcome {
+    fn of_error(e: &std::io::Error) -> Self {
+        use std::io::ErrorKind as K;
+        match e.kind() {
+            K::ConnectionRefused => Outcome::Refused,
+            K::ConnectionReset | K::BrokenPipe | K::ConnectionAborted => Outcome::Reset,
+            K::WouldBlock | K::TimedOut => Outcome::Timeout,
+            _ => Outcome::Other(e.to_string()),
+        }
+    }
+}
+
+/// Connects from inside `ns` to `dst`, sends `msg`, half-closes, and reads until the peer
+/// closes: what came back, or how it failed.
+pub fn attempt(ns: &Netns, dst: SocketAddr, msg: &[u8]) -> Outcome {
+    let mut s = match connect_in(ns, dst) {
+        Ok(s) => s,
+        Err(e) => return Outcome::of_error(&e),
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    // A reset can already be waiting; the read below reports it.
+    let _ = s
+        .write_all(msg)
+        .and_then(|_| s.shutdown(std::net::Shutdown::Write));
+    let mut out = Vec::new();
+    match s.read_to_end(&mut out) {
+        Ok(_) if out.is_empty() => Outcome::Eof,
+        Ok(_) => Outcome::Reply(String::from_utf8_lossy(&out).into_owned()),
+        Err(e) => Outcome::of_error(&e),
+    }
+}
+
+/// A TCP server inside `ns` that answers each connection, on its first read, with
+/// `<name>;peer=<ip>;` and then echoes what it reads until its peer half-closes; at most 400
+/// connections (a thread each), until the test process ends.
+pub fn echo_named(ns: &Netns, port: u16, name: &str) {
+    let l = ns
+        .run(|| TcpListener::bind(("::", port)).or_else(|_| TcpListener::bind(("0.0.0.0", port))))
+        .unwrap()
+        .expect("binding the test server");
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        for _ in 0..400 {
+            let Ok((mut c, peer)) = l.accept() else {
+                return;
+            };
+            let name = name.clone();
+            std::thread::spawn(move || {
+                let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+                let mut buf = [0u8; 16384];
+                let mut first = true;
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            let mut out = Vec::new();
+                            if first {
+                                let who = format!("{name};peer={};", peer.ip().to_canonical());
+                                out.extend_from_slice(who.as_bytes());
+                                first = false;
+                            }
+                            out.extend_from_slice(&buf[..n]);
+                            if c.write_all(&out).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+}
+
+impl Node {
+    /// GET `path` from one of the agent's HTTP endpoints (`port` on the node's loopback:
+    /// 15020 metrics, 15021 readiness, 15000 admin); the body, which must come with 200.
+    pub fn scrape(&self, path: &str, port: u16) -> String {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let (status, body) = http(&self.ns.open(), addr, "GET", path)
+            .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"));
+        assert_eq!(status, 200, "GET {path} on {addr}: {body}");
+        body
+    }
+}

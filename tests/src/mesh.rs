@@ -116,7 +116,6 @@ pub fn write_manifest(
     service_account: &str,
     captured: bool,
 ) {
-    std::fs::create_dir_all(dir).unwrap();
     let annotations = if captured {
         serde_json::json!({"ambit.dev/redirection": "enabled"})
     } else {
@@ -131,10 +130,169 @@ pub fn write_manifest(
         "status": {"phase": "Running",
                    "podIPs": ips.iter().map(|ip| serde_json::json!({"ip": ip.to_string()})).collect::<Vec<_>>()},
     });
-    let file = dir.join(format!("{namespace}-{name}.json"));
+    write_json(dir, &format!("{namespace}-{name}.json"), &pod);
+}
+
+/// Writes `value` as `dir/file` atomically (the agent never reads half a file).
+pub fn write_json(dir: &Path, file: &str, value: &serde_json::Value) {
+    std::fs::create_dir_all(dir).unwrap();
+    let file = dir.join(file);
     let tmp = file.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&pod).unwrap()).unwrap();
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value).unwrap()).unwrap();
     std::fs::rename(tmp, file).unwrap();
+}
+
+/// A pair of Service VIPs (IPv4, IPv6) unique in this run: `10.96.<pid>.<n>` and
+/// `fd00:96:<pid>::<n>`. They exist only inside the test's own namespaces.
+pub fn vips() -> (IpAddr, IpAddr) {
+    static N: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let p = (std::process::id() % 250) as u8;
+    (
+        IpAddr::from([10, 96, p, n]),
+        IpAddr::from([0xfd00, 0x96, u16::from(p), 0, 0, 0, 0, u16::from(n)]),
+    )
+}
+
+/// Writes a Service manifest `<namespace>-svc-<name>.json`: `ports` are (name, port,
+/// targetPort) with the targetPort as written in YAML (a number or a port name); `spec` is
+/// merged into the spec (e.g. `internalTrafficPolicy`).
+pub fn write_service(
+    dir: &Path,
+    namespace: &str,
+    name: &str,
+    vips: &[IpAddr],
+    ports: &[(&str, u16, &str)],
+    spec: serde_json::Value,
+) {
+    let ports: Vec<serde_json::Value> = ports
+        .iter()
+        .map(|(n, p, t)| {
+            let target = t
+                .parse::<u16>()
+                .map_or_else(|_| serde_json::json!(t), |t| serde_json::json!(t));
+            serde_json::json!({"name": n, "port": p, "protocol": "TCP", "targetPort": target})
+        })
+        .collect();
+    let vips: Vec<String> = vips.iter().map(ToString::to_string).collect();
+    let mut svc = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"type": "ClusterIP", "clusterIP": vips.first().cloned().unwrap_or_default(),
+                 "clusterIPs": vips, "selector": {"app": name}, "ports": ports},
+    });
+    if let (Some(s), Some(extra)) = (svc["spec"].as_object_mut(), spec.as_object()) {
+        s.extend(extra.clone());
+    }
+    write_json(dir, &format!("{namespace}-svc-{name}.json"), &svc);
+}
+
+/// Writes an EndpointSlice `<namespace>-eps-<slice>.json` of `service` with `ports`
+/// (name, target port) and ready `endpoints` (all of one family; `ipv6` says which when
+/// there are none), as the EndpointSlice controller would.
+pub fn write_endpoint_slice(
+    dir: &Path,
+    namespace: &str,
+    slice: &str,
+    service: &str,
+    ipv6: bool,
+    ports: &[(&str, u16)],
+    endpoints: &[IpAddr],
+) {
+    let ports: Vec<serde_json::Value> = ports
+        .iter()
+        .map(|(n, p)| serde_json::json!({"name": n, "port": p, "protocol": "TCP"}))
+        .collect();
+    let endpoints: Vec<serde_json::Value> = endpoints
+        .iter()
+        .map(|ip| {
+            serde_json::json!({"addresses": [ip.to_string()],
+                "conditions": {"ready": true, "serving": true, "terminating": false}})
+        })
+        .collect();
+    let value = serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": slice, "namespace": namespace,
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": if ipv6 { "IPv6" } else { "IPv4" },
+        "ports": ports,
+        "endpoints": endpoints,
+    });
+    write_json(dir, &format!("{namespace}-eps-{slice}.json"), &value);
+}
+
+/// Emulates kube-proxy (nftables mode) on `node`: connections to each VIP and port are
+/// DNATed, in the node's prerouting (from pods) and output (from the node itself) paths, to
+/// a random one of its endpoints — so a client that Ambit does not capture reaches the
+/// Service in plaintext. The VIPs are routed to the bridge, so the node's own connections
+/// find a route before the DNAT.
+pub fn kube_proxy(node: &Node, services: &[(SocketAddr, Vec<SocketAddr>)]) -> Result<()> {
+    let mut rules = String::new();
+    for (vip, endpoints) in services {
+        anyhow::ensure!(!endpoints.is_empty(), "{vip}: no endpoint to DNAT to");
+        let (fam, daddr) = if vip.is_ipv4() {
+            ("ip", "ip daddr")
+        } else {
+            ("ip6", "ip6 daddr")
+        };
+        let map: Vec<String> = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| format!("{i} : {} . {}", e.ip(), e.port()))
+            .collect();
+        rules.push_str(&format!(
+            "    {daddr} {} tcp dport {} dnat {fam} to numgen random mod {} map {{ {} }}\n",
+            vip.ip(),
+            vip.port(),
+            endpoints.len(),
+            map.join(", ")
+        ));
+    }
+    let table = unique("kp");
+    let text = format!(
+        "table inet {table} {{\n  chain pre {{\n    type nat hook prerouting priority dstnat; policy accept;\n{rules}  }}\n  chain out {{\n    type nat hook output priority -100; policy accept;\n{rules}  }}\n}}\n"
+    );
+    let file = node.dir.0.join(format!("{table}.nft"));
+    std::fs::write(&file, text)?;
+    run_ok(
+        Command::new("ip")
+            .args(["netns", "exec", &node.ns.name, "nft", "-f"])
+            .arg(&file),
+    )?;
+    let mut routed = std::collections::HashSet::new();
+    for (vip, _) in services {
+        if routed.insert(vip.ip()) {
+            let host = if vip.is_ipv4() { "/32" } else { "/128" };
+            run_ok(Command::new("ip").args([
+                "-n",
+                &node.ns.name,
+                "route",
+                "add",
+                &format!("{}{host}", vip.ip()),
+                "dev",
+                &node.bridge,
+            ]))?;
+        }
+    }
+    Ok(())
+}
+
+/// How many manifest snapshots the node's agent has loaded so far.
+pub fn manifest_loads(node: &Node) -> usize {
+    node.agent_log().matches("manifests loaded").count()
+}
+
+/// Writes `text` as `dir/file` (atomically) and waits until the agent has loaded a snapshot
+/// containing it (one more "manifests loaded" than before).
+pub fn apply_manifest(node: &Node, dir: &Path, file: &str, text: &str) {
+    let before = manifest_loads(node);
+    let tmp = dir.join(format!("{file}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(file)).unwrap();
+    wait_for(Duration::from_secs(10), || manifest_loads(node) > before)
+        .unwrap_or_else(|_| panic!("{file} not loaded:\n{}", node.agent_log()));
 }
 
 /// A veth pair joining two node namespaces, with routes to each other's pod subnets.

@@ -184,3 +184,52 @@ fn the_deployed_configuration_is_what_the_binaries_accept_and_mount() {
     assert_eq!(s(&ds["metadata"]["namespace"]), conf.agent_namespace);
     assert!(format!("{}-", s(&ds["metadata"]["name"])).starts_with(&conf.agent_pod_prefix));
 }
+
+/// The agent's ClusterRole grants exactly what it uses: reads of what it watches (Pods,
+/// Namespaces, Services, EndpointSlices, the two Istio policy kinds) and the one patch of
+/// the redirection annotation; nothing else (no Secrets, no writes to specs).
+#[test]
+fn the_agent_s_cluster_role_grants_exactly_what_it_watches_and_patches() {
+    let docs = docs();
+    let role = find(&docs, "ClusterRole", "ambit-agent");
+    let mut granted: Vec<String> = Vec::new();
+    for rule in role["rules"].as_sequence().unwrap() {
+        let list = |k: &str| -> Vec<&str> {
+            rule[k]
+                .as_sequence()
+                .map(|v| v.iter().map(s).collect())
+                .unwrap_or_default()
+        };
+        for group in list("apiGroups") {
+            for resource in list("resources") {
+                for verb in list("verbs") {
+                    granted.push(format!("{group}/{resource}:{verb}"));
+                }
+            }
+        }
+    }
+    granted.sort();
+    let mut want: Vec<String> = [
+        "/pods:get",
+        "/pods:list",
+        "/pods:watch",
+        "/namespaces:get",
+        "/namespaces:list",
+        "/namespaces:watch",
+        "/pods/status:patch",
+        "/services:list",
+        "/services:watch",
+        "discovery.k8s.io/endpointslices:list",
+        "discovery.k8s.io/endpointslices:watch",
+        "security.istio.io/authorizationpolicies:get",
+        "security.istio.io/authorizationpolicies:list",
+        "security.istio.io/authorizationpolicies:watch",
+        "security.istio.io/peerauthentications:get",
+        "security.istio.io/peerauthentications:list",
+        "security.istio.io/peerauthentications:watch",
+    ]
+    .map(String::from)
+    .to_vec();
+    want.sort();
+    assert_eq!(granted, want);
+}

@@ -21,6 +21,8 @@ use crate::store::Enrollment;
 
 const PODS: &str = "/api/v1/pods";
 const NAMESPACES: &str = "/api/v1/namespaces";
+const SERVICES: &str = "/api/v1/services";
+const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const POLICIES: &str = "/apis/security.istio.io/v1/authorizationpolicies";
 const PEER_AUTHS: &str = "/apis/security.istio.io/v1/peerauthentications";
 
@@ -206,6 +208,8 @@ fn start() -> Running {
     let double = Arc::new(Double::default());
     double.list(PODS, 200, recorded("pods.json"));
     double.list(NAMESPACES, 200, recorded("namespaces.json"));
+    double.list(SERVICES, 200, recorded("services.json"));
+    double.list(SLICES, 200, recorded("endpointslices.json"));
     double.list(POLICIES, 200, recorded("authorizationpolicies.json"));
     start_with(double)
 }
@@ -383,7 +387,7 @@ async fn captured_pods_are_annotated_once_and_only_they() {
 #[tokio::test]
 async fn an_unreachable_api_server_keeps_the_agent_unsynced_and_inbound_refused() {
     let double = Arc::new(Double::default());
-    for p in [PODS, NAMESPACES, POLICIES, PEER_AUTHS] {
+    for p in [PODS, NAMESPACES, SERVICES, SLICES, POLICIES, PEER_AUTHS] {
         double.list(
             p,
             503,
@@ -406,4 +410,97 @@ async fn an_unreachable_api_server_keeps_the_agent_unsynced_and_inbound_refused(
     let resp = crate::cni_server::enrollment(store, "default", "db", "", Duration::from_millis(50));
     assert!(!resp.ok);
     assert!(resp.error.unwrap().contains("not yet synced"));
+}
+
+/// Which endpoints new connections to `vip` go to (many picks).
+fn endpoints_chosen(s: &Store, vip: &str) -> std::collections::BTreeSet<String> {
+    let vip: std::net::SocketAddr = vip.parse().unwrap();
+    let Some(svc) = s.service(vip.ip()) else {
+        return Default::default();
+    };
+    (0..200)
+        .filter_map(|_| svc.pick(vip, "10.9.0.7".parse().unwrap()).ok())
+        .map(|e| e.addr.to_string())
+        .collect()
+}
+
+fn web_slice(name: &str, rv: &str, ips: &[&str]) -> Value {
+    let mut slice = recorded("endpointslices.json")["items"][0].clone();
+    slice["metadata"]["name"] = name.into();
+    slice["metadata"]["resourceVersion"] = rv.into();
+    slice["endpoints"] = ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}}))
+        .collect();
+    slice
+}
+
+#[tokio::test]
+async fn services_and_endpoint_slices_follow_the_watch_as_endpoints_scale() {
+    let r = start();
+    let (s, d) = (&r.store, &r.double);
+    eventually("first snapshot", || s.synced() && s.has_sources()).await;
+    eventually("watches open", || {
+        d.watching(SERVICES) > 0 && d.watching(SLICES) > 0
+    })
+    .await;
+    // The recorded Service resolves to its recorded endpoint through the named targetPort;
+    // the headless one has no VIP.
+    assert_eq!(
+        endpoints_chosen(s, "10.96.0.20:80"),
+        ["10.9.0.4:8080".to_string()].into()
+    );
+    assert_eq!(s.service_counts(), (1, 1));
+    let svc = s.service("10.96.0.20".parse().unwrap()).unwrap();
+    assert_eq!(svc.name.hostname, "web.shop.svc.cluster.local");
+    assert_eq!(
+        s.service_of_endpoint("10.9.0.4:8080".parse().unwrap())
+            .map(|n| n.name.clone()),
+        Some("web".into())
+    );
+
+    // Scale 1 -> 3 (a second slice), 3 -> 0, 0 -> 2.
+    let three = ["10.9.0.4", "10.9.0.21", "10.9.0.22"];
+    d.event(
+        SLICES,
+        "MODIFIED",
+        web_slice("web-x7k2p", "21", &three[..2]),
+    );
+    d.event(SLICES, "ADDED", web_slice("web-q9z4m", "22", &three[2..]));
+    eventually("three endpoints", || {
+        endpoints_chosen(s, "10.96.0.20:80").len() == 3
+    })
+    .await;
+    d.event(SLICES, "MODIFIED", web_slice("web-x7k2p", "23", &[]));
+    d.event(SLICES, "DELETED", web_slice("web-q9z4m", "24", &[]));
+    eventually("no endpoint", || {
+        endpoints_chosen(s, "10.96.0.20:80").is_empty()
+    })
+    .await;
+    let svc = s.service("10.96.0.20".parse().unwrap()).unwrap();
+    assert!(matches!(
+        svc.pick(
+            "10.96.0.20:80".parse().unwrap(),
+            "10.9.0.7".parse().unwrap()
+        ),
+        Err(ambit_proxy::service::NoEndpoint::NoneReady { port: 80, .. })
+    ));
+    d.event(
+        SLICES,
+        "MODIFIED",
+        web_slice("web-x7k2p", "25", &["10.9.0.31", "10.9.0.32"]),
+    );
+    eventually("two new endpoints", || {
+        endpoints_chosen(s, "10.96.0.20:80")
+            == ["10.9.0.31:8080".to_string(), "10.9.0.32:8080".to_string()].into()
+    })
+    .await;
+
+    // The Service goes: its VIP is no longer resolved.
+    let web = recorded("services.json")["items"][0].clone();
+    d.event(SERVICES, "DELETED", web);
+    eventually("Service gone", || {
+        s.service("10.96.0.20".parse().unwrap()).is_none()
+    })
+    .await;
 }

@@ -210,7 +210,11 @@ async fn stream(
     };
     let src = pod.peer(peer.ip(), Some(&peer_id));
     let me = pod.me();
-    let labels = |flags: &str| TrafficLabels::new("destination", &src, &me, true, flags);
+    // The client's VIP is not seen here; name a Service this port is an endpoint of.
+    let service = pod.mesh.directory.service_of_endpoint(dst);
+    let labels = |flags: &str| {
+        TrafficLabels::new("destination", &src, &me, true, flags).with_service(service.as_deref())
+    };
     let metrics = &pod.mesh.metrics;
     let admitted = match pod.admit(conn, "hbone") {
         Ok(a) => a,
@@ -280,7 +284,8 @@ async fn stream(
     info!(target: "access",
         direction = "inbound", protocol = "hbone", src.addr = %peer, src.identity = %peer_id,
         src.workload = %src.workload, dst.workload = %me.workload,
-        dst.addr = %dst, pod = %pod.ctx.name, namespace = %pod.ctx.namespace,
+        dst.addr = %dst, dst.service = service.as_deref().map(|s| s.hostname.as_str()),
+        pod = %pod.ctx.name, namespace = %pod.ctx.namespace,
         bytes_sent = sent, bytes_recv = recv,
         duration_ms = start.elapsed().as_millis() as u64, error = err,
         "connection complete");
