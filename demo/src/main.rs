@@ -2,12 +2,14 @@
 //!
 //! A node (a network namespace with the real CNI chain bridge + host-local + ambit-cni and a
 //! running ambit-agent with its embedded CA), three pods of namespace `default` created through
-//! libcni — productpage, reviews, ratings — and then:
-//! 1. productpage → ratings and reviews → ratings work, through HBONE (access log lines);
+//! libcni — productpage, reviews, ratings — with the Services `reviews` and `ratings` (a
+//! ClusterIP each, and a kube-proxy-like DNAT on the node, as a cluster has), and then:
+//! 1. productpage → reviews and reviews → ratings, called **by Service** as Bookinfo calls
+//!    them, work through HBONE to the endpoint pods (access log lines naming the Service);
 //! 2. a packet capture on the node side of the pods sees only TLS to 15008, never the marker
 //!    the client sent;
 //! 3. the mission's `ratings-viewer` AuthorizationPolicy lets productpage in and refuses
-//!    reviews;
+//!    reviews, both calling the `ratings` Service;
 //! 4. the metrics endpoint counts those connections.
 //!
 //! Run through `scripts/demo.sh` (installs, builds, cleans up on exit or Ctrl-C).
@@ -16,7 +18,9 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ambit_tests::mesh::{Capture, write_pod_manifest};
+use ambit_tests::mesh::{
+    Capture, kube_proxy, vips, write_endpoint_slice, write_pod_manifest, write_service,
+};
 use ambit_tests::{Node, TempDir, http, metric, require_root, talk, wait_for};
 use anyhow::{Context, Result, ensure};
 
@@ -55,8 +59,8 @@ fn access_lines(log: &str, since: usize) -> Vec<String> {
         .collect()
 }
 
-/// A ratings "app": answers every connection with `ratings: 5 stars` and what it read.
-fn ratings_app(ns: &ambit_common::netns::Netns, port: u16) -> Result<()> {
+/// A Bookinfo "app": answers every connection with `answer` and what it read.
+fn app(ns: &ambit_common::netns::Netns, port: u16, answer: &'static str) -> Result<()> {
     use std::io::{Read, Write};
     let l = ns
         .run(|| std::net::TcpListener::bind(("0.0.0.0", port)))
@@ -72,7 +76,7 @@ fn ratings_app(ns: &ambit_common::netns::Netns, port: u16) -> Result<()> {
             let _ = c.read_to_end(&mut got);
             let _ = write!(
                 c,
-                "ratings: 5 stars (app saw client {}, {} bytes)",
+                "{answer} (app saw client {}, {} bytes)",
                 peer.ip(),
                 got.len()
             );
@@ -126,23 +130,63 @@ fn main() -> Result<()> {
         node.agent_log().contains("pods=3 ")
     })
     .context("the agent did not load the Pod manifests")?;
-    let dst = SocketAddr::new(ratings.ip, 9080);
-    ratings_app(&ratings.ns.open(), 9080)?;
+    // The Services, as the API server and kube-proxy would have them: a ClusterIP each, an
+    // EndpointSlice naming the pod, and the node's DNAT of ClusterIP:9080 to the pod.
+    let mut services = Vec::new();
+    for pod in [&reviews, &ratings] {
+        let (vip, _) = vips();
+        write_service(
+            &manifests,
+            "default",
+            &pod.name,
+            &[vip],
+            &[("http", 9080, "9080")],
+            serde_json::json!({}),
+        );
+        write_endpoint_slice(
+            &manifests,
+            "default",
+            &format!("{}-1", pod.name),
+            &pod.name,
+            false,
+            &[("http", 9080)],
+            &[pod.ip],
+        );
+        let svc = SocketAddr::new(vip, 9080);
+        println!(
+            "  Service {:<7} ClusterIP {svc} → endpoint {}:9080 (kube-proxy-like DNAT on the node)",
+            pod.name, pod.ip
+        );
+        services.push((svc, vec![SocketAddr::new(pod.ip, 9080)]));
+    }
+    kube_proxy(&node, &services)?;
+    wait_for(Duration::from_secs(10), || {
+        node.agent_log().contains("endpoint_slices=2 ")
+    })
+    .context("the agent did not load the Services")?;
+    let (reviews_svc, dst) = (services[0].0, services[1].0);
+    app(&reviews.ns.open(), 9080, "reviews: 2 reviews")?;
+    app(&ratings.ns.open(), 9080, "ratings: 5 stars")?;
 
     // The capture runs from the first connection on, so every TLS stream is seen whole.
     let cap = Capture::start(&node.ns.name, &dir.0)?;
     step(
         1,
-        "productpage → ratings and reviews → ratings, through HBONE",
+        "productpage → reviews:9080 and reviews → ratings:9080, by Service, through HBONE",
     );
     let mark = node.agent_log().lines().count();
-    for (who, pod) in [("productpage", &productpage), ("reviews", &reviews)] {
-        let r = talk(&pod.ns.open(), dst, b"GET /ratings/0")?;
-        println!("  {who} got: {r}");
-        ensure!(
-            r.starts_with("ratings: 5 stars"),
-            "{who} did not reach ratings"
-        );
+    for (who, pod, to, answer) in [
+        (
+            "productpage → reviews",
+            &productpage,
+            reviews_svc,
+            "reviews",
+        ),
+        ("reviews → ratings", &reviews, dst, "ratings"),
+    ] {
+        let r = talk(&pod.ns.open(), to, b"GET /")?;
+        println!("  {who} ({to}) got: {r}");
+        ensure!(r.starts_with(answer), "{who} did not get through");
     }
     std::thread::sleep(Duration::from_millis(200));
     println!("  agent access log (one line per side of each connection):");
@@ -211,8 +255,10 @@ fn main() -> Result<()> {
     })?;
     let pp = talk(&productpage.ns.open(), dst, b"GET /ratings/0");
     let rv = talk(&reviews.ns.open(), dst, b"GET /ratings/0");
-    println!("  productpage → ratings: {pp:?}");
-    println!("  reviews → ratings:     {rv:?} (refused: the connection carries nothing)");
+    println!("  productpage → ratings (Service {dst}): {pp:?}");
+    println!(
+        "  reviews → ratings (Service {dst}):     {rv:?} (refused with 401 at ratings: the app's connection is reset)"
+    );
     ensure!(
         pp.as_deref().is_ok_and(|r| r.starts_with("ratings")),
         "productpage refused"
@@ -244,6 +290,7 @@ fn main() -> Result<()> {
                     "{reporter",
                     "source_workload=",
                     "destination_workload=",
+                    "destination_service=",
                     "response_flags",
                     "connection_security_policy",
                 ]

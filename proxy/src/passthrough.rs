@@ -171,7 +171,7 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
         Ok(u) => u,
         Err(e) => {
             ConnRecord::open(metrics, labels("CONNECT"), &shared.series).close(0, 0);
-            info!(target: "access", direction = dir.as_str(), src.addr = %peer, dst.addr = %target,
+            info!(target: "access", direction = dir.as_str(), protocol = "tcp", src.addr = %peer, dst.addr = %target,
                 dst.service = service.map(|s| s.hostname.as_str()), dst.vip = vip.map(tracing::field::display),
                 src.workload = %src.workload, dst.workload = %dst_peer.workload,
                 pod = %pod.name, namespace = %pod.namespace, error = %e, "connection failed");
@@ -200,7 +200,7 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
     // `sent` is client→app, the request direction either way.
     record.close(sent, recv);
     info!(target: "access",
-        direction = dir.as_str(), src.addr = %peer, dst.addr = %target,
+        direction = dir.as_str(), protocol = "tcp", src.addr = %peer, dst.addr = %target,
         dst.service = service.map(|s| s.hostname.as_str()), dst.vip = vip.map(tracing::field::display),
         src.workload = %src.workload, dst.workload = %dst_peer.workload,
         pod = %pod.name, namespace = %pod.namespace,

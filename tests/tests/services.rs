@@ -604,7 +604,7 @@ fn endpoints_outside_the_mesh_get_plaintext_and_a_service_without_endpoints_is_r
         l.contains("dst.service=\"legacy.default.svc.cluster.local\"")
             && l.contains("connection complete")
             && l.contains(&format!("dst.addr={gateway}:7500 "))
-            && !l.contains("protocol=\"hbone\"")
+            && l.contains("protocol=\"tcp\"")
     });
     let m = node.scrape("/metrics", 15020);
     assert_eq!(
