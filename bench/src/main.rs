@@ -5,8 +5,10 @@
 //! app) and then between the same pods with their capture rules removed (direct), in the same
 //! run, unpinned and with every process pinned to one vCPU, `--repeat` times each; the report
 //! gives medians and ratios to direct, as a Markdown table and JSON. Also: CNI ADD latency of
-//! the whole chain through libcni, and the agent's RSS with 0, 100 and 250 captured pods and
-//! during the throughput test. A measurement, not a test: nothing here asserts a speed.
+//! the whole chain through libcni, the agent's RSS with 0, 100 and 250 captured pods and
+//! during the throughput test, and Services at scale ([`services`]: load time, VIP lookup
+//! cost, RSS growth with `--services`, and the data path by VIP next to by pod IP). A
+//! measurement, not a test: nothing here asserts a speed.
 //!
 //!     bash bench/run.sh                              # installs what it needs, builds release
 //!     bash bench/run.sh --json out.json --markdown out.md
@@ -18,6 +20,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+mod services;
 
 use ambit_common::netns::Netns;
 use ambit_tests::{Node, require_root};
@@ -55,6 +59,12 @@ struct Args {
     /// Captured-pod counts at which the agent's RSS is read (pods added in between).
     #[arg(long, value_delimiter = ',', default_values_t = vec![0, 100, 250])]
     rss_pods: Vec<usize>,
+    /// Services of the Services-at-scale figures.
+    #[arg(long, default_value_t = 10_000)]
+    services: usize,
+    /// Endpoints of each of those Services.
+    #[arg(long, default_value_t = 5)]
+    endpoints_per_service: usize,
     /// A short run that only checks the suite works (CI): tiny durations, one repetition.
     #[arg(long)]
     smoke: bool,
@@ -80,6 +90,7 @@ impl Args {
             self.repeat = 1;
             self.add_pods = 3;
             self.rss_pods = vec![0, 3];
+            self.services = 100;
         }
         self
     }
@@ -88,6 +99,8 @@ impl Args {
 const SINK_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 5202;
 const MANY_SINK_PORT: u16 = 5203;
+/// The VIP of the bench server's own Service (outside the scale set's 10.96.0.0/16).
+const BENCH_VIP: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 97, 0, 1));
 /// How long the parallel-throughput figures may take to deliver what was written.
 const STALL_LIMIT: Duration = Duration::from_secs(180);
 const WARMUP: usize = 1_000;
@@ -415,6 +428,44 @@ fn connections(ns: &Netns, dst: SocketAddr, n: usize) -> Result<(f64, f64)> {
     Ok(p50_p99(v))
 }
 
+/// The server by its pod IP and by its Service VIP, medians of `--repeat` alternated runs.
+struct ByVip {
+    /// Single-stream Gbit/s (pod IP, VIP).
+    gbps: (f64, f64),
+    /// New-connection p50 in µs (pod IP, VIP).
+    connect: (f64, f64),
+}
+
+fn service_vs_pod(
+    args: &Args,
+    client: &Netns,
+    server: &Netns,
+    pod: std::net::IpAddr,
+) -> Result<ByVip> {
+    let (mut gbps, mut connect) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    for _ in 0..args.repeat {
+        for (k, ip) in [pod, BENCH_VIP].into_iter().enumerate() {
+            let s = sink(bind(server, SINK_PORT)?, 1, false);
+            gbps[k].push(throughput(
+                client,
+                SocketAddr::new(ip, SINK_PORT),
+                args.seconds,
+            )?);
+            s.join().ok();
+            let e = echo(bind(server, ECHO_PORT)?, args.connections, false);
+            let (p50, _) = connections(client, SocketAddr::new(ip, ECHO_PORT), args.connections)?;
+            connect[k].push(p50);
+            e.join().ok();
+        }
+    }
+    let [gp, gv] = gbps.map(median);
+    let [cp, cv] = connect.map(median);
+    Ok(ByVip {
+        gbps: (gp, gv),
+        connect: (cp, cv),
+    })
+}
+
 /// CPU seconds (user + system) the process has used.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -566,9 +617,17 @@ fn main() -> Result<()> {
     let mut node = Node::new("1.0.0")?;
     // The agent as production runs it (the test harness asks for debug logs and a fast
     // reconcile loop; a debug line per HTTP/2 frame would be measured as data-path cost).
+    let manifests = node.dir.0.join("manifests");
+    std::fs::create_dir_all(&manifests)?;
     node.agent_args = ["--log", "info", "--reconcile-seconds", "5"]
         .into_iter()
         .map(String::from)
+        .chain([
+            "--manifests-poll-seconds".into(),
+            "0.1".into(),
+            "--manifests-dir".into(),
+            manifests.display().to_string(),
+        ])
         .chain(args.agent_args.iter().cloned())
         .collect();
     node.start_agent()?;
@@ -664,6 +723,43 @@ fn main() -> Result<()> {
     );
     std::thread::sleep(SETTLE);
     let rss_after = rss_kib(pid);
+
+    // Services at scale: in process, then on this agent (the set loaded), then the server
+    // called by its Service VIP next to its pod IP with the whole set loaded.
+    eprintln!(
+        "Services: {} with {} endpoints each...",
+        args.services, args.endpoints_per_service
+    );
+    let work = node.dir.0.join("services-work");
+    let store_rows = services::store_figures(&work, args.services, args.endpoints_per_service)?;
+    ambit_tests::mesh::write_service(
+        &manifests,
+        "default",
+        "bench-server",
+        &[BENCH_VIP],
+        &[("sink", SINK_PORT, "sink"), ("echo", ECHO_PORT, "echo")],
+        json!({}),
+    );
+    ambit_tests::mesh::write_endpoint_slice(
+        &manifests,
+        "default",
+        "bench-server-1",
+        "bench-server",
+        false,
+        &[("sink", SINK_PORT), ("echo", ECHO_PORT)],
+        &[b.ip],
+    );
+    let loaded = |n: usize| node.agent_log().contains(&format!("services={n} "));
+    ambit_tests::wait_for(Duration::from_secs(10), || loaded(1))?;
+    let agent_svc = services::agent_figures(
+        &manifests,
+        args.services,
+        args.endpoints_per_service,
+        || rss_kib(pid),
+        loaded,
+        SETTLE,
+    )?;
+    let by_vip = service_vs_pod(&args, &ca, &cb, b.ip)?;
 
     // The same pods without capture: the agent stopped (it would reinstall the rules) and
     // Ambit's table removed from both namespaces.
@@ -773,6 +869,34 @@ fn main() -> Result<()> {
         "| CNI ADD of the whole chain via libcni, {} pods, p50 / p99 | – | {:.1} / {:.1} ms | – |\n",
         args.add_pods, add.0, add.1
     ));
+    md.push_str(&services::store_rows(&store_rows));
+    md.push_str(&format!(
+        "| Services: agent RSS growth with {} Services / {} endpoints; served after the files appeared (0.1 s poll) | – | +{:.1} MB; {:.2} s | – |\n",
+        args.services,
+        args.services * args.endpoints_per_service,
+        agent_svc["rss_growth_kib"].as_f64().unwrap_or(0.0) / 1024.0,
+        agent_svc["served_after_s"].as_f64().unwrap_or(0.0),
+    ));
+    for (name, unit, pod, vip) in [
+        (
+            "throughput, 1 stream",
+            "Gbit/s",
+            by_vip.gbps.0,
+            by_vip.gbps.1,
+        ),
+        (
+            "new connection p50",
+            "µs",
+            by_vip.connect.0,
+            by_vip.connect.1,
+        ),
+    ] {
+        md.push_str(&format!(
+            "| Services: {name}, by pod IP vs by Service VIP ({} Services loaded) | {pod:.2} {unit} | {vip:.2} {unit} | {:.2}x |\n",
+            args.services,
+            vip / pod.max(1e-9)
+        ));
+    }
     println!("\n{md}");
     if let Some(path) = &args.markdown {
         std::fs::write(path, &md)?;
@@ -789,6 +913,11 @@ fn main() -> Result<()> {
                               "peak_during_many": rss_many_peak, "after": rss_after,
                               "by_pods": rss_at.iter().map(|(n, k)| json!({"pods": n, "kib": k})).collect::<Vec<_>>()},
             "cni_add_ms": {"pods": args.add_pods, "p50": add.0, "p99": add.1},
+            "services": {"store": store_rows, "agent": agent_svc,
+                         "vip_vs_pod": {"gbps_pod": by_vip.gbps.0, "gbps_vip": by_vip.gbps.1,
+                                        "connect_p50_us_pod": by_vip.connect.0,
+                                        "connect_p50_us_vip": by_vip.connect.1,
+                                        "runs": args.repeat}},
         });
         std::fs::write(path, serde_json::to_vec_pretty(&out)?)?;
     }

@@ -48,6 +48,27 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
     }
     assert_eq!(v["agent_rss_kib"]["by_pods"].as_array().unwrap().len(), 2);
     assert!(v["cni_add_ms"]["p50"].as_f64().unwrap() > 0.0);
+    // Services at scale: the set loaded in process (small and full size) and by the agent,
+    // and the data path by VIP next to by pod IP.
+    let svc = &v["services"];
+    let store = svc["store"].as_array().unwrap();
+    assert_eq!(store.len(), 2, "{svc:#}");
+    for r in store {
+        for k in ["load_s", "vip_lookup_ns", "pod_lookup_ns"] {
+            assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {r}");
+        }
+    }
+    assert_eq!(svc["agent"]["services"], 100);
+    assert!(svc["agent"]["served_after_s"].as_f64().unwrap() > 0.0);
+    assert!(svc["agent"]["rss_after_kib"].as_u64().unwrap() > 0);
+    for k in [
+        "gbps_pod",
+        "gbps_vip",
+        "connect_p50_us_pod",
+        "connect_p50_us_vip",
+    ] {
+        assert!(svc["vip_vs_pod"][k].as_f64().unwrap() > 0.0, "{k}: {svc:#}");
+    }
     let table = std::fs::read_to_string(&md).unwrap();
     assert!(
         table.contains("| throughput, 1 stream (pinned, 1 vCPU) |"),
@@ -58,6 +79,7 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
         "| throughput, 20 concurrent connections (pinned, 1 vCPU) |",
         "| scaling: 20 connections ÷ 1 stream |",
         "| agent RSS peak during 20 concurrent connections |",
+        "| Services: throughput, 1 stream, by pod IP vs by Service VIP (100 Services loaded) |",
     ] {
         assert!(table.contains(row), "{row} missing:\n{table}");
     }
