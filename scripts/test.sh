@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of Ambit on a fresh Debian bookworm machine, as root:
-# installs what the tests need (Debian packages), then lints, builds and runs the whole suite.
+# installs what the tests need (Debian packages; prometheus for promtool, which checks the
+# agent's /metrics), then lints, builds and runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,11 @@ if [ "$need_apt" = 1 ]; then
     golang-go golang-github-appc-cni-dev containernetworking-plugins \
     iproute2 nftables iptables jq busybox-static iputils-ping util-linux \
     podman runc containerd protobuf-compiler tcpdump python3 python3-pip openssl
+fi
+# promtool checks the agent's /metrics (the exporter it recommends is not needed).
+if ! command -v promtool >/dev/null 2>&1; then
+  [ "$need_apt" = 1 ] || apt-get update -q
+  apt-get install -y -q --no-install-recommends prometheus
 fi
 
 # tests/tests/deploy.rs installs kubernetes-validate from PyPI under target/ (pip --target);

@@ -18,9 +18,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ambit_tests::mesh::{
-    Capture, kube_proxy, vips, write_endpoint_slice, write_pod_manifest, write_service,
-};
+use ambit_tests::mesh::{Capture, kube_proxy, vips, write_pod_manifest, write_simple_service};
 use ambit_tests::{Node, TempDir, http, metric, require_root, talk, wait_for};
 use anyhow::{Context, Result, ensure};
 
@@ -135,22 +133,13 @@ fn main() -> Result<()> {
     let mut services = Vec::new();
     for pod in [&reviews, &ratings] {
         let (vip, _) = vips();
-        write_service(
+        write_simple_service(
             &manifests,
-            "default",
             &pod.name,
-            &[vip],
-            &[("http", 9080, "9080")],
-            serde_json::json!({}),
-        );
-        write_endpoint_slice(
-            &manifests,
-            "default",
-            &format!("{}-1", pod.name),
-            &pod.name,
-            false,
-            &[("http", 9080)],
+            vip,
+            (9080, 9080),
             &[pod.ip],
+            serde_json::json!({}),
         );
         let svc = SocketAddr::new(vip, 9080);
         println!(

@@ -110,10 +110,10 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     if let Some(dir) = &config.manifests_dir {
         // The first load happens before pods are re-adopted, so their identities and policies
         // are right from the first connection.
+        // Taken first: a file changed during the load is loaded again by the watcher.
+        let loaded = manifests::fingerprint_of(dir);
         let (objects, problems) = manifests::load(dir, &config.root_namespace);
-        for p in &problems {
-            tracing::warn!(file = %p.file.display(), "invalid manifest skipped: {}", p.message);
-        }
+        manifests::log_loaded(dir, &objects, &problems);
         manifests::report_statuses(&objects.statuses, &Default::default());
         store.set_manifests(objects);
         tasks.push(tokio::spawn(manifests::watch(
@@ -121,6 +121,7 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
             config.root_namespace.clone(),
             store.clone(),
             config.manifests_poll(),
+            Some(loaded),
             stop.clone(),
         )));
     }

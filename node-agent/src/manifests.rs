@@ -1,5 +1,5 @@
-//! A directory of Kubernetes manifests (YAML or JSON, several documents per file, `List`
-//! objects too) as a source for the workload store. Polled: a change of any file's name, size
+//! A directory of Kubernetes manifests (YAML with several documents per file, or JSON with one;
+//! `List` objects too) as a source for the workload store. Polled: a change of any file's name, size
 //! or modification time reloads the whole directory, and the store gets the new snapshot at
 //! once. A file that does not parse is reported once (until it changes) and the rest still
 //! load. Kinds: Pod, Namespace, AuthorizationPolicy, PeerAuthentication (see [`crate::policy`]),
@@ -24,7 +24,9 @@ pub struct Problem {
     pub message: String,
 }
 
-type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+/// Names, sizes and modification times of a directory's manifest files: a change to any
+/// reloads the directory.
+pub type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
 
 fn manifest_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -42,6 +44,11 @@ fn manifest_files(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default();
     v.sort();
     v
+}
+
+/// The directory's [`Fingerprint`] now.
+pub fn fingerprint_of(dir: &Path) -> Fingerprint {
+    fingerprint(&manifest_files(dir))
 }
 
 fn fingerprint(files: &[PathBuf]) -> Fingerprint {
@@ -71,24 +78,75 @@ fn namespaced(
     Ok((ns, name))
 }
 
-fn add_object(
-    value: serde_yaml_ng::Value,
-    objects: &mut Objects,
-    root_ns: &str,
-    depth: usize,
-) -> Result<(), String> {
-    let kind = value
-        .get("kind")
-        .and_then(|k| k.as_str())
-        .unwrap_or_default()
-        .to_owned();
+/// One document of a manifest file: a YAML value, or the text of a JSON object (deserialized
+/// straight into its type: at 10,000s of objects, a generic value tree per object was most of
+/// the load's time and left the heap fragmented around the records that stay).
+enum Doc<'a> {
+    Yaml(serde_yaml_ng::Value),
+    Json(&'a str),
+}
+
+/// What the JSON path reads first of a document: its kind, and a `List`'s items as text.
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(default)]
+    kind: String,
+    #[serde(borrow, default)]
+    items: Option<Vec<&'a serde_json::value::RawValue>>,
+}
+
+impl Doc<'_> {
+    fn kind(&self) -> Result<String, String> {
+        match self {
+            Doc::Yaml(v) => Ok(v
+                .get("kind")
+                .and_then(|k| k.as_str())
+                .unwrap_or_default()
+                .to_owned()),
+            Doc::Json(text) => serde_json::from_str::<Head>(text)
+                .map(|h| h.kind)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn typed<T: serde::de::DeserializeOwned>(self, kind: &str) -> Result<T, String> {
+        match self {
+            Doc::Yaml(v) => T::deserialize(v).map_err(|e| format!("{kind}: {e}")),
+            Doc::Json(text) => serde_json::from_str(text).map_err(|e| format!("{kind}: {e}")),
+        }
+    }
+
+    /// The items of a `List`.
+    fn items(self) -> Result<Vec<Self>, String> {
+        Ok(match self {
+            Doc::Yaml(v) => v
+                .get("items")
+                .and_then(|i| i.as_sequence())
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(Doc::Yaml)
+                .collect(),
+            Doc::Json(text) => serde_json::from_str::<Head>(text)
+                .map_err(|e| e.to_string())?
+                .items
+                .unwrap_or_default()
+                .into_iter()
+                .map(|raw| Doc::Json(raw.get()))
+                .collect(),
+        })
+    }
+}
+
+fn add_object(doc: Doc, objects: &mut Objects, root_ns: &str, depth: usize) -> Result<(), String> {
+    let kind = doc.kind()?;
     match kind.as_str() {
         "Pod" => {
-            let pod = Pod::deserialize(value).map_err(|e| format!("Pod: {e}"))?;
+            let pod: Pod = doc.typed("Pod")?;
             objects.pods.insert(namespaced(&pod.metadata, "Pod")?, pod);
         }
         "Namespace" => {
-            let ns = Namespace::deserialize(value).map_err(|e| format!("Namespace: {e}"))?;
+            let ns: Namespace = doc.typed("Namespace")?;
             let name = ns
                 .metadata
                 .name
@@ -97,27 +155,24 @@ fn add_object(
             objects.namespaces.insert(name, ns);
         }
         k if k.ends_with("List") && depth == 0 => {
-            let items = value
-                .get("items")
-                .and_then(|i| i.as_sequence())
-                .cloned()
-                .unwrap_or_default();
-            for item in items {
+            for item in doc.items()? {
                 add_object(item, objects, root_ns, depth + 1)?;
             }
         }
         "AuthorizationPolicy" => {
+            let value: serde_yaml_ng::Value = doc.typed(&kind)?;
             let (policy, status) = crate::policy::authorization_policy(&value, root_ns);
             objects.policies.extend(policy.map(Arc::new));
             objects.statuses.push(status);
         }
         "PeerAuthentication" => {
+            let value: serde_yaml_ng::Value = doc.typed(&kind)?;
             let (pa, status) = crate::policy::peer_authentication(&value, root_ns);
             objects.peer_auths.push(pa);
             objects.statuses.push(status);
         }
         "Service" => {
-            let svc = Service::deserialize(value).map_err(|e| format!("Service: {e}"))?;
+            let svc: Service = doc.typed("Service")?;
             let key = namespaced(&svc.metadata, "Service")?;
             if let Some(r) =
                 crate::services::service_record(&svc).map_err(|e| format!("Service: {e}"))?
@@ -126,8 +181,7 @@ fn add_object(
             }
         }
         "EndpointSlice" => {
-            let slice =
-                EndpointSlice::deserialize(value).map_err(|e| format!("EndpointSlice: {e}"))?;
+            let slice: EndpointSlice = doc.typed("EndpointSlice")?;
             let key = namespaced(&slice.metadata, "EndpointSlice")?;
             if let Some(r) =
                 crate::services::slice_record(&slice).map_err(|e| format!("EndpointSlice: {e}"))?
@@ -157,6 +211,13 @@ pub fn load(dir: &Path, root_ns: &str) -> (Objects, Vec<Problem>) {
                 continue;
             }
         };
+        if file.extension().is_some_and(|e| e == "json") {
+            // One JSON document per file.
+            if let Err(message) = add_object(Doc::Json(&text), &mut objects, root_ns, 0) {
+                problems.push(Problem { file, message });
+            }
+            continue;
+        }
         for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
             let problem = |message: String| Problem {
                 file: file.clone(),
@@ -171,7 +232,7 @@ pub fn load(dir: &Path, root_ns: &str) -> (Objects, Vec<Problem>) {
                 }
             };
             if !value.is_null()
-                && let Err(message) = add_object(value, &mut objects, root_ns, 0)
+                && let Err(message) = add_object(Doc::Yaml(value), &mut objects, root_ns, 0)
             {
                 problems.push(problem(message));
             }
@@ -180,15 +241,17 @@ pub fn load(dir: &Path, root_ns: &str) -> (Objects, Vec<Problem>) {
     (objects, problems)
 }
 
-/// Loads `dir` into `store` now, then again whenever a file changes, until `stop`.
+/// Loads `dir` into `store` whenever a file changes, until `stop`; `loaded` is the
+/// fingerprint of what the store already holds (taken before that load), if anything.
 pub async fn watch(
     dir: PathBuf,
     root_ns: String,
     store: Arc<Store>,
     every: Duration,
+    loaded: Option<Fingerprint>,
     stop: CancellationToken,
 ) {
-    let mut seen: Option<Fingerprint> = None;
+    let mut seen = loaded;
     let mut reported = report_statuses(&store.policy_statuses(), &Default::default());
     let mut tick = tokio::time::interval(every);
     loop {
@@ -210,24 +273,29 @@ pub async fn watch(
                 }
             }
         };
-        for p in &problems {
-            warn!(file = %p.file.display(), "invalid manifest skipped: {}", p.message);
-        }
-        info!(
-            dir = %dir.display(),
-            pods = objects.pods.len(),
-            namespaces = objects.namespaces.len(),
-            services = objects.services.len(),
-            endpoint_slices = objects.endpoint_slices.len(),
-            invalid = problems.len(),
-            "manifests loaded"
-        );
+        log_loaded(&dir, &objects, &problems);
         // The store first: once a status is logged, it is in force.
         let statuses = objects.statuses.clone();
         store.set_manifests(objects);
         reported = report_statuses(&statuses, &reported);
         seen = Some(fp);
     }
+}
+
+/// Logs what a load found: each invalid file, then the counts.
+pub fn log_loaded(dir: &Path, objects: &Objects, problems: &[Problem]) {
+    for p in problems {
+        warn!(file = %p.file.display(), "invalid manifest skipped: {}", p.message);
+    }
+    info!(
+        dir = %dir.display(),
+        pods = objects.pods.len(),
+        namespaces = objects.namespaces.len(),
+        services = objects.services.len(),
+        endpoint_slices = objects.endpoint_slices.len(),
+        invalid = problems.len(),
+        "manifests loaded"
+    );
 }
 
 /// Logs each policy status not logged before (a status is logged once, until it changes);
@@ -290,5 +358,62 @@ mod tests {
         );
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].file.ends_with("c.yaml"));
+    }
+
+    #[test]
+    fn json_files_load_typed_objects_lists_and_policies_and_report_their_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("svc.json"),
+            r#"{"apiVersion":"v1","kind":"List","items":[
+                {"apiVersion":"v1","kind":"Service","metadata":{"name":"web","namespace":"shop"},
+                 "spec":{"clusterIP":"10.96.0.7","ports":[{"name":"http","port":80,"targetPort":"http"}]}},
+                {"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice",
+                 "metadata":{"name":"web-1","namespace":"shop","labels":{"kubernetes.io/service-name":"web"}},
+                 "addressType":"IPv4","ports":[{"name":"http","port":8080}],
+                 "endpoints":[{"addresses":["10.9.0.4"]}]},
+                {"apiVersion":"security.istio.io/v1","kind":"AuthorizationPolicy",
+                 "metadata":{"name":"deny-all","namespace":"shop"},"spec":{}}]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("svc.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.8, ports: [{port: 5432}]}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("broken.json"),
+            r#"{"kind": "Pod", "metadata": "#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("bad-item.json"),
+            r#"{"kind":"List","items":[{"kind":"Service","metadata":{"name":"x"},"spec":{"clusterIP":"nope"}}]}"#,
+        )
+        .unwrap();
+        let (objects, problems) = load(dir.path(), "istio-system");
+        let services: Vec<_> = objects.services.keys().cloned().collect();
+        assert_eq!(
+            services,
+            vec![
+                ("shop".to_string(), "db".to_string()),
+                ("shop".to_string(), "web".to_string())
+            ]
+        );
+        assert_eq!(objects.endpoint_slices.len(), 1);
+        assert_eq!(objects.statuses.len(), 1, "the policy in the JSON list");
+        let mut files: Vec<String> = problems
+            .iter()
+            .map(|p| p.file.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(files, ["bad-item.json", "broken.json"], "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.message.contains("\"nope\" is not an IP address")),
+            "{problems:?}"
+        );
     }
 }

@@ -280,6 +280,7 @@ impl Index {
                         }
                     }
                 }
+                endpoints.shrink_to_fit();
                 for e in &endpoints {
                     index
                         .by_endpoint

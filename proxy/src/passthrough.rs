@@ -1,8 +1,8 @@
 //! The 15001 and 15006 listeners. Outbound (15001): a Service VIP is first resolved to one of
 //! the Service's endpoints ([`crate::service`]); a destination the workload store knows as a
 //! captured workload goes through HBONE; anything else is forwarded as is (to the chosen
-//! endpoint, for a Service). Inbound plaintext
-//! (15006): forwarded to the app, keeping the client's source address.
+//! endpoint, for a Service). Inbound plaintext (15006): forwarded to the app, keeping the
+//! client's source address.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -223,6 +223,55 @@ pub fn write_endpoint_slice(
     write_json(dir, &format!("{namespace}-eps-{slice}.json"), &value);
 }
 
+/// A Service `default/<name>` at `vip` with one TCP port `port` (named `http`) to `target`,
+/// and one EndpointSlice `<name>-1` listing `endpoints` (of the VIP's family); `spec` as in
+/// [`write_service`].
+pub fn write_simple_service(
+    dir: &Path,
+    name: &str,
+    vip: IpAddr,
+    (port, target): (u16, u16),
+    endpoints: &[IpAddr],
+    spec: serde_json::Value,
+) {
+    let target_text = target.to_string();
+    write_service(
+        dir,
+        "default",
+        name,
+        &[vip],
+        &[("http", port, &target_text)],
+        spec,
+    );
+    write_endpoint_slice(
+        dir,
+        "default",
+        &format!("{name}-1"),
+        name,
+        vip.is_ipv6(),
+        &[("http", target)],
+        endpoints,
+    );
+}
+
+/// The mission's AuthorizationPolicy, verbatim: only productpage may reach ratings.
+pub const RATINGS_VIEWER: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: ratings-viewer
+  namespace: default
+spec:
+  selector: # where to apply the policy
+    matchLabels:
+      app: ratings
+  action: ALLOW # or DENY, AUDIT or CUSTOM
+  rules:
+  - from:
+    - source:
+        principals: # can also be namespace or ip blocks
+        - cluster1/ns/default/sa/productpage
+";
+
 /// Emulates kube-proxy (nftables mode) on `node`: connections to each VIP and port are
 /// DNATed, in the node's prerouting (from pods) and output (from the node itself) paths, to
 /// a random one of its endpoints — so a client that Ambit does not capture reaches the

@@ -11,24 +11,6 @@ use ambit_tests::*;
 
 const TD: &str = "cluster1";
 
-/// The mission's policy, verbatim.
-const RATINGS_VIEWER: &str = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: ratings-viewer
-  namespace: default
-spec:
-  selector: # where to apply the policy
-    matchLabels:
-      app: ratings
-  action: ALLOW # or DENY, AUDIT or CUSTOM
-  rules:
-  - from:
-    - source:
-        principals: # can also be namespace or ip blocks
-        - cluster1/ns/default/sa/productpage
-";
-
 struct Mesh {
     node: Node,
     manifests: std::path::PathBuf,
@@ -87,45 +69,6 @@ fn wait_manifest_pods(m: &Mesh, n: usize) {
     .unwrap();
 }
 
-/// An echo server that serves many connections (one thread each), until the test ends.
-fn echo_many(ns: &ambit_common::netns::Netns, port: u16) {
-    let l = ns
-        .run(|| std::net::TcpListener::bind(("0.0.0.0", port)))
-        .unwrap()
-        .unwrap();
-    std::thread::spawn(move || {
-        // Bounded: at most 200 connections per test.
-        for _ in 0..200 {
-            let Ok((mut c, peer)) = l.accept() else {
-                return;
-            };
-            std::thread::spawn(move || {
-                let _ = c.set_read_timeout(Some(Duration::from_secs(20)));
-                let mut buf = [0u8; 4096];
-                let mut first = true;
-                loop {
-                    match c.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            let mut out = Vec::new();
-                            if first {
-                                out.extend_from_slice(
-                                    format!("peer={};", peer.ip().to_canonical()).as_bytes(),
-                                );
-                                first = false;
-                            }
-                            out.extend_from_slice(&buf[..n]);
-                            if c.write_all(&out).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
-}
-
 #[test]
 fn the_mission_policy_lets_productpage_reach_ratings_and_refuses_reviews() {
     let mut m = mesh();
@@ -135,7 +78,7 @@ fn the_mission_policy_lets_productpage_reach_ratings_and_refuses_reviews() {
     let intruder = pod(&mut m, "blocked", "intruder");
     wait_manifest_pods(&m, 4);
     let dst = SocketAddr::new(ratings.ip, 9080);
-    echo_many(&ratings.ns.open(), 9080);
+    echo_named(&ratings.ns.open(), 9080, "ratings");
     let (pp, rv, bad) = (productpage.ns.open(), reviews.ns.open(), intruder.ns.open());
     // Outside the mesh: the node itself, plaintext into 15006.
     let outside = m.node.ns.open();
@@ -219,7 +162,7 @@ fn a_policy_applied_during_a_connection_cuts_it_and_bad_policies_fail_closed() {
     let ratings = pod(&mut m, "default", "ratings");
     wait_manifest_pods(&m, 2);
     let dst = SocketAddr::new(ratings.ip, 9080);
-    echo_many(&ratings.ns.open(), 9080);
+    echo_named(&ratings.ns.open(), 9080, "ratings");
     let mut c = connect_in(&reviews.ns.open(), dst).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     c.write_all(b"one").unwrap();

@@ -16,24 +16,6 @@ use ambit_tests::*;
 
 const TD: &str = "cluster1";
 
-/// The mission's policy, verbatim.
-const RATINGS_VIEWER: &str = "apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: ratings-viewer
-  namespace: default
-spec:
-  selector: # where to apply the policy
-    matchLabels:
-      app: ratings
-  action: ALLOW # or DENY, AUDIT or CUSTOM
-  rules:
-  - from:
-    - source:
-        principals: # can also be namespace or ip blocks
-        - cluster1/ns/default/sa/productpage
-";
-
 fn args(ca: Option<&TestCa>, shared: &Path, node_name: &str) -> Vec<String> {
     let mut v = ca
         .map(|ca| ca.agent_args(&shared.join("ca")))
@@ -283,7 +265,9 @@ fn a_service_vip_crosses_one_node_and_two_only_as_tls_to_the_chosen_endpoint_pod
         &svc_labels("source"),
     );
     assert_eq!(opened, Some(calls as f64), "{m1}");
+    promtool_check(&m1);
     let m2 = n2.scrape("/metrics", 15020);
+    promtool_check(&m2);
     assert!(
         metric(
             &m2,
@@ -328,22 +312,13 @@ fn the_ratings_viewer_policy_holds_verbatim_when_productpage_calls_ratings_by_it
         write_pod_manifest(&manifests, p, sa, true);
     }
     let (vip, _) = vips();
-    write_service(
+    write_simple_service(
         &manifests,
-        "default",
         "ratings",
-        &[vip],
-        &[("http", 9080, "9080")],
-        serde_json::json!({}),
-    );
-    write_endpoint_slice(
-        &manifests,
-        "default",
-        "ratings-abc",
-        "ratings",
-        false,
-        &[("http", 9080)],
+        vip,
+        (9080, 9080),
         &[ratings.ip],
+        serde_json::json!({}),
     );
     wait_slices(&node, 1);
     let svc = SocketAddr::new(vip, 9080);
@@ -527,57 +502,30 @@ fn endpoints_outside_the_mesh_get_plaintext_and_a_service_without_endpoints_is_r
     let (legacy, _) = vips();
     let (empty, _) = vips();
     let (headless_vip, _) = vips();
-    write_service(
+    write_simple_service(
         &manifests,
-        "default",
         "legacy",
-        &[legacy],
-        &[("db", 80, "7500")],
+        legacy,
+        (80, 7500),
+        &[gateway],
         serde_json::json!({"selector": null}),
     );
-    write_endpoint_slice(
+    write_simple_service(
         &manifests,
-        "default",
-        "legacy-1",
-        "legacy",
-        false,
-        &[("db", 7500)],
-        &[gateway],
-    );
-    write_service(
-        &manifests,
-        "default",
         "empty",
-        &[empty],
-        &[("http", 80, "8080")],
+        empty,
+        (80, 8080),
+        &[],
         serde_json::json!({}),
     );
-    write_endpoint_slice(
-        &manifests,
-        "default",
-        "empty-1",
-        "empty",
-        false,
-        &[("http", 8080)],
-        &[],
-    );
     // Headless and ExternalName Services have no VIP: nothing to resolve.
-    write_service(
+    write_simple_service(
         &manifests,
-        "default",
         "server",
-        &[headless_vip],
-        &[("http", 7100, "7100")],
-        serde_json::json!({"clusterIP": "None", "clusterIPs": ["None"]}),
-    );
-    write_endpoint_slice(
-        &manifests,
-        "default",
-        "server-1",
-        "server",
-        false,
-        &[("http", 7100)],
+        headless_vip,
+        (7100, 7100),
         &[server.ip],
+        serde_json::json!({"clusterIP": "None", "clusterIPs": ["None"]}),
     );
     write_json(
         &manifests,
