@@ -1,5 +1,6 @@
 //! The agent's HTTP endpoints (hyper, HTTP/1.1):
-//! - metrics (`--metrics-address`, default `0.0.0.0:15020`): `/metrics`, `/stats/prometheus`;
+//! - metrics (`--metrics-address`, default `0.0.0.0:15020`): `/metrics`, `/stats/prometheus`
+//!   (OpenMetrics when the `Accept` header asks for it, else the Prometheus text format);
 //! - readiness (`--readiness-address`, default `0.0.0.0:15021`): `/healthz/ready`;
 //! - admin (`--admin-address`, loopback only, default `127.0.0.1:15000`): `/config_dump`
 //!   (pods, identities, certificate metadata — never keys —, policies with their status,
@@ -69,7 +70,9 @@ fn rfc3339(t: std::time::SystemTime) -> String {
 }
 
 impl Admin {
-    fn metrics(&self) -> Resp {
+    /// OpenMetrics when the scraper asks for it (Prometheus does), else the Prometheus text
+    /// format (0.0.4).
+    fn metrics(&self, req: &Request<Incoming>) -> Resp {
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             return text(
@@ -77,12 +80,26 @@ impl Admin {
                 format!("encoding: {e}\n"),
             );
         }
-        Response::builder()
-            .header(
-                "content-type",
+        let openmetrics = req
+            .headers()
+            .get_all(http::header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains("application/openmetrics-text"));
+        let (body, content_type) = if openmetrics {
+            (
+                out,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )
-            .body(Full::new(Bytes::from(out)))
+        } else {
+            (
+                crate::metrics::openmetrics_to_text(&out),
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+        };
+        Response::builder()
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from(body)))
             .expect("static response parts are valid")
     }
 
@@ -192,7 +209,7 @@ impl Endpoint {
 
 fn route(admin: &Admin, which: Endpoint, req: &Request<Incoming>) -> Resp {
     match (which, req.uri().path()) {
-        (Endpoint::Metrics, "/metrics" | "/stats/prometheus") => admin.metrics(),
+        (Endpoint::Metrics, "/metrics" | "/stats/prometheus") => admin.metrics(req),
         (Endpoint::Readiness, "/healthz/ready") => admin.ready(),
         (Endpoint::Admin, "/config_dump") => admin.config_dump(),
         (Endpoint::Admin, "/logging") => admin.logging(req),

@@ -100,6 +100,51 @@ impl AgentMetrics {
     }
 }
 
+/// The OpenMetrics exposition that prometheus-client writes, rewritten as Prometheus' text
+/// format 0.0.4, for scrapers that do not ask for OpenMetrics (an `Accept` without
+/// `application/openmetrics-text`, `promtool check metrics`, curl). prometheus-client encodes
+/// OpenMetrics only, and the two differ where a text-format parser sees it: a counter family
+/// is named without `_total` in OpenMetrics (`# TYPE istio_tcp_connections_opened counter`,
+/// samples `..._total`) but with it in the text format, where HELP and TYPE must name the
+/// sample; `# UNIT` and `# EOF` do not exist there. Everything else passes unchanged.
+pub fn openmetrics_to_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|t| t.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out.push_str(&format!("{p}{name}_total {tail}"));
+                } else {
+                    out.push_str(line);
+                }
+            }
+            // A counter's creation time has no place in the text format.
+            None if counters.iter().any(|c| {
+                line.strip_prefix(c)
+                    .is_some_and(|r| r.starts_with("_created"))
+            }) =>
+            {
+                continue;
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +171,36 @@ mod tests {
         ] {
             assert!(out.contains(want), "{want:?} missing in\n{out}");
         }
+    }
+
+    #[test]
+    fn the_text_format_names_counter_families_by_their_samples_and_drops_openmetrics_only_lines() {
+        let m = AgentMetrics::default();
+        let mut r = Registry::default();
+        m.register(&mut r);
+        m.cni("ADD", true);
+        m.handoff_seconds.observe(0.003);
+        let mut om = String::new();
+        prometheus_client::encoding::text::encode(&mut om, &r).unwrap();
+        assert!(om.contains("# TYPE ambit_cni_requests counter"), "{om}");
+        let text = openmetrics_to_text(&om);
+        for want in [
+            "# HELP ambit_cni_requests_total ",
+            "# TYPE ambit_cni_requests_total counter",
+            "ambit_cni_requests_total{command=\"ADD\",result=\"ok\"} 1",
+            "# TYPE ambit_pods_captured gauge",
+            "# TYPE ambit_cni_handoff_seconds histogram",
+            "ambit_cni_handoff_seconds_count 1",
+        ] {
+            assert!(text.contains(want), "{want:?} missing in\n{text}");
+        }
+        for gone in ["# EOF", "# UNIT", "# TYPE ambit_cni_requests counter"] {
+            assert!(!text.contains(gone), "{gone:?} left in\n{text}");
+        }
+        let created = "# TYPE c counter\nc_total 1\nc_created 1.7e9\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(created),
+            "# TYPE c_total counter\nc_total 1\n"
+        );
     }
 }
