@@ -48,6 +48,14 @@ pub trait Certificates: Send + Sync + 'static {
 
 /// The SPIFFE identities in a certificate's URI SANs (others are ignored).
 pub fn identities(cert: &CertificateDer<'_>) -> Vec<Identity> {
+    uri_sans(cert)
+        .iter()
+        .filter_map(|u| Identity::parse(u).ok())
+        .collect()
+}
+
+/// Every URI SAN of a certificate (none if it does not parse).
+fn uri_sans(cert: &CertificateDer<'_>) -> Vec<String> {
     let Ok((_, x509)) = x509_parser::parse_x509_certificate(cert) else {
         return Vec::new();
     };
@@ -58,10 +66,25 @@ pub fn identities(cert: &CertificateDer<'_>) -> Vec<Identity> {
         .general_names
         .iter()
         .filter_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(u) => Identity::parse(u).ok(),
+            x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
             _ => None,
         })
         .collect()
+}
+
+/// The identity of an X.509-SVID: exactly one URI SAN, a SPIFFE ID (the SVID specification
+/// allows no second one — a certificate naming two identities could be accepted as either).
+pub fn svid_identity(cert: &CertificateDer<'_>) -> Result<Identity, String> {
+    match uri_sans(cert).as_slice() {
+        [one] => {
+            Identity::parse(one).map_err(|e| format!("URI SAN {one:?} is not a SPIFFE ID: {e}"))
+        }
+        sans => Err(format!(
+            "an X.509-SVID has exactly one URI SAN, this certificate has {} [{}]",
+            sans.len(),
+            sans.join(", ")
+        )),
+    }
 }
 
 fn rejected(msg: String) -> rustls::Error {
@@ -80,7 +103,8 @@ fn algorithms() -> WebPkiSupportedAlgorithms {
     provider().signature_verification_algorithms
 }
 
-/// Client side: chain to the roots, then any URI SAN equal to any expected identity.
+/// Client side: chain to the roots, then the certificate's one URI SAN must be an expected
+/// identity.
 #[derive(Debug)]
 struct ExpectIdentity {
     roots: Arc<RootCertStore>,
@@ -104,14 +128,13 @@ impl ServerCertVerifier for ExpectIdentity {
             now,
             algorithms().all,
         )?;
-        let presented = identities(end_entity);
-        if presented.iter().any(|p| self.expected.contains(p)) {
+        let presented = svid_identity(end_entity).map_err(rejected)?;
+        if self.expected.contains(&presented) {
             return Ok(ServerCertVerified::assertion());
         }
         Err(rejected(format!(
-            "peer did not present the expected identity: expected {}, got [{}]",
+            "peer did not present the expected identity: expected {}, got [{presented}]",
             list(&self.expected),
-            list(&presented)
         )))
     }
 
@@ -146,7 +169,7 @@ fn list(ids: &[Identity]) -> String {
 }
 
 /// Server side: the web-PKI client verifier (chain, expiry, clientAuth usage), then the
-/// client's trust domain must be ours.
+/// client's one identity must be of our trust domain.
 #[derive(Debug)]
 struct SameTrustDomain {
     inner: Arc<dyn ClientCertVerifier>,
@@ -166,16 +189,12 @@ impl ClientCertVerifier for SameTrustDomain {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let presented = identities(end_entity);
-        if presented
-            .iter()
-            .any(|p| p.trust_domain == self.trust_domain)
-        {
+        let presented = svid_identity(end_entity).map_err(rejected)?;
+        if presented.trust_domain == self.trust_domain {
             return Ok(ClientCertVerified::assertion());
         }
         Err(rejected(format!(
-            "client identity [{}] is not in trust domain {}",
-            list(&presented),
+            "client identity [{presented}] is not in trust domain {}",
             self.trust_domain
         )))
     }
@@ -277,5 +296,94 @@ where
 {
     fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         (self.0)()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+    };
+
+    use super::*;
+
+    /// A CA and a leaf signed by it for each set of URI SANs.
+    fn ca_and_leaves(sans: &[&[&str]]) -> (Arc<RootCertStore>, Vec<CertificateDer<'static>>) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let root = p.self_signed(&key).unwrap();
+        let issuer = Issuer::new(p, key);
+        let mut roots = RootCertStore::empty();
+        roots.add(root.der().clone()).unwrap();
+        let leaves = sans
+            .iter()
+            .map(|uris| {
+                let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+                let mut p = CertificateParams::default();
+                p.subject_alt_names = uris
+                    .iter()
+                    .map(|u| SanType::URI((*u).try_into().unwrap()))
+                    .collect();
+                p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+                p.extended_key_usages = vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ];
+                p.signed_by(&key, &issuer).unwrap().der().clone()
+            })
+            .collect();
+        (Arc::new(roots), leaves)
+    }
+
+    #[test]
+    fn an_svid_has_exactly_one_uri_san_on_both_sides_of_a_handshake() {
+        let me = "spiffe://td/ns/shop/sa/web";
+        let (roots, leaves) = ca_and_leaves(&[
+            &[me],
+            &[me, "spiffe://td/ns/shop/sa/admin"],
+            &[],
+            &["https://example.com/web"],
+        ]);
+        let client_side = ExpectIdentity {
+            roots: roots.clone(),
+            expected: vec![Identity::parse(me).unwrap()],
+        };
+        let server_side = SameTrustDomain {
+            inner: rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+                .build()
+                .unwrap(),
+            trust_domain: "td".into(),
+        };
+        let name = ServerName::try_from("web.shop").unwrap();
+        let now = UnixTime::now();
+        let as_server = |c: &CertificateDer<'_>| {
+            client_side
+                .verify_server_cert(c, &[], &name, &[], now)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let as_client = |c: &CertificateDer<'_>| {
+            server_side
+                .verify_client_cert(c, &[], now)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(as_server(&leaves[0]), Ok(()));
+        assert_eq!(as_client(&leaves[0]), Ok(()));
+        for (leaf, why) in [
+            (&leaves[1], "exactly one URI SAN, this certificate has 2"),
+            (&leaves[2], "exactly one URI SAN, this certificate has 0"),
+            (&leaves[3], "is not a SPIFFE ID"),
+        ] {
+            for (side, r) in [("server", as_server(leaf)), ("client", as_client(leaf))] {
+                assert!(
+                    r.as_ref().is_err_and(|e| e.contains(why)),
+                    "a {side} certificate: {r:?}, wanted {why:?}"
+                );
+            }
+        }
     }
 }

@@ -66,10 +66,23 @@ impl TestCa {
 
     /// A workload certificate for `uri`, valid over [not_before, not_after].
     pub fn leaf(&self, uri: &str, not_before: SystemTime, not_after: SystemTime) -> Leaf {
+        self.leaf_with_uris(&[uri], not_before, not_after)
+    }
+
+    /// A certificate with every one of `uris` as a URI SAN (an X.509-SVID has exactly one).
+    pub fn leaf_with_uris(
+        &self,
+        uris: &[&str],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Leaf {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let mut p = CertificateParams::default();
         p.distinguished_name = rcgen::DistinguishedName::new();
-        p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+        p.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,

@@ -252,6 +252,14 @@ fn port_15008_refuses_unauthenticated_foreign_and_expired_clients_and_clients_re
                 now + Duration::from_secs(7200),
             )),
         ),
+        (
+            "two URI SANs, the first one valid",
+            Some(ca.leaf_with_uris(
+                &[&uri, &format!("spiffe://{TD}/ns/kube-system/sa/admin")],
+                now - Duration::from_secs(60),
+                now + Duration::from_secs(3600),
+            )),
+        ),
     ];
     for (what, leaf) in &cases {
         let outcome = attempt(leaf.as_ref(), "CONNECT", &app);
@@ -266,6 +274,10 @@ fn port_15008_refuses_unauthenticated_foreign_and_expired_clients_and_clients_re
     .unwrap_or_else(|_| panic!("refusals not logged:\n{}", node.agent_log()));
     let log = node.agent_log();
     assert!(log.contains("not in trust domain cluster1"), "{log}");
+    assert!(
+        log.contains("an X.509-SVID has exactly one URI SAN, this certificate has 2"),
+        "{log}"
+    );
 
     // Impersonation: the store says "victim" (sa victim) lives at an address where an
     // uncaptured pod presents a valid mesh certificate of another identity.

@@ -23,7 +23,7 @@ use crate::metrics::{ConnRecord, GaugeGuard, ProxyMetrics, TrafficLabels};
 use crate::passthrough::RESERVED_PORTS;
 use crate::pod::PodShared;
 use crate::socket::canonical;
-use crate::tls::{ResolveWith, identities, server_config};
+use crate::tls::{ResolveWith, server_config, svid_identity};
 
 /// A TLS handshake that has not finished by then is dropped (slow or stuck clients).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,7 +94,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(|c| identities(c).into_iter().next());
+        .and_then(|c| svid_identity(c).ok());
     let Some(peer_id) = peer_id else {
         // The verifier only lets identified clients through; this is defence in depth.
         warn!(pod = %pod.ctx.name, %peer, "HBONE client without identity after handshake");
