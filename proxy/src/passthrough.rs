@@ -2,7 +2,8 @@
 //! the Service's endpoints ([`crate::service`]); a destination the workload store knows as a
 //! captured workload goes through HBONE; anything else is forwarded as is (to the chosen
 //! endpoint, for a Service). Inbound plaintext (15006): forwarded to the app, keeping the
-//! client's source address.
+//! client's source address, when it was addressed to one of the pod's own IPs (reset
+//! otherwise).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -92,6 +93,21 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
     };
     if RESERVED_PORTS.contains(&dst.port()) {
         debug!(%peer, %dst, "destination is a reserved Ambit port; closing");
+        return;
+    }
+    // Inbound plaintext is served for this pod's own addresses only: a neighbour that routes a
+    // packet for any other destination to the pod (the redirect takes it whatever its
+    // address) must not get the agent to connect there on its behalf.
+    if dir == Direction::Inbound
+        && !pod
+            .ips
+            .iter()
+            .any(|ip| ip.to_canonical() == dst.ip().to_canonical())
+    {
+        info!(target: "access", direction = "inbound", protocol = "tcp", src.addr = %peer,
+            dst.addr = %dst, pod = %pod.name, namespace = %pod.namespace,
+            error = "the destination is not an address of this pod", "connection refused");
+        let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
         return;
     }
     // Outbound, where the connection goes: a Service VIP is resolved to one of its endpoints

@@ -216,3 +216,56 @@ fn a_policy_applied_during_a_connection_cuts_it_and_bad_policies_fail_closed() {
     .unwrap();
     assert!(!reaches(&reviews.ns.open(), dst));
 }
+
+#[test]
+fn inbound_plaintext_is_served_only_for_the_pod_s_own_addresses() {
+    let mut m = mesh();
+    let target = pod(&mut m, "default", "target");
+    wait_manifest_pods(&m, 1);
+    echo_named(&target.ns.open(), 7100, "target");
+    let node = m.node.ns.open();
+    // The control: the node (outside the mesh) reaches the pod's own address in plaintext.
+    assert!(reaches(&node, SocketAddr::new(target.ip, 7100)));
+    // A neighbour (the node) routes two other destinations to the pod: a foreign address,
+    // and one the pod has besides its pod IP. The redirect takes both to 15006; the agent
+    // must refuse them (reset) without connecting anywhere for the neighbour.
+    let foreign: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+    let secondary: std::net::IpAddr = "198.51.100.8".parse().unwrap();
+    target
+        .ns
+        .exec(&["ip", "addr", "add", "198.51.100.8/32", "dev", "eth0"])
+        .unwrap();
+    for ip in [foreign, secondary] {
+        m.node
+            .ns
+            .exec(&[
+                "ip",
+                "route",
+                "add",
+                &format!("{ip}/32"),
+                "via",
+                &target.ip.to_string(),
+            ])
+            .unwrap();
+    }
+    for ip in [foreign, secondary] {
+        let to = SocketAddr::new(ip, 7100);
+        assert_eq!(
+            attempt(&node, to, b"ping"),
+            Outcome::Reset,
+            "{to}:\n{}",
+            m.node.agent_log()
+        );
+        let log = m.node.agent_log();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(&format!("dst.addr={to} ")))
+            .collect();
+        assert!(
+            lines.len() == 1
+                && lines[0].contains("connection refused")
+                && lines[0].contains("not an address of this pod"),
+            "one refusal and no upstream attempt for {to}: {lines:#?}"
+        );
+    }
+}
