@@ -11,20 +11,8 @@ use ambit_tests::*;
 const PODS: usize = 250;
 const PARALLEL: usize = 4;
 
-fn scrape(node: &Node, path: &str, port: u16) -> String {
-    let (st, body) = http(
-        &node.ns.open(),
-        format!("127.0.0.1:{port}").parse().unwrap(),
-        "GET",
-        path,
-    )
-    .unwrap();
-    assert_eq!(st, 200, "{body}");
-    body
-}
-
 fn captured(node: &Node) -> f64 {
-    metric(&scrape(node, "/metrics", 15020), "ambit_pods_captured", &[]).unwrap_or(-1.0)
+    metric(&node.scrape("/metrics", 15020), "ambit_pods_captured", &[]).unwrap_or(-1.0)
 }
 
 #[test]
@@ -104,7 +92,7 @@ fn two_hundred_fifty_pods_come_and_go_through_libcni_and_the_agent_state_agrees(
         node.recorded_pods()
     );
     assert_eq!(captured(&node), 0.0);
-    let dump = scrape(&node, "/config_dump", 15000);
+    let dump = node.scrape("/config_dump", 15000);
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
     assert_eq!(
         dump["pods"].as_array().map_or(usize::MAX, Vec::len),

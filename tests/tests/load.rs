@@ -18,18 +18,6 @@ fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-fn scrape(node: &Node) -> String {
-    let (st, body) = http(
-        &node.ns.open(),
-        "127.0.0.1:15020".parse().unwrap(),
-        "GET",
-        "/metrics",
-    )
-    .unwrap();
-    assert_eq!(st, 200);
-    body
-}
-
 fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")))
@@ -190,7 +178,7 @@ fn a_thousand_concurrent_and_twenty_thousand_churned_connections_deliver_everyth
         // Back to baseline: descriptors, and every opened connection closed, no open streams.
         let settled = wait_for(Duration::from_secs(30), || fds(pid) <= base_fds + 2);
         let after_fds = fds(pid);
-        let m = scrape(&node);
+        let m = node.scrape("/metrics", 15020);
         let opened = sum(&m, "istio_tcp_connections_opened_total", &[]);
         let closed = sum(&m, "istio_tcp_connections_closed_total", &[]);
         let streams = sum(&m, "ambit_hbone_streams_open", &[]);

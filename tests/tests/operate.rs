@@ -11,16 +11,6 @@ use ambit_tests::*;
 
 const TD: &str = "cluster1";
 
-fn metrics_addr() -> SocketAddr {
-    "127.0.0.1:15020".parse().unwrap()
-}
-
-fn scrape(node: &Node) -> String {
-    let (status, body) = http(&node.ns.open(), metrics_addr(), "GET", "/metrics").unwrap();
-    assert_eq!(status, 200, "{body}");
-    body
-}
-
 fn ready(node: &Node) -> (u16, String) {
     http(
         &node.ns.open(),
@@ -87,7 +77,7 @@ fn metrics_count_real_traffic_with_istio_labels_and_a_pods_series_leave_with_it(
     let mut text = String::new();
     // Counters are final once each side logged the close; bounded wait for both reporters.
     wait_for(Duration::from_secs(5), || {
-        text = scrape(&node);
+        text = node.scrape("/metrics", 15020);
         metric(
             &text,
             "istio_tcp_connections_closed_total",
@@ -180,7 +170,7 @@ fn metrics_count_real_traffic_with_istio_labels_and_a_pods_series_leave_with_it(
     // The pod goes: the series it reported go too.
     let out = node.cnitool("del", &pp.ns, &pp.container_id, &Node::pod_args(&pp));
     assert!(out.status.success());
-    let text = scrape(&node);
+    let text = node.scrape("/metrics", 15020);
     assert_eq!(
         metric(&text, "istio_tcp_connections_opened_total", &want("source")),
         None,
@@ -226,7 +216,7 @@ fn readiness_follows_pods_and_restarts() {
         body.contains("default/a") && body.contains("not served"),
         "{body}"
     );
-    let text = scrape(&node);
+    let text = node.scrape("/metrics", 15020);
     assert_eq!(
         metric(&text, "ambit_pods_unserved", &[]),
         Some(1.0),
@@ -507,7 +497,7 @@ fn flushed_rules_are_found_and_reinstalled_without_a_cni_call() {
         access_lines(&node.agent_log(), "outbound", dst) == 1
     })
     .unwrap_or_else(|_| panic!("A's connection was not captured:\n{}", node.agent_log()));
-    let text = scrape(&node);
+    let text = node.scrape("/metrics", 15020);
     assert!(
         metric(&text, "ambit_rules_repaired_total", &[]).is_some_and(|n| n >= 1.0),
         "{text}"
