@@ -171,13 +171,14 @@ fn field(
             Attr::SourceIp | Attr::DestinationIp => parse_net(s).map(Value::Net),
             Attr::DestinationPort => parse_port(s).map(Value::Port),
             Attr::SourceServiceAccount => {
-                // `sa` means `<policy namespace>/sa`.
+                // `sa` means `<policy namespace>/sa`; matched exactly, as Istio does (no
+                // prefix, suffix or presence forms: `prod*` names no service account).
                 let full = if s.contains('/') {
                     s.clone()
                 } else {
                     format!("{policy_ns}/{s}")
                 };
-                Ok(Value::Str(StrMatch::parse(&full)))
+                Ok(Value::Str(StrMatch::Exact(full)))
             }
             _ => Ok(Value::Str(StrMatch::parse(s))),
         };

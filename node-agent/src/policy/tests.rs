@@ -331,6 +331,24 @@ fn cases() -> Vec<Case> {
             false,
         ),
         case(
+            "serviceAccounts match exactly: a trailing * is no prefix",
+            ap(
+                "default",
+                "x",
+                &from_source("serviceAccounts", "[\"default/product*\"]"),
+            ),
+            PP,
+            1,
+            false,
+        ),
+        case(
+            "serviceAccounts match exactly: * alone is no presence match",
+            ap("default", "x", &from_source("serviceAccounts", "[\"*\"]")),
+            PP,
+            1,
+            false,
+        ),
+        case(
             "notServiceAccounts",
             ap(
                 "default",
