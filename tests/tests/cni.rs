@@ -531,3 +531,45 @@ fn host_network_namespace_is_never_captured() {
         node.cni_log()
     );
 }
+
+#[test]
+fn a_symlink_in_place_of_the_log_file_is_not_followed_and_add_still_works() {
+    let scratch = TempDir::new("cnilog");
+    let victim = scratch.0.join("victim");
+    std::fs::write(&victim, "untouched").unwrap();
+    let link = scratch.0.join("ambit-cni.log");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let mut node = Node::with_plugin_conf(
+        "1.0.0",
+        serde_json::json!({"logFile": link, "logLevel": "debug"}),
+    )
+    .unwrap();
+    node.start_agent().unwrap();
+    let pod_ns = NsGuard::new(unique("ap")).unwrap();
+    let args =
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=linked;K8S_POD_UID=uid-linked";
+    let out = node.cnitool("add", &pod_ns, "clinked", args);
+    assert!(
+        out.status.success(),
+        "ADD must work without its log file: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "untouched",
+        "the link's target was written"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("logFile not used") && stderr.contains("is a symbolic link"),
+        "the plugin must say why it does not log to the file: {stderr}"
+    );
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    let out = node.cnitool("del", &pod_ns, "clinked", args);
+    assert!(out.status.success());
+}
