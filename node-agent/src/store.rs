@@ -1,10 +1,10 @@
 //! The workload store: Kubernetes objects (Pods, Namespaces, policies, Services and their
-//! EndpointSlices) from every source the agent has — a directory of manifests, the API server — plus the pods this node's CNI plugin
-//! handed over. The data path asks it who owns an address, which Service a VIP is, and which
-//! identity a local pod has.
+//! EndpointSlices) from every source the agent has — a directory of manifests, the API
+//! server — plus the pods this node's CNI plugin handed over. The data path asks it who owns
+//! an address, which Service a VIP is, and which identity a local pod has.
 //!
-//! Objects are kept as the API's own types (k8s-openapi), so the Kubernetes watch will feed
-//! the same store without translation.
+//! Pods and Namespaces are kept as the API's own types (k8s-openapi); Services and
+//! EndpointSlices as the compact records of [`crate::services`], converted at their source.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
