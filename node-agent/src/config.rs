@@ -110,6 +110,15 @@ pub struct Config {
     /// The cluster's DNS domain (Service hostnames in the access log and metrics).
     #[arg(long, env = "AMBIT_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// The cluster's Service (ClusterIP) ranges, e.g. 10.96.0.0/12,fd00:10:96::/112: a
+    /// connection to an address in them that is no Service the agent knows (yet) is reset
+    /// instead of leaving the pod in plaintext for kube-proxy to deliver.
+    #[arg(
+        long = "service-cidr",
+        env = "AMBIT_SERVICE_CIDRS",
+        value_delimiter = ','
+    )]
+    pub service_cidrs: Vec<ipnet::IpNet>,
     /// Seconds between checks of --manifests-dir for changes.
     #[arg(long, env = "AMBIT_MANIFESTS_POLL_SECONDS", default_value_t = 1.0)]
     pub manifests_poll_seconds: f64,
@@ -313,6 +322,7 @@ impl Config {
             "node-name": self.node_name,
             "node-zone": self.node_zone,
             "cluster-domain": self.cluster_domain,
+            "service-cidr": self.service_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "pool-idle-timeout": humantime::format_duration(self.pool_idle_timeout).to_string(),
             "pool-surplus-idle-timeout": humantime::format_duration(self.pool_surplus_idle_timeout).to_string(),
             "app-receive-buffer-kib": self.app_receive_buffer_kib,
@@ -326,13 +336,14 @@ impl Config {
         })
     }
 
-    /// Where this node is, for Service endpoint selection.
-    pub fn locality(&self) -> crate::services::Locality {
+    /// What resolving Services needs: this node, its zone, the cluster's domain and ranges.
+    pub fn service_settings(&self) -> crate::services::ServiceSettings {
         let set = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
-        crate::services::Locality {
+        crate::services::ServiceSettings {
             node: set(&self.node_name),
             zone: set(&self.node_zone),
             cluster_domain: self.cluster_domain.clone(),
+            service_cidrs: self.service_cidrs.clone(),
         }
     }
 
@@ -470,6 +481,29 @@ mod tests {
         assert_eq!(c.trust_domain, "cluster.local");
         assert_eq!(c.cert_lifetime, Duration::from_secs(86_400));
         assert!(matches!(c.ca_source(), crate::ca::Source::Embedded { .. }));
+    }
+
+    #[test]
+    fn service_settings_come_from_node_zone_domain_and_ranges() {
+        let c = load(&[
+            "--node-name",
+            "n1",
+            "--service-cidr",
+            "10.96.0.0/12,fd00:10:96::/112",
+        ])
+        .unwrap();
+        let s = c.service_settings();
+        assert_eq!(s.node.as_deref(), Some("n1"));
+        assert_eq!(s.zone, None);
+        assert_eq!(s.cluster_domain, "cluster.local");
+        assert_eq!(s.service_cidrs.len(), 2);
+        let e = load(&["--service-cidr", "10.96.0.0/40"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--service-cidr") && e.contains("10.96.0.0/40"),
+            "{e}"
+        );
     }
 
     #[test]

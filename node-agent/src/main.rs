@@ -104,7 +104,7 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     let agent_metrics = Arc::new(AgentMetrics::default());
     let certs =
         Arc::new(CertManager::new(ca, config.cert_lifetime).with_metrics(agent_metrics.clone()));
-    let store = Store::with_locality(&config.trust_domain, config.locality());
+    let store = Store::with_services(&config.trust_domain, config.service_settings());
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     if let Some(dir) = &config.manifests_dir {

@@ -180,23 +180,27 @@ pub fn slice_record(slice: &EndpointSlice) -> Result<Option<SliceRecord>, String
     }))
 }
 
-/// Where this agent runs, for `internalTrafficPolicy` and `trafficDistribution`.
+/// What resolving Services needs to know of this node and cluster.
 #[derive(Clone, Debug)]
-pub struct Locality {
+pub struct ServiceSettings {
     /// This node's name (the endpoints' `nodeName`); unknown, no endpoint is local.
     pub node: Option<String>,
     /// This node's zone; unknown, it is learned from an endpoint on this node.
     pub zone: Option<String>,
     /// The cluster's DNS domain (Service hostnames).
     pub cluster_domain: String,
+    /// The cluster's Service (ClusterIP) ranges: a destination in them that is no Service the
+    /// agent knows is refused instead of forwarded in plaintext. Empty: no such check.
+    pub service_cidrs: Vec<ipnet::IpNet>,
 }
 
-impl Default for Locality {
+impl Default for ServiceSettings {
     fn default() -> Self {
         Self {
             node: None,
             zone: None,
             cluster_domain: "cluster.local".into(),
+            service_cidrs: Vec::new(),
         }
     }
 }
@@ -216,7 +220,7 @@ impl Index {
     pub fn build(
         services: &BTreeMap<Key, Arc<ServiceRecord>>,
         slices: &BTreeMap<Key, Arc<SliceRecord>>,
-        loc: &Locality,
+        loc: &ServiceSettings,
     ) -> Self {
         let mut of_service: HashMap<(&str, &str), Vec<&SliceRecord>> = HashMap::new();
         for ((ns, _), s) in slices {
@@ -476,9 +480,9 @@ mod tests {
                 }))),
             );
         }
-        let loc = Locality {
+        let loc = ServiceSettings {
             node: Some("n1".into()),
-            ..Locality::default()
+            ..ServiceSettings::default()
         };
         let index = Index::build(&services, &slices, &loc);
         let svc = index.by_vip.get(&"10.96.0.1".parse().unwrap()).unwrap();

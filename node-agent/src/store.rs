@@ -18,7 +18,7 @@ use ambit_proxy::service::{Service, ServiceName};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use crate::policy::Status;
-use crate::services::{Index, Locality, ServiceRecord, SliceRecord};
+use crate::services::{Index, ServiceRecord, ServiceSettings, SliceRecord};
 
 /// Set on a Pod by the agent that captured it (the Kubernetes source will write it; in a
 /// manifests directory the operator does): the pod serves HBONE on 15008. Only such pods of
@@ -80,7 +80,7 @@ struct Inner {
 
 pub struct Store {
     trust_domain: String,
-    locality: Locality,
+    services: ServiceSettings,
     inner: RwLock<Inner>,
     policy_version: tokio::sync::watch::Sender<u64>,
     objects_version: tokio::sync::watch::Sender<u64>,
@@ -170,14 +170,15 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
 
 impl Store {
     pub fn new(trust_domain: &str) -> Arc<Self> {
-        Self::with_locality(trust_domain, Locality::default())
+        Self::with_services(trust_domain, ServiceSettings::default())
     }
 
-    /// A store that knows where its node is (Service endpoints on this node or in its zone).
-    pub fn with_locality(trust_domain: &str, locality: Locality) -> Arc<Self> {
+    /// A store that knows where its node is (Service endpoints on this node or in its zone)
+    /// and the cluster's Service ranges.
+    pub fn with_services(trust_domain: &str, services: ServiceSettings) -> Arc<Self> {
         Arc::new(Self {
             trust_domain: trust_domain.into(),
-            locality,
+            services,
             inner: RwLock::new(Inner::default()),
             policy_version: tokio::sync::watch::Sender::new(0),
             objects_version: tokio::sync::watch::Sender::new(0),
@@ -239,7 +240,7 @@ impl Store {
             inner.services = Index::build(
                 &inner.merged.services,
                 &inner.merged.endpoint_slices,
-                &self.locality,
+                &self.services,
             );
         }
         self.reindex(&mut inner);
@@ -430,6 +431,11 @@ impl Directory for Store {
 
     fn service(&self, ip: IpAddr) -> Option<Arc<Service>> {
         self.read().services.by_vip.get(&ip.to_canonical()).cloned()
+    }
+
+    fn in_service_range(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.services.service_cidrs.iter().any(|n| n.contains(&ip))
     }
 
     fn service_of_endpoint(&self, addr: SocketAddr) -> Option<Arc<ServiceName>> {

@@ -28,6 +28,9 @@ pub trait Directory: Send + Sync + 'static {
     fn by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>>;
     /// The Service whose VIP (ClusterIP) is `ip`, if the store knows one.
     fn service(&self, ip: IpAddr) -> Option<Arc<Service>>;
+    /// Is `ip` in the cluster's Service ranges (so, when [`Directory::service`] does not know
+    /// it, a Service the store has not learnt yet rather than a destination outside)?
+    fn in_service_range(&self, ip: IpAddr) -> bool;
     /// A Service that has `addr` (an endpoint address and target port) as an endpoint, for
     /// telemetry on the destination side, which never sees the VIP the client called
     /// (the first by namespace and name when several do).

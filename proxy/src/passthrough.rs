@@ -119,9 +119,14 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
         if let Some(svc) = shared.mesh.directory.service(dst.ip()) {
             match svc.pick(dst, peer.ip()) {
                 Ok(ep) => target = ep.addr,
-                Err(e) => return refuse_no_endpoint(client, peer, dst, &svc.name, e, &shared),
+                Err(e) => {
+                    return refuse_no_endpoint(client, peer, dst, Some(&svc.name), e, &shared);
+                }
             }
             service = Some(svc.name.clone());
+        } else if shared.mesh.directory.in_service_range(dst.ip()) {
+            let why = NoEndpoint::UnknownService { vip: dst };
+            return refuse_no_endpoint(client, peer, dst, None, why, &shared);
         }
         if let Some(w) = shared.mesh.directory.by_ip(target.ip())
             && w.hbone
@@ -237,22 +242,23 @@ struct Route<'a> {
     service: Option<&'a ServiceName>,
 }
 
-/// A Service VIP without an endpoint to serve it: the app's connection is reset at once,
-/// as kube-proxy rejects a Service without endpoints, and nothing leaves the pod.
+/// A Service VIP without an endpoint to serve it (or, with `--service-cidr`, an address in the
+/// Service range that is no known Service): the app's connection is reset at once, as
+/// kube-proxy rejects a Service without endpoints, and nothing leaves the pod.
 fn refuse_no_endpoint(
     client: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
-    service: &ServiceName,
+    service: Option<&ServiceName>,
     why: NoEndpoint,
     shared: &PodShared,
 ) {
     let me = shared.me();
     let labels = TrafficLabels::new("source", &me, &crate::metrics::Peer::unknown(), false, "UH")
-        .with_service(Some(service));
+        .with_service(service);
     ConnRecord::open(&shared.mesh.metrics, labels, &shared.series).close(0, 0);
     info!(target: "access", direction = "outbound", src.addr = %peer, dst.addr = %dst,
-        dst.service = service.hostname.as_str(), src.workload = %me.workload,
+        dst.service = service.map(|s| s.hostname.as_str()), src.workload = %me.workload,
         pod = %shared.ctx.name, namespace = %shared.ctx.namespace, error = %why,
         "connection failed");
     let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));

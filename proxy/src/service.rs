@@ -98,6 +98,10 @@ pub enum NoEndpoint {
         "no ready endpoint on this node for Service {service} port {port} (internalTrafficPolicy: Local)"
     )]
     NoneLocal { service: String, port: u16 },
+    #[error(
+        "{vip} is in the cluster's Service range but no known Service: refused rather than sent in plaintext"
+    )]
+    UnknownService { vip: std::net::SocketAddr },
 }
 
 impl Service {

@@ -625,3 +625,73 @@ fn endpoints_outside_the_mesh_get_plaintext_and_a_service_without_endpoints_is_r
         .collect();
     assert_eq!(names, ["empty", "legacy"].into());
 }
+
+#[test]
+fn with_service_cidr_an_address_in_the_range_that_is_no_known_service_is_reset_not_sent_in_clear() {
+    let _shared_lock = beside_captures();
+    let shared = TempDir::new("svc");
+    let manifests = shared.0.join("manifests");
+    let (known, _) = vips();
+    let (unknown, _) = vips();
+    let range = format!(
+        "{}/24",
+        known.to_string().rsplit_once('.').unwrap().0.to_owned() + ".0"
+    );
+    let mut node = Node::new("1.0.0").unwrap();
+    node.agent_args = args(None, &shared.0, "node-1");
+    node.agent_args
+        .extend(["--service-cidr".into(), range.clone()]);
+    node.start_agent().unwrap();
+    let client = node.add_pod("client").unwrap();
+    let server = node.add_pod("server").unwrap();
+    write_pod_manifest(&manifests, &client, "client", true);
+    write_pod_manifest(&manifests, &server, "server", true);
+    echo_named(&server.ns.open(), 7100, "server");
+    write_simple_service(
+        &manifests,
+        "server",
+        known,
+        (80, 7100),
+        &[server.ip],
+        serde_json::json!({}),
+    );
+    wait_slices(&node, 1);
+    // kube-proxy serves both VIPs: the second is a Service the agent has not learnt (its
+    // watch lags, say).
+    let to_server = vec![SocketAddr::new(server.ip, 7100)];
+    kube_proxy(
+        &node,
+        &[
+            (SocketAddr::new(known, 80), to_server.clone()),
+            (SocketAddr::new(unknown, 80), to_server),
+        ],
+    )
+    .unwrap();
+    let lagging = SocketAddr::new(unknown, 80);
+    assert!(
+        matches!(attempt(&node.ns.open(), lagging, b"q"), Outcome::Reply(r) if r.starts_with("server;")),
+        "outside the mesh, kube-proxy serves {lagging} in plaintext"
+    );
+    // The captured client: the known Service over HBONE, the unknown one reset.
+    assert!(
+        matches!(attempt(&client.ns.open(), SocketAddr::new(known, 80), b"q"), Outcome::Reply(r) if r.starts_with("server;")),
+        "{}",
+        node.agent_log()
+    );
+    assert_eq!(attempt(&client.ns.open(), lagging, b"q"), Outcome::Reset);
+    let log = node.agent_log();
+    assert!(
+        log.lines().any(|l| l.contains("connection failed")
+            && l.contains(&format!("dst.addr={lagging} "))
+            && l.contains("in the cluster's Service range but no known Service")),
+        "{log}"
+    );
+    // Outside the range nothing changes: the node's own address is reached in plaintext.
+    let gateway: IpAddr = node.subnet.replace(".0/24", ".1").parse().unwrap();
+    echo_named(&node.ns.open(), 7600, "outside");
+    assert!(
+        matches!(attempt(&client.ns.open(), SocketAddr::new(gateway, 7600), b"q"), Outcome::Reply(r) if r.starts_with("outside;")),
+        "{}",
+        node.agent_log()
+    );
+}
