@@ -263,20 +263,25 @@ pub async fn watch(
         if seen.as_ref() == Some(&fp) {
             continue;
         }
-        let (objects, problems) = {
-            let (dir, root_ns) = (dir.clone(), root_ns.clone());
-            match tokio::task::spawn_blocking(move || load(&dir, &root_ns)).await {
-                Ok(r) => r,
+        // Parsing and the store's re-index (10,000s of Services) run off the runtime threads.
+        // The store first: once a status is logged, it is in force.
+        let statuses = {
+            let (dir, root_ns, store) = (dir.clone(), root_ns.clone(), store.clone());
+            let loaded = tokio::task::spawn_blocking(move || {
+                let (objects, problems) = load(&dir, &root_ns);
+                log_loaded(&dir, &objects, &problems);
+                let statuses = objects.statuses.clone();
+                store.set_manifests(objects);
+                statuses
+            });
+            match loaded.await {
+                Ok(s) => s,
                 Err(e) => {
                     warn!("loading manifests failed: {e}");
                     continue;
                 }
             }
         };
-        log_loaded(&dir, &objects, &problems);
-        // The store first: once a status is logged, it is in force.
-        let statuses = objects.statuses.clone();
-        store.set_manifests(objects);
         reported = report_statuses(&statuses, &reported);
         seen = Some(fp);
     }

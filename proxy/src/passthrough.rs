@@ -144,7 +144,8 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
         service = shared.mesh.directory.service_of_endpoint(dst);
     }
     let service = service.as_deref();
-    let vip = (target != dst).then_some(dst);
+    // Outbound to a Service, what the app called (`dst`) is the VIP; `target` the endpoint.
+    let vip = (dir == Direction::Outbound && service.is_some()).then_some(dst);
     let (reporter, src, dst_peer) = match dir {
         Direction::Inbound => ("destination", shared.peer(peer.ip(), None), shared.me()),
         Direction::Outbound => ("source", shared.me(), shared.peer(target.ip(), None)),
@@ -280,7 +281,7 @@ async fn outbound_hbone(
         target,
         service,
     } = route;
-    let vip = (target != dst).then_some(dst);
+    let vip = service.map(|_| dst);
     let pod = &shared.ctx;
     let src_identity = shared.identity();
     let req = hbone::client::Request {
