@@ -171,9 +171,6 @@ fn default_socket() -> PathBuf {
 fn default_timeout() -> f64 {
     10.0
 }
-fn default_mark() -> u32 {
-    ambit_common::DEFAULT_AGENT_MARK
-}
 fn default_agent_namespace() -> String {
     "ambit-system".into()
 }
@@ -207,8 +204,6 @@ pub struct NetConf {
     /// Bound on the wait for the agent's ack, in seconds.
     #[serde(default = "default_timeout")]
     pub agent_timeout_seconds: f64,
-    #[serde(default = "default_mark")]
-    pub agent_mark: u32,
     #[serde(default = "default_agent_namespace")]
     pub agent_namespace: String,
     #[serde(default = "default_agent_prefix")]
@@ -281,12 +276,6 @@ impl NetConf {
                     "agentTimeoutSeconds={} must be > 0 and <= 300",
                     conf.agent_timeout_seconds
                 ),
-            ));
-        }
-        if conf.agent_mark == 0 {
-            return Err(invalid(
-                "agentMark",
-                "agentMark=0 cannot tag the agent's sockets".into(),
             ));
         }
         if conf.log_level.parse::<log::LevelFilter>().is_err() {

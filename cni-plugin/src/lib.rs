@@ -152,7 +152,6 @@ fn target(env: &CniEnv, conf: &NetConf) -> Result<Result<Target, &'static str>, 
 
 fn rule_set(conf: &NetConf) -> RuleSet {
     RuleSet {
-        agent_mark: conf.agent_mark,
         probe_v4: conf.probe_v4(),
         probe_v6: conf.probe_v6(),
     }

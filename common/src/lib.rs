@@ -23,10 +23,11 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// Port of the inbound HBONE listener inside every captured pod (never redirected).
 pub const INBOUND_HBONE_PORT: u16 = 15008;
-/// Default SO_MARK carried by every socket the agent opens inside a pod.
-pub const DEFAULT_AGENT_MARK: u32 = 0x539;
-/// Conntrack mark remembering "opened by the agent", restored on the app's replies.
+/// Conntrack mark of a connection an agent opened to a local address (delivery to the app from
+/// the client's address), restored as fwmark on the app's replies.
 pub const CONN_MARK: u32 = 0x111;
+/// Conntrack mark of any other connection an agent opened inside a pod: not redirected.
+pub const AGENT_CONN_MARK: u32 = 0x222;
 /// Mask applied to [`CONN_MARK`] in the policy-routing rule.
 pub const CONN_MARK_MASK: u32 = 0xfff;
 /// Routing table holding the `local` default route for marked replies.

@@ -30,6 +30,7 @@ const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_GETRULE: u16 = 7;
 
@@ -53,7 +54,8 @@ const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 
-/// Protocol families.
+/// Protocol families (`NFPROTO_UNSPEC` in a dump request: every family).
+pub const NFPROTO_UNSPEC: u8 = 0;
 pub const NFPROTO_INET: u8 = 1;
 pub const NFPROTO_IPV4: u8 = 2;
 pub const NFPROTO_IPV6: u8 = 10;
@@ -75,12 +77,25 @@ pub const META_OIFNAME: u32 = 7;
 pub const META_NFPROTO: u32 = 15;
 pub const META_L4PROTO: u32 = 16;
 /// Conntrack keys.
+pub const CT_DIRECTION: u32 = 2;
 pub const CT_MARK: u32 = 3;
+/// `IP_CT_DIR_ORIGINAL`: the packet travels in the direction of the connection's first packet.
+pub const CT_DIR_ORIGINAL: u8 = 0;
+/// Socket keys: `NFT_SOCKET_CGROUPV2` loads the 8-byte id of the socket's cgroup v2 ancestor
+/// at the expression's level.
+pub const SOCKET_CGROUPV2: u32 = 3;
+/// Fib: result "address type" of the lookup, keyed by the destination address.
+pub const FIB_RESULT_ADDRTYPE: u32 = 3;
+pub const FIB_F_DADDR: u32 = 1 << 1;
+/// `RTN_LOCAL`: the address is one of the namespace's own.
+pub const RTN_LOCAL: u32 = 2;
 /// Payload bases.
 pub const PAYLOAD_NETWORK: u32 = 1;
 pub const PAYLOAD_TRANSPORT: u32 = 2;
 
 pub const NF_ACCEPT: i32 = 1;
+/// `NF_NAT_RANGE_PROTO_SPECIFIED`: set by the kernel on a redirect that names a port.
+const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -126,6 +141,16 @@ pub enum Expr {
     Verdict(i32),
     /// Redirect to the local port held (network byte order) in `port_reg`.
     Redir { port_reg: u32 },
+    /// Load a socket attribute into `dreg`; for [`SOCKET_CGROUPV2`], the id of the socket's
+    /// cgroup ancestor at `level` (counted from the installing process's cgroup namespace root).
+    Socket { key: u32, dreg: u32, level: u32 },
+    /// `fib daddr type`-style lookup: with `result` = [`FIB_RESULT_ADDRTYPE`] and `flags` =
+    /// [`FIB_F_DADDR`], loads the route type (`RTN_LOCAL`, ...) of the destination address.
+    Fib { result: u32, flags: u32, dreg: u32 },
+    /// An expression read back from the kernel that this module does not model (by name, or
+    /// a known name with attributes it does not expect). Never equal to an expression Ambit
+    /// installs, so a rule holding one fails verification.
+    Other(String),
 }
 
 /// A rule to append to a chain; `tag` is stored as rule user data and read back by [`dump_rules`].
@@ -150,6 +175,20 @@ pub struct Chain {
 pub struct DumpedRule {
     pub chain: String,
     pub tag: Vec<u8>,
+    /// The rule's expressions as the kernel holds them.
+    pub exprs: Vec<Expr>,
+}
+
+/// A chain read back from the kernel (`hook` is `None` for a regular, non-base chain).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DumpedChain {
+    pub family: u8,
+    pub table: String,
+    pub name: String,
+    /// (hook number, priority) of a base chain.
+    pub hook: Option<(u32, i32)>,
+    /// `filter`, `nat` or `route` for a base chain.
+    pub kind: Option<String>,
 }
 
 // === encoding ===
@@ -277,6 +316,28 @@ impl Writer {
                 vec![(1, Attr::U32(REG_VERDICT)), (2, Attr::Verdict(*code))],
             ),
             Expr::Redir { port_reg } => ("redir", vec![(1, Attr::U32(*port_reg))]),
+            Expr::Socket { key, dreg, level } => (
+                "socket",
+                vec![
+                    (1, Attr::U32(*key)),
+                    (2, Attr::U32(*dreg)),
+                    (3, Attr::U32(*level)),
+                ],
+            ),
+            Expr::Fib {
+                result,
+                flags,
+                dreg,
+            } => (
+                "fib",
+                vec![
+                    (1, Attr::U32(*dreg)),
+                    (2, Attr::U32(*result)),
+                    (3, Attr::U32(*flags)),
+                ],
+            ),
+            // Only ever read back; the kernel rejects an expression without attributes.
+            Expr::Other(name) => (name.as_str(), Vec::new()),
         };
         self.attr_str(NFTA_EXPR_NAME, name);
         let data = self.nest(NFTA_EXPR_DATA);
@@ -444,19 +505,41 @@ impl NftSocket {
         Ok(())
     }
 
-    /// Dumps the rules of `table` (chain name and user-data tag, in kernel order).
-    /// A missing table yields `Ok(None)`.
+    /// Dumps the rules of `table` (chain name, user-data tag and expressions, in kernel
+    /// order). A missing table yields `Ok(None)`.
     pub fn dump_rules(&self, family: u8, table: &str) -> Result<Option<Vec<DumpedRule>>, Error> {
+        self.dump(NFT_MSG_GETRULE, family, Some(table), parse_rule)
+    }
+
+    /// Dumps every chain of every table of `family` (`NFPROTO_UNSPEC`: all families) in the
+    /// socket's namespace.
+    pub fn dump_chains(&self, family: u8) -> Result<Vec<DumpedChain>, Error> {
+        Ok(self
+            .dump(NFT_MSG_GETCHAIN, family, None, parse_chain)?
+            .unwrap_or_default())
+    }
+
+    fn dump<T>(
+        &self,
+        msg_type: u16,
+        family: u8,
+        table: Option<&str>,
+        parse: fn(&[u8]) -> Result<T, Error>,
+    ) -> Result<Option<Vec<T>>, Error> {
         let mut w = Writer::new(1);
         let m = w.begin(
-            (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE,
+            (NFNL_SUBSYS_NFTABLES << 8) | msg_type,
             NLM_F_REQUEST | NLM_F_DUMP,
             family,
             0,
         );
-        w.attr_str(NFTA_RULE_TABLE, table);
+        if let Some(t) = table {
+            w.attr_str(NFTA_RULE_TABLE, t);
+        }
         w.end(m);
         self.sock.send(&w.buf, 0).map_err(Error::Send)?;
+        // A reply to a dump of GETRULE/GETCHAIN is a NEWRULE/NEWCHAIN message per object.
+        let reply = (NFNL_SUBSYS_NFTABLES << 8) | (msg_type - 1);
         let mut out = Vec::new();
         let mut rx = vec![0u8; 65536];
         loop {
@@ -477,14 +560,12 @@ impl NftSocket {
                         if code != 0 {
                             return Err(Error::Rejected {
                                 index: 0,
-                                what: format!("dump rules of {table}"),
+                                what: format!("dump of {}", table.unwrap_or("every table")),
                                 source: io::Error::from_raw_os_error(-code),
                             });
                         }
                     }
-                    t if t == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE => {
-                        out.push(parse_rule(msg.payload)?);
-                    }
+                    t if t == reply => out.push(parse(msg.payload)?),
                     _ => {}
                 }
             }
@@ -559,6 +640,14 @@ fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
+fn cstr(val: &[u8]) -> String {
+    String::from_utf8_lossy(val.split(|b| *b == 0).next().unwrap_or(&[])).into_owned()
+}
+
+fn be_u32(val: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(val.get(..4)?.try_into().ok()?))
+}
+
 fn parse_rule(payload: &[u8]) -> Result<DumpedRule, Error> {
     // Skip struct nfgenmsg (4 bytes).
     let body = payload
@@ -566,22 +655,167 @@ fn parse_rule(payload: &[u8]) -> Result<DumpedRule, Error> {
         .ok_or(Error::Malformed("short rule message"))?;
     let mut chain = None;
     let mut tag = Vec::new();
+    let mut exprs = Vec::new();
     for (ty, val) in attrs(body) {
         match ty {
-            NFTA_RULE_CHAIN => {
-                chain = Some(
-                    String::from_utf8_lossy(val.split(|b| *b == 0).next().unwrap_or(&[]))
-                        .into_owned(),
-                );
-            }
+            NFTA_RULE_CHAIN => chain = Some(cstr(val)),
             NFTA_RULE_USERDATA => tag = val.to_vec(),
+            NFTA_RULE_EXPRESSIONS => {
+                exprs = attrs(val)
+                    .filter(|(t, _)| *t == NFTA_LIST_ELEM)
+                    .map(|(_, e)| parse_expr(e))
+                    .collect();
+            }
             _ => {}
         }
     }
     Ok(DumpedRule {
         chain: chain.ok_or(Error::Malformed("rule without chain"))?,
         tag,
+        exprs,
     })
+}
+
+fn parse_chain(payload: &[u8]) -> Result<DumpedChain, Error> {
+    let family = *payload
+        .first()
+        .ok_or(Error::Malformed("short chain message"))?;
+    let body = payload
+        .get(4..)
+        .ok_or(Error::Malformed("short chain message"))?;
+    let (mut table, mut name, mut hook, mut kind) = (None, None, None, None);
+    for (ty, val) in attrs(body) {
+        match ty {
+            NFTA_CHAIN_TABLE => table = Some(cstr(val)),
+            NFTA_CHAIN_NAME => name = Some(cstr(val)),
+            NFTA_CHAIN_TYPE => kind = Some(cstr(val)),
+            NFTA_CHAIN_HOOK => {
+                let (mut num, mut prio) = (None, None);
+                for (t, v) in attrs(val) {
+                    match t {
+                        NFTA_HOOK_HOOKNUM => num = be_u32(v),
+                        NFTA_HOOK_PRIORITY => prio = be_u32(v).map(|p| p as i32),
+                        _ => {}
+                    }
+                }
+                hook = num.zip(prio);
+            }
+            _ => {}
+        }
+    }
+    Ok(DumpedChain {
+        family,
+        table: table.ok_or(Error::Malformed("chain without table"))?,
+        name: name.ok_or(Error::Malformed("chain without name"))?,
+        hook,
+        kind,
+    })
+}
+
+/// Decodes one expression as the kernel dumps it: the attributes are read by type, not by
+/// position; an attribute this module does not model turns the expression into
+/// [`Expr::Other`], so a rule with an unexpected expression never compares equal.
+fn parse_expr(elem: &[u8]) -> Expr {
+    let mut name = String::new();
+    let mut data: &[u8] = &[];
+    for (ty, val) in attrs(elem) {
+        match ty {
+            NFTA_EXPR_NAME => name = cstr(val),
+            NFTA_EXPR_DATA => data = val,
+            _ => {}
+        }
+    }
+    let mut u32s: Vec<(u16, u32)> = Vec::new();
+    let mut value: Option<Vec<u8>> = None;
+    let mut verdict: Option<i32> = None;
+    for (ty, val) in attrs(data) {
+        // Nested data (cmp's NFTA_CMP_DATA = 3, immediate's NFTA_IMMEDIATE_DATA = 2).
+        let nested: Vec<(u16, &[u8])> = attrs(val).collect();
+        match (name.as_str(), ty) {
+            ("cmp", 3) | ("immediate", 2) => {
+                for (t, v) in nested {
+                    match t {
+                        NFTA_DATA_VALUE => value = Some(v.to_vec()),
+                        NFTA_DATA_VERDICT => {
+                            verdict = attrs(v)
+                                .find(|(t, _)| *t == NFTA_VERDICT_CODE)
+                                .and_then(|(_, c)| be_u32(c))
+                                .map(|c| c as i32);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => match be_u32(val) {
+                Some(v) if val.len() == 4 => u32s.push((ty, v)),
+                _ => return Expr::Other(name),
+            },
+        }
+    }
+    let get = |t: u16| u32s.iter().find(|(ty, _)| *ty == t).map(|(_, v)| *v);
+    let only = |allowed: &[u16]| u32s.iter().all(|(t, _)| allowed.contains(t));
+    let other = || Expr::Other(name.clone());
+    match name.as_str() {
+        "meta" if only(&[1, 2]) => match (get(2), get(1)) {
+            (Some(key), Some(dreg)) => Expr::Meta { key, dreg },
+            _ => other(),
+        },
+        "meta" if only(&[2, 3]) => match (get(2), get(3)) {
+            (Some(key), Some(sreg)) => Expr::MetaSet { key, sreg },
+            _ => other(),
+        },
+        "ct" if only(&[1, 2]) => match (get(2), get(1)) {
+            (Some(key), Some(dreg)) => Expr::Ct { key, dreg },
+            _ => other(),
+        },
+        "ct" if only(&[2, 4]) => match (get(2), get(4)) {
+            (Some(key), Some(sreg)) => Expr::CtSet { key, sreg },
+            _ => other(),
+        },
+        "payload" if only(&[1, 2, 3, 4]) => match (get(2), get(3), get(4), get(1)) {
+            (Some(base), Some(offset), Some(len), Some(dreg)) => Expr::Payload {
+                base,
+                offset,
+                len,
+                dreg,
+            },
+            _ => other(),
+        },
+        "cmp" if only(&[1, 2]) => match (get(1), get(2), value) {
+            (Some(sreg), Some(op @ (0 | 1)), Some(data)) => Expr::Cmp {
+                sreg,
+                eq: op == 0,
+                data,
+            },
+            _ => other(),
+        },
+        "immediate" if only(&[1]) => match (get(1), value, verdict) {
+            (Some(REG_VERDICT), None, Some(code)) => Expr::Verdict(code),
+            (Some(dreg), Some(data), None) if dreg != REG_VERDICT => Expr::Immediate { dreg, data },
+            _ => other(),
+        },
+        // The kernel reports the max register (= min when none was given) and the
+        // "proto specified" flag that a port register implies.
+        "redir" if only(&[1, 2, 3]) => match (get(1), get(2), get(3)) {
+            (Some(min), Some(max), Some(NF_NAT_RANGE_PROTO_SPECIFIED)) if min == max => {
+                Expr::Redir { port_reg: min }
+            }
+            _ => other(),
+        },
+        "fib" if only(&[1, 2, 3]) => match (get(2), get(3), get(1)) {
+            (Some(result), Some(flags), Some(dreg)) => Expr::Fib {
+                result,
+                flags,
+                dreg,
+            },
+            _ => other(),
+        },
+        "socket" if only(&[1, 2, 3]) => match (get(1), get(2), get(3)) {
+            (Some(key), Some(dreg), Some(level)) => Expr::Socket { key, dreg, level },
+            _ => other(),
+        },
+        _ => other(),
+    }
 }
 
 #[cfg(test)]

@@ -54,9 +54,6 @@ pub struct Config {
     /// Directory holding the record of captured pods.
     #[arg(long, env = "AMBIT_STATE_DIR", default_value = "/var/run/ambit/state")]
     pub state_dir: PathBuf,
-    /// SO_MARK on every socket the agent opens inside a pod (must match the plugin's agentMark).
-    #[arg(long, env = "AMBIT_MARK", default_value_t = ambit_common::DEFAULT_AGENT_MARK, value_parser = parse_mark)]
-    pub mark: u32,
     /// UIDs allowed to talk to the plugin socket (checked with SO_PEERCRED).
     #[arg(
         long = "allow-uid",
@@ -143,19 +140,6 @@ pub struct Config {
     /// Log format: plain or json.
     #[arg(long, env = "AMBIT_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
     pub log_format: String,
-}
-
-fn parse_mark(s: &str) -> Result<u32, String> {
-    let v = if let Some(hex) = s.strip_prefix("0x") {
-        u32::from_str_radix(hex, 16)
-    } else {
-        s.parse()
-    }
-    .map_err(|e| format!("{s:?} is not a mark: {e}"))?;
-    if v == 0 {
-        return Err("mark 0 cannot tag the agent's sockets".into());
-    }
-    Ok(v)
 }
 
 fn parse_drain(s: &str) -> Result<Duration, String> {
@@ -306,7 +290,6 @@ impl Config {
             "config": self.config,
             "socket": self.socket,
             "state-dir": self.state_dir,
-            "mark": format!("{:#x}", self.mark),
             "allow-uid": self.allow_uids,
             "reconcile-seconds": self.reconcile_seconds,
             "verify-seconds": self.verify_seconds,
@@ -464,19 +447,10 @@ mod tests {
     }
 
     #[test]
-    fn marks_parse_in_hex_and_decimal() {
-        assert_eq!(parse_mark("0x539"), Ok(0x539));
-        assert_eq!(parse_mark("1337"), Ok(1337));
-        assert!(parse_mark("0").is_err());
-        assert!(parse_mark("zz").is_err());
-    }
-
-    #[test]
     fn defaults() {
         let c = Config::try_parse_from(["ambit-agent"]).unwrap();
         assert_eq!(c.socket, PathBuf::from("/var/run/ambit/cni.sock"));
         assert_eq!(c.allow_uids, vec![0]);
-        assert_eq!(c.mark, 0x539);
         assert!(Config::try_parse_from(["ambit-agent", "--log-format", "xml"]).is_err());
         assert_eq!(c.trust_domain, "cluster.local");
         assert_eq!(c.cert_lifetime, Duration::from_secs(86_400));

@@ -5,6 +5,7 @@
 //! - [`cni_server`]: the plugin's Unix socket (peer-credential check, framing, SCM_RIGHTS).
 //! - [`workloads`]: captured pods and their proxies; add, delete, check, GC, reconcile.
 //! - [`state`]: the on-disk record of captured pods, for re-adoption after a restart.
+//! - [`cgroup`]: the agent's own cgroup v2, by which the pods' rules recognise its sockets.
 //! - [`sockets`]: the `SocketFactory` that creates every pod socket inside the pod's netns.
 //! - [`store`], [`manifests`]: the workload store (Kubernetes objects) and its manifests source.
 //! - [`services`]: Services and EndpointSlices as compact records, indexed by VIP.
@@ -16,6 +17,7 @@
 pub mod admin;
 pub mod ca;
 pub mod certs;
+pub mod cgroup;
 pub mod cni_server;
 pub mod config;
 pub mod k8s;

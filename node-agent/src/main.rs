@@ -32,6 +32,18 @@ fn main() -> std::process::ExitCode {
     };
     let log = init_logging(&config);
     info!(config = %config.redacted(), "starting ambit-agent (effective configuration)");
+    // Before the first pod socket exists: sockets belong to the cgroup they were created in.
+    let cgroup = match ambit_agent::cgroup::settle() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("ambit-agent cannot start: {e}");
+            eprintln!("ambit-agent: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    info!(cgroup = %cgroup.path, dir = %cgroup.dir.display(), id = cgroup.matcher.id,
+        level = cgroup.matcher.level, created = cgroup.created,
+        "the pods' rules recognise the agent's sockets by this cgroup");
     // Before any thread allocates. Freed memory goes back on each reconcile pass instead.
     ambit_common::sys::tune_heap(HEAP_TRIM_THRESHOLD, HEAP_MMAP_THRESHOLD);
     let result = tokio::runtime::Builder::new_multi_thread()
@@ -39,7 +51,8 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .context("building the runtime")
-        .and_then(|rt| rt.block_on(run(config, log)));
+        .and_then(|rt| rt.block_on(run(config, log, cgroup.matcher)));
+    cgroup.release();
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -97,7 +110,11 @@ fn init_logging(config: &Config) -> LogControl {
     })
 }
 
-async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
+async fn run(
+    config: Config,
+    log: LogControl,
+    exemption: ambit_common::redirect::AgentCgroup,
+) -> anyhow::Result<()> {
     let state = StateDir::open(&config.state_dir)?;
     let ca = Ca::load(&config.ca_source(), &config.trust_domain).context("loading the CA")?;
     info!(ca = %ca.description, trust_domain = %config.trust_domain, "certificate authority ready");
@@ -155,13 +172,7 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         },
         metrics: proxy_metrics,
     });
-    let mgr = Manager::new(
-        state,
-        config.mark,
-        mesh,
-        store.clone(),
-        agent_metrics.clone(),
-    );
+    let mgr = Manager::new(state, exemption, mesh, store.clone(), agent_metrics.clone());
 
     // Endpoints first: readiness answers "not ready" while pods are re-adopted.
     let admin = Arc::new(Admin {
@@ -259,6 +270,12 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         waited_ms = started.elapsed().as_millis() as u64,
         "drained: {cut} proxied connections still open at the deadline are cut"
     );
+    // This agent's sockets are gone with it; a successor has its own exemption table.
+    let m = mgr.clone();
+    let removed = tokio::task::spawn_blocking(move || m.remove_exemptions())
+        .await
+        .unwrap_or(0);
+    info!(pods = removed, "exemption tables removed");
     http_stop.cancel();
     for t in tasks {
         let _ = t.await;

@@ -1,5 +1,6 @@
-//! Every socket of a pod is created inside the pod's network namespace and carries the
-//! agent's mark, so the pod's redirect rules let it through.
+//! Every socket of a pod is created inside the pod's network namespace by the agent, so it
+//! belongs to the agent's cgroup and the agent's exemption table lets it through (see
+//! [`crate::cgroup`]).
 
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -12,7 +13,6 @@ use tokio::net::TcpSocket;
 
 pub struct InPodSockets {
     pub netns: Arc<Netns>,
-    pub mark: u32,
 }
 
 /// `net.ipv4.tcp_migrate_req` of the namespace the calling thread is in (Linux 5.14+): when an
@@ -32,7 +32,6 @@ fn in_ns<T>(ns: &Netns, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
 
 impl SocketFactory for InPodSockets {
     fn listener(&self, port: u16) -> io::Result<std::net::TcpListener> {
-        let mark = self.mark;
         in_ns(&self.netns, || {
             migrate_requests();
             // Dual-stack where the pod has IPv6, IPv4 only where it has not.
@@ -50,7 +49,6 @@ impl SocketFactory for InPodSockets {
             s.set_reuse_address(true)?;
             // A new agent can bind beside the old one during an upgrade.
             s.set_reuse_port(true)?;
-            s.set_mark(mark)?;
             s.set_nonblocking(true)?;
             s.bind(&addr.into())?;
             s.listen(1024)?;
@@ -59,7 +57,6 @@ impl SocketFactory for InPodSockets {
     }
 
     fn upstream(&self, dst: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpSocket> {
-        let mark = self.mark;
         in_ns(&self.netns, || {
             let domain = if dst.is_ipv4() {
                 Domain::IPV4
@@ -67,7 +64,6 @@ impl SocketFactory for InPodSockets {
                 Domain::IPV6
             };
             let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-            s.set_mark(mark)?;
             s.set_nonblocking(true)?;
             if let Some(src) = source {
                 match src {

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use ambit_common::netns::{Netns, NetnsId};
 use ambit_common::protocol::PodInfo;
+use ambit_common::redirect::{AgentCgroup, RuleSet};
 use ambit_proxy::mesh::Mesh;
 use ambit_proxy::passthrough::PodContext;
 use ambit_proxy::pod::PodProxy;
@@ -24,6 +25,12 @@ pub enum Error {
         pod: String,
         netns: NetnsId,
         source: std::io::Error,
+    },
+    #[error("cannot install the agent's rules for {pod} in {netns}: {reason}")]
+    Rules {
+        pod: String,
+        netns: NetnsId,
+        reason: String,
     },
     #[error(transparent)]
     State(#[from] crate::state::Error),
@@ -46,7 +53,8 @@ pub struct Adoption {
 pub struct Manager {
     pods: Mutex<HashMap<String, Entry>>,
     state: StateDir,
-    mark: u32,
+    /// This agent's cgroup: its exemption table goes into every pod before the listeners bind.
+    exemption: AgentCgroup,
     ready: AtomicBool,
     mesh: Arc<Mesh>,
     store: Arc<Store>,
@@ -64,7 +72,7 @@ fn label(p: &PodInfo) -> String {
 impl Manager {
     pub fn new(
         state: StateDir,
-        mark: u32,
+        exemption: AgentCgroup,
         mesh: Arc<Mesh>,
         store: Arc<Store>,
         metrics: Arc<AgentMetrics>,
@@ -72,7 +80,7 @@ impl Manager {
         Arc::new(Self {
             pods: Mutex::new(HashMap::new()),
             state,
-            mark,
+            exemption,
             ready: AtomicBool::new(false),
             mesh,
             store,
@@ -106,6 +114,19 @@ impl Manager {
         }
         // A replaced entry must release its ports before the new listeners bind.
         pods.remove(&pod.container_id);
+        // The agent's sockets must skip the redirect before the first one is opened; a table
+        // from an older version is brought up to this one's first (repair is quiet here).
+        match protect(&netns, pod.rules.as_ref(), &self.exemption) {
+            Ok(true) => info!(pod = %label(&pod), netns = %id, "pod rules brought up to date"),
+            Ok(false) => {}
+            Err(reason) => {
+                return Err(Error::Rules {
+                    pod: label(&pod),
+                    netns: id,
+                    reason,
+                });
+            }
+        }
         let ctx = PodContext {
             name: pod.name.clone(),
             namespace: pod.namespace.clone(),
@@ -113,7 +134,6 @@ impl Manager {
         };
         let factory = Arc::new(InPodSockets {
             netns: Arc::new(netns),
-            mark: self.mark,
         });
         let proxy =
             PodProxy::start(factory, ctx, self.mesh.clone()).map_err(|source| Error::Listen {
@@ -313,13 +333,15 @@ impl Manager {
         let (mut checked, mut repaired) = (0, 0);
         let mut unprotected = HashMap::new();
         for (pod, id) in pods {
-            let Some(rules) = &pod.rules else { continue };
             let ns = match Netns::open(&pod.netns_path) {
                 Ok(ns) if ns.id() == id => ns,
                 _ => continue, // gone: reconcile forgets it
             };
             checked += 1;
-            match repair(&ns, rules) {
+            // Ours are repaired even when a foreign chain makes the pod unprotected.
+            let outcome = protect(&ns, pod.rules.as_ref(), &self.exemption);
+            let outcome = outcome.and_then(|r| foreign_chains(&ns).map(|()| r));
+            match outcome {
                 Ok(false) => {}
                 Ok(true) => {
                     repaired += 1;
@@ -369,6 +391,22 @@ impl Manager {
             }));
         }
         v
+    }
+
+    /// Removes this agent's exemption table from every pod it serves (on a clean exit, after
+    /// the drain: a successor agent has its own). Best effort; returns how many were removed.
+    pub fn remove_exemptions(&self) -> usize {
+        use ambit_common::nft::NftSocket;
+        let pods: Vec<PodInfo> = self.lock().values().map(|e| e.pod.clone()).collect();
+        pods.iter()
+            .filter(|p| {
+                Netns::open(&p.netns_path)
+                    .ok()
+                    .and_then(|ns| ns.run(NftSocket::open).ok())
+                    .and_then(Result::ok)
+                    .is_some_and(|sock| self.exemption.remove(&sock).is_ok())
+            })
+            .count()
     }
 
     /// Stops accepting on every pod's listeners, waits up to `deadline` for open connections
@@ -421,9 +459,10 @@ fn still_there(path: &Path, id: NetnsId) -> bool {
     Netns::open(path).is_ok_and(|ns| ns.id() == id)
 }
 
-/// Verifies the pod's rule set and policy routing; reinstalls what is wrong. Ok(true) when
-/// something was repaired.
-fn repair(ns: &Netns, rules: &ambit_common::redirect::RuleSet) -> Result<bool, String> {
+/// Verifies the pod's redirect table (when its settings are known), the policy routing and
+/// this agent's exemption table; reinstalls what is missing or altered. Ok(true) when
+/// something was reinstalled.
+fn protect(ns: &Netns, rules: Option<&RuleSet>, exemption: &AgentCgroup) -> Result<bool, String> {
     use ambit_common::nft::NftSocket;
     use ambit_common::route::RouteCtl;
     let sock = ns
@@ -431,15 +470,38 @@ fn repair(ns: &Netns, rules: &ambit_common::redirect::RuleSet) -> Result<bool, S
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     let routes = RouteCtl::open_in(ns).map_err(|e| e.to_string())?;
-    let rules_ok = rules.verify(&sock).is_ok();
-    let routes_ok = routes.verify().is_ok();
-    if !rules_ok {
+    let mut repaired = false;
+    if let Some(rules) = rules
+        && rules.verify(&sock).is_err()
+    {
         rules.install(&sock).map_err(|e| e.to_string())?;
         rules.verify(&sock).map_err(|e| e.to_string())?;
+        repaired = true;
     }
-    if !routes_ok {
+    if exemption.verify(&sock).is_err() {
+        exemption.install(&sock).map_err(|e| {
+            format!(
+                "{e} (the exemption matches the agent's sockets by cgroup v2: the kernel needs nftables' socket expression with cgroupv2, Linux 6.1+)"
+            )
+        })?;
+        exemption.verify(&sock).map_err(|e| e.to_string())?;
+        repaired = true;
+    }
+    if routes.verify().is_err() {
         routes.install().map_err(|e| e.to_string())?;
         routes.verify().map_err(|e| e.to_string())?;
+        repaired = true;
     }
-    Ok(!(rules_ok && routes_ok))
+    Ok(repaired)
+}
+
+/// A foreign base chain that runs before the capture decision cannot be repaired away (the
+/// agent does not delete what it did not install): the pod is reported unprotected.
+fn foreign_chains(ns: &Netns) -> Result<(), String> {
+    use ambit_common::nft::NftSocket;
+    let sock = ns
+        .run(NftSocket::open)
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    ambit_common::redirect::no_foreign_chains(&sock).map_err(|e| e.to_string())
 }

@@ -14,8 +14,8 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ambit_common::netns::Netns;
@@ -180,6 +180,41 @@ impl Drop for NsGuard {
     }
 }
 
+/// A cgroup (v2) of its own for an agent, as the DaemonSet's container gives it; whatever
+/// still runs in it is killed (`cgroup.kill`) and the cgroup removed on drop.
+pub struct CgroupGuard(pub PathBuf);
+
+impl CgroupGuard {
+    pub fn new(tag: &str) -> Result<Self> {
+        let root = ambit_agent::cgroup::unified_root()
+            .context("the agent needs a cgroup v2 hierarchy (unified or hybrid)")?;
+        let dir = root.join(format!("ambit-test-{}", unique(tag)));
+        std::fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+
+    /// A command that joins this cgroup, then execs `program` (same pid).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.args(["-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#])
+            .arg(&self.0)
+            .arg(program);
+        c
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// A scratch directory, removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -212,6 +247,8 @@ pub struct Node {
     pub agent_args: Vec<String>,
     agent: Option<Child>,
     pods: Vec<String>,
+    /// The agents' cgroups: the first for [`Node::start_agent`], one more per second agent.
+    cgroups: Mutex<Vec<CgroupGuard>>,
 }
 
 /// A pod created through the CNI chain.
@@ -319,6 +356,7 @@ impl Node {
             agent_args: Vec::new(),
             agent: None,
             pods: Vec::new(),
+            cgroups: Mutex::new(Vec::new()),
         })
     }
 
@@ -340,8 +378,14 @@ impl Node {
 
     /// Spawns `ambit-agent` in the node namespace on the node's socket and state directory,
     /// logging to `log`, with `extra` arguments before the node's `agent_args`.
-    fn spawn_agent(&self, log: std::fs::File, extra: &[String]) -> Result<Child> {
-        Ok(Command::new("ip")
+    fn spawn_agent(&self, log: std::fs::File, extra: &[String], cgroup: usize) -> Result<Child> {
+        let mut cgroups = self.cgroups.lock().unwrap_or_else(|p| p.into_inner());
+        while cgroups.len() <= cgroup {
+            let tag = format!("agent{}", cgroups.len());
+            cgroups.push(CgroupGuard::new(&tag)?);
+        }
+        Ok(cgroups[cgroup]
+            .command("ip")
             .args(["netns", "exec", &self.ns.name])
             .arg(&bins().agent)
             .arg("--socket")
@@ -364,17 +408,24 @@ impl Node {
             .create(true)
             .append(true)
             .open(self.dir.0.join("agent.log"))?;
-        self.agent = Some(self.spawn_agent(log, &[])?);
+        self.agent = Some(self.spawn_agent(log, &[], 0)?);
         wait_for(Duration::from_secs(10), || self.socket().exists())
             .context("the agent did not create its socket")?;
         Ok(())
     }
 
     /// Starts a second agent on the same socket and state directory (a surge upgrade: the
-    /// DaemonSet's new pod beside the old one), with its own endpoint addresses and log
-    /// (`agent-<tag>.log`). The caller owns (and must stop) the process.
+    /// DaemonSet's new pod beside the old one), in a cgroup of its own like a new pod's
+    /// container, with its own endpoint addresses and log (`agent-<tag>.log`). The caller owns
+    /// (and must stop) the process.
     pub fn start_second_agent(&self, tag: &str, port_base: u16) -> Result<Child> {
         let log = std::fs::File::create(self.dir.0.join(format!("agent-{tag}.log")))?;
+        let next = self
+            .cgroups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+            .max(1);
         self.spawn_agent(
             log,
             &[
@@ -382,6 +433,7 @@ impl Node {
                 format!("--readiness-address=127.0.0.1:{}", port_base + 1),
                 format!("--admin-address=127.0.0.1:{}", port_base + 2),
             ],
+            next,
         )
     }
 
@@ -828,6 +880,17 @@ pub fn echo_named(ns: &Netns, port: u16, name: &str) {
 impl Node {
     /// GET `path` from one of the agent's HTTP endpoints (`port` on the node's loopback:
     /// 15020 metrics, 15021 readiness, 15000 admin); the body, which must come with 200.
+    /// The agent's readiness answer (status, body) on its default address.
+    pub fn readiness(&self) -> (u16, String) {
+        http(
+            &self.ns.open(),
+            SocketAddr::from(([127, 0, 0, 1], 15021)),
+            "GET",
+            "/healthz/ready",
+        )
+        .unwrap_or_else(|e| panic!("GET /healthz/ready: {e}"))
+    }
+
     pub fn scrape(&self, path: &str, port: u16) -> String {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let (status, body) = http(&self.ns.open(), addr, "GET", path)

@@ -227,8 +227,10 @@ fn inbound_plaintext_is_served_only_for_the_pod_s_own_addresses() {
     // The control: the node (outside the mesh) reaches the pod's own address in plaintext.
     assert!(reaches(&node, SocketAddr::new(target.ip, 7100)));
     // A neighbour (the node) routes two other destinations to the pod: a foreign address,
-    // and one the pod has besides its pod IP. The redirect takes both to 15006; the agent
-    // must refuse them (reset) without connecting anywhere for the neighbour.
+    // and one the pod has besides its pod IP. The inbound redirect takes only locally
+    // addressed packets (`fib daddr type local`): the foreign one is never handed to the agent
+    // (the pod does not forward, the SYN is dropped); the secondary one reaches 15006 and the
+    // agent refuses it (reset) without connecting anywhere for the neighbour.
     let foreign: std::net::IpAddr = "198.51.100.7".parse().unwrap();
     let secondary: std::net::IpAddr = "198.51.100.8".parse().unwrap();
     target
@@ -248,24 +250,29 @@ fn inbound_plaintext_is_served_only_for_the_pod_s_own_addresses() {
             ])
             .unwrap();
     }
-    for ip in [foreign, secondary] {
-        let to = SocketAddr::new(ip, 7100);
-        assert_eq!(
-            attempt(&node, to, b"ping"),
-            Outcome::Reset,
-            "{to}:\n{}",
-            m.node.agent_log()
-        );
-        let log = m.node.agent_log();
-        let lines: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains(&format!("dst.addr={to} ")))
-            .collect();
-        assert!(
-            lines.len() == 1
-                && lines[0].contains("connection refused")
-                && lines[0].contains("not an address of this pod"),
-            "one refusal and no upstream attempt for {to}: {lines:#?}"
-        );
-    }
+    let to = SocketAddr::new(foreign, 7100);
+    assert_eq!(attempt(&node, to, b"ping"), Outcome::Timeout, "{to}");
+    let log = m.node.agent_log();
+    assert!(
+        !log.contains(&format!("dst.addr={to} ")),
+        "the agent must never see {to}:\n{log}"
+    );
+    let to = SocketAddr::new(secondary, 7100);
+    assert_eq!(
+        attempt(&node, to, b"ping"),
+        Outcome::Reset,
+        "{to}:\n{}",
+        m.node.agent_log()
+    );
+    let log = m.node.agent_log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&format!("dst.addr={to} ")))
+        .collect();
+    assert!(
+        lines.len() == 1
+            && lines[0].contains("connection refused")
+            && lines[0].contains("not an address of this pod"),
+        "one refusal and no upstream attempt for {to}: {lines:#?}"
+    );
 }

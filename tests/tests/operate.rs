@@ -11,16 +11,6 @@ use ambit_tests::*;
 
 const TD: &str = "cluster1";
 
-fn ready(node: &Node) -> (u16, String) {
-    http(
-        &node.ns.open(),
-        "127.0.0.1:15021".parse().unwrap(),
-        "GET",
-        "/healthz/ready",
-    )
-    .unwrap()
-}
-
 fn mesh_node(manifests: &std::path::Path) -> Node {
     let mut node = Node::new("1.0.0").unwrap();
     node.agent_args = manifest_args(manifests, TD);
@@ -192,9 +182,13 @@ fn metrics_count_real_traffic_with_istio_labels_and_a_pods_series_leave_with_it(
 fn readiness_follows_pods_and_restarts() {
     let mut node = Node::new("1.0.0").unwrap();
     node.start_agent().unwrap();
-    wait_for(Duration::from_secs(5), || ready(&node).0 == 200).unwrap();
+    wait_for(Duration::from_secs(5), || node.readiness().0 == 200).unwrap();
     let a = node.add_pod("a").unwrap();
-    assert_eq!(ready(&node).0, 200, "a served pod keeps the agent ready");
+    assert_eq!(
+        node.readiness().0,
+        200,
+        "a served pod keeps the agent ready"
+    );
 
     // While the agent is down, something else takes 15006 inside the pod: after the restart
     // the pod cannot be served, and the agent says so.
@@ -207,7 +201,7 @@ fn readiness_follows_pods_and_restarts() {
     node.start_agent().unwrap();
     let mut body = String::new();
     wait_for(Duration::from_secs(5), || {
-        let r = ready(&node);
+        let r = node.readiness();
         body = r.1;
         r.0 == 503
     })
@@ -226,7 +220,7 @@ fn readiness_follows_pods_and_restarts() {
 
     // The port is free again: the next reconcile serves the pod and readiness comes back.
     drop(blocker);
-    wait_for(Duration::from_secs(10), || ready(&node).0 == 200)
+    wait_for(Duration::from_secs(10), || node.readiness().0 == 200)
         .unwrap_or_else(|_| panic!("{}", node.agent_log()));
     let b = node.add_pod("b").unwrap();
     let server = echo_server(&b.ns.open(), 7000, 1);
@@ -503,5 +497,5 @@ fn flushed_rules_are_found_and_reinstalled_without_a_cni_call() {
         "{text}"
     );
     assert_eq!(metric(&text, "ambit_pods_unprotected", &[]), Some(0.0));
-    assert_eq!(ready(&node).0, 200);
+    assert_eq!(node.readiness().0, 200);
 }

@@ -21,7 +21,6 @@ fn ann(v: &str) -> BTreeMap<String, String> {
 fn defaults() {
     let c = conf("");
     assert_eq!(c.agent_socket, PathBuf::from("/var/run/ambit/cni.sock"));
-    assert_eq!(c.agent_mark, 0x539);
     assert_eq!(c.exclude_namespaces, vec!["kube-system"]);
     assert_eq!(c.non_kubernetes, NonKubernetes::Capture);
     assert_eq!(c.probe_v4(), vec![Ipv4Addr::new(169, 254, 7, 127)]);
@@ -43,10 +42,6 @@ fn parse_errors_carry_the_spec_codes() {
         ),
         (
             r#"{"cniVersion":"1.0.0","agentTimeoutSeconds":-1}"#,
-            code::INVALID_CONFIG,
-        ),
-        (
-            r#"{"cniVersion":"1.0.0","agentMark":0}"#,
             code::INVALID_CONFIG,
         ),
         (
@@ -331,7 +326,6 @@ mod fuzz {
         "type",
         "agentSocket",
         "agentTimeoutSeconds",
-        "agentMark",
         "excludeNamespaces",
         "includeNamespaces",
         "enrollment",
