@@ -77,7 +77,7 @@ pub const META_OIFNAME: u32 = 7;
 pub const META_NFPROTO: u32 = 15;
 pub const META_L4PROTO: u32 = 16;
 /// Conntrack keys.
-pub const CT_DIRECTION: u32 = 2;
+pub const CT_DIRECTION: u32 = 1;
 pub const CT_MARK: u32 = 3;
 /// `IP_CT_DIR_ORIGINAL`: the packet travels in the direction of the connection's first packet.
 pub const CT_DIR_ORIGINAL: u8 = 0;

@@ -512,9 +512,24 @@ fn is_ambit_table(t: &str) -> bool {
     t == TABLE || t.starts_with(AGENT_TABLE_PREFIX)
 }
 
-/// Removes the redirect table; succeeds when it is already gone.
+/// Removes the redirect table and every agent's exemption table (the pod is going away);
+/// succeeds when they are already gone.
 pub fn remove(sock: &NftSocket) -> Result<(), Error> {
-    remove_table(sock, TABLE)
+    let mut tables: Vec<String> = sock
+        .dump_chains(nft::NFPROTO_INET)?
+        .into_iter()
+        .map(|c| c.table)
+        .filter(|t| t.starts_with(AGENT_TABLE_PREFIX))
+        .collect();
+    tables.dedup();
+    tables.push(TABLE.to_string());
+    let mut b = Batch::new();
+    for t in &tables {
+        b.ensure_table(nft::NFPROTO_INET, t);
+        b.delete_table(nft::NFPROTO_INET, t);
+    }
+    sock.apply(b)?;
+    Ok(())
 }
 
 fn remove_table(sock: &NftSocket, table: &str) -> Result<(), Error> {

@@ -122,6 +122,10 @@ pub struct Config {
     /// A pooled HBONE connection without streams for this long is closed, e.g. 5m.
     #[arg(long, env = "AMBIT_POOL_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_lifetime)]
     pub pool_idle_timeout: Duration,
+    /// An inbound HBONE connection (port 15008) without streams for this long is closed, e.g.
+    /// 10m; keep it above peers' --pool-idle-timeout so clients close first.
+    #[arg(long, env = "AMBIT_INBOUND_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_lifetime)]
+    pub inbound_idle_timeout: Duration,
     /// Idle pooled connections to a destination beyond the first close after this (capped
     /// at --pool-idle-timeout): connections a burst opened do not linger with its memory.
     #[arg(long, env = "AMBIT_POOL_SURPLUS_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_lifetime)]
@@ -307,6 +311,7 @@ impl Config {
             "cluster-domain": self.cluster_domain,
             "service-cidr": self.service_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "pool-idle-timeout": humantime::format_duration(self.pool_idle_timeout).to_string(),
+            "inbound-idle-timeout": humantime::format_duration(self.inbound_idle_timeout).to_string(),
             "pool-surplus-idle-timeout": humantime::format_duration(self.pool_surplus_idle_timeout).to_string(),
             "app-receive-buffer-kib": self.app_receive_buffer_kib,
             "metrics-address": self.metrics_address,

@@ -166,6 +166,7 @@ async fn run(
         trust_domain: config.trust_domain.clone(),
         settings: Settings {
             pool_idle_timeout: config.pool_idle_timeout,
+            inbound_idle_timeout: config.inbound_idle_timeout,
             pool_surplus_idle_timeout: config.pool_surplus_idle_timeout,
             app_receive_buffer: config.app_receive_buffer_kib as usize * 1024,
             ..Settings::default()

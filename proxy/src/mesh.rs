@@ -58,6 +58,9 @@ pub struct Settings {
     pub pool_surplus_idle_timeout: Duration,
     /// TCP connect plus TLS and HTTP/2 handshakes, and the CONNECT response.
     pub connect_timeout: Duration,
+    /// An inbound HBONE connection without streams for this long is closed (GOAWAY). Longer
+    /// than clients' pool idle timeout, so a client normally closes first.
+    pub inbound_idle_timeout: Duration,
     pub stream_window: u32,
     pub connection_window: u32,
     pub max_frame_size: u32,
@@ -81,6 +84,7 @@ impl Default for Settings {
             pool_idle_timeout: Duration::from_secs(300),
             pool_surplus_idle_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            inbound_idle_timeout: Duration::from_secs(600),
             stream_window: 4 << 20,
             connection_window: 16 << 20,
             max_frame_size: 1 << 20,

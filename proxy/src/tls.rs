@@ -72,6 +72,21 @@ fn uri_sans(cert: &CertificateDer<'_>) -> Vec<String> {
         .collect()
 }
 
+/// When a certificate stops being valid (its notAfter), as an `Instant`; now if it cannot be
+/// read or has passed.
+pub fn expiry(cert: &CertificateDer<'_>) -> std::time::Instant {
+    use std::time::{Duration, Instant, SystemTime};
+    let not_after = x509_parser::parse_x509_certificate(cert)
+        .ok()
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .and_then(|t| u64::try_from(t).ok())
+        .map(|t| SystemTime::UNIX_EPOCH + Duration::from_secs(t));
+    let left = not_after
+        .and_then(|t| t.duration_since(SystemTime::now()).ok())
+        .unwrap_or_default();
+    Instant::now() + left
+}
+
 /// The identity of an X.509-SVID: exactly one URI SAN, a SPIFFE ID (the SVID specification
 /// allows no second one — a certificate naming two identities could be accepted as either).
 pub fn svid_identity(cert: &CertificateDer<'_>) -> Result<Identity, String> {

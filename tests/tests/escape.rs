@@ -154,14 +154,14 @@ fn a_redirect_rewritten_in_place_with_its_tag_kept_is_found_and_repaired() {
             })
     };
     assert!(!redirected(), "the altered rule is in place");
-    wait_for(Duration::from_secs(10), redirected)
-        .unwrap_or_else(|_| panic!("the rewritten rule was not repaired:\n{}", node.agent_log()));
-    assert!(
-        node.agent_log()
-            .contains("were missing or altered: reinstalled"),
-        "{}",
-        node.agent_log()
-    );
+    // The log line follows the repair (it is written after the new table is in place).
+    wait_for(Duration::from_secs(10), || {
+        redirected()
+            && node
+                .agent_log()
+                .contains("were missing or altered: reinstalled")
+    })
+    .unwrap_or_else(|_| panic!("the rewritten rule was not repaired:\n{}", node.agent_log()));
     // The agent's own exemption table is verified the same way.
     let tables = a.ns.exec(&["nft", "list", "tables"]).unwrap();
     let own = tables

@@ -169,3 +169,122 @@ fn port_15008_withstands_slowloris_tls12_oversized_headers_and_stream_floods() {
     let log = node.agent_log();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// TLS to `hbone` from inside `ns`, presenting `leaf`.
+async fn tls_to(
+    ns: &ambit_common::netns::Netns,
+    hbone: SocketAddr,
+    leaf: &Leaf,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let config = Arc::new(probe_client_config(Some(leaf), &[&rustls::version::TLS13]).unwrap());
+    let tcp = connect_in(ns, hbone).unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(hbone.ip().into());
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+#[test]
+fn inbound_hbone_connections_end_on_a_stalled_preface_idleness_and_the_client_s_certificate_expiry()
+{
+    use tokio::io::AsyncReadExt;
+    let ca = TestCa::new("bounds");
+    let shared = TempDir::new("bounds");
+    let mut node = Node::new("1.0.0").unwrap();
+    let mut args = ca.agent_args(&shared.0.join("ca"));
+    args.extend(manifest_args(&shared.0.join("manifests"), TD));
+    args.extend(["--inbound-idle-timeout".into(), "2s".into()]);
+    node.agent_args = args;
+    node.start_agent().unwrap();
+    let b = node.add_pod("b").unwrap();
+    let _app = echo_server(&b.ns.open(), 7600, 1);
+    let hbone = SocketAddr::new(b.ip, 15008);
+    let probe = node.ns.open();
+    let uri = format!("spiffe://{TD}/ns/default/sa/tester");
+    let good = ca.valid_leaf(&uri);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Every wait below is a bound on a close that must come, not a measurement.
+    let bound = Duration::from_secs(30);
+    rt.block_on(async {
+        // 1. TLS completes, the HTTP/2 preface never comes: closed at the handshake deadline.
+        let mut tls = tls_to(&probe, hbone, &good).await;
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(bound, async {
+            loop {
+                // (The server's SETTINGS is not sent before the client's preface.)
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(
+            read.is_ok(),
+            "a connection without HTTP/2 preface stayed open"
+        );
+
+        // 2. HTTP/2 up, no stream: closed once idle for --inbound-idle-timeout (GOAWAY).
+        let tls = tls_to(&probe, hbone, &good).await;
+        let (_send, conn) = h2::client::handshake(tls).await.unwrap();
+        let ended = tokio::time::timeout(bound, conn).await;
+        assert!(
+            matches!(ended, Ok(Ok(()))),
+            "an idle connection was not closed in order: {ended:?}"
+        );
+
+        // 3. A stream open for longer than the idle timeout keeps the connection; the
+        //    client's certificate expiring ends it, stream included.
+        let now = std::time::SystemTime::now();
+        let short = ca.leaf(
+            &uri,
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(6),
+        );
+        let tls = tls_to(&probe, hbone, &short).await;
+        let (send, conn) = h2::client::handshake(tls).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method("CONNECT")
+            .uri(format!("{}:7600", b.ip))
+            .body(())
+            .unwrap();
+        let (resp, mut body) = send
+            .ready()
+            .await
+            .unwrap()
+            .send_request(req, false)
+            .unwrap();
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let ended = tokio::time::timeout(bound, conn).await;
+        assert!(
+            ended.is_ok(),
+            "the connection outlived the client's certificate"
+        );
+        body.send_data(bytes::Bytes::from_static(b"late"), true)
+            .expect_err("the stream must be gone with its connection");
+    });
+    let log = node.agent_log();
+    assert!(
+        log.contains("HBONE handshake timed out (HTTP/2 preface)"),
+        "{log}"
+    );
+    assert!(log.contains("HBONE connection idle: closing"), "{log}");
+    assert!(
+        log.contains("HBONE connection closed: the client's certificate expired")
+            && log.contains("streams=1"),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("connection complete")
+            && l.contains("closed: the client's certificate expired")),
+        "the stream's access line names the cause:\n{log}"
+    );
+}

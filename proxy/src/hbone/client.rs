@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -48,19 +48,6 @@ impl Conn {
             && self.streams.load(Ordering::Acquire) < self.max_streams
             && Instant::now() < self.fresh_until
     }
-}
-
-/// When a certificate stops being valid, as an `Instant` (now if it cannot be read).
-fn expiry(cert: &rustls::pki_types::CertificateDer<'_>) -> Instant {
-    let not_after = x509_parser::parse_x509_certificate(cert)
-        .ok()
-        .map(|(_, c)| c.validity().not_after.timestamp())
-        .and_then(|t| u64::try_from(t).ok())
-        .map(|t| SystemTime::UNIX_EPOCH + Duration::from_secs(t));
-    let left = not_after
-        .and_then(|t| t.duration_since(SystemTime::now()).ok())
-        .unwrap_or_default();
-    Instant::now() + left
 }
 
 /// Keeps a pooled connection counted as busy while a stream uses it.
@@ -245,7 +232,7 @@ impl Pool {
                     identity: key.src.to_string(),
                     reason,
                 })?;
-        let own_expiry = expiry(&cert.cert[0]);
+        let own_expiry = crate::tls::expiry(&cert.cert[0]);
         let config =
             crate::tls::client_config(cert, self.mesh.certs.roots(), vec![key.dst.clone()])?;
         let socket = self
@@ -266,7 +253,7 @@ impl Pool {
             .1
             .peer_certificates()
             .and_then(|c| c.first())
-            .map(expiry)
+            .map(crate::tls::expiry)
             .unwrap_or_else(Instant::now);
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(s.stream_window)

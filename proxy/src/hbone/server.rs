@@ -25,7 +25,8 @@ use crate::pod::PodShared;
 use crate::socket::canonical;
 use crate::tls::{ResolveWith, server_config, svid_identity};
 
-/// A TLS handshake that has not finished by then is dropped (slow or stuck clients).
+/// TLS and HTTP/2 handshakes together: a connection that has not finished both by then is
+/// dropped (slow or stuck clients).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn serve(listener: TcpListener, pod: Arc<PodShared>, stop: CancellationToken) {
@@ -76,9 +77,14 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodShared>, stop: Cancellatio
     }
 }
 
+/// One inbound HBONE connection, bounded three ways: the handshakes must finish within
+/// [`HANDSHAKE_TIMEOUT`]; without streams for `inbound_idle_timeout` it is closed (GOAWAY);
+/// and it ends, streams included, when the client's certificate expires — a connection never
+/// outlives the proof of its identity.
 async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod: Arc<PodShared>) {
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let handshakes = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let tls = match tokio::time::timeout_at(handshakes, acceptor.accept(tcp)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             info!(pod = %pod.ctx.name, %peer, "HBONE handshake refused: {e}");
@@ -89,31 +95,32 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
             return;
         }
     };
-    let peer_id = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|c| svid_identity(c).ok());
-    let Some(peer_id) = peer_id else {
+    let peer_cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let expires = peer_cert.map(crate::tls::expiry);
+    let peer_id = peer_cert.and_then(|c| svid_identity(c).ok());
+    let (Some(peer_id), Some(expires)) = (peer_id, expires) else {
         // The verifier only lets identified clients through; this is defence in depth.
         warn!(pod = %pod.ctx.name, %peer, "HBONE client without identity after handshake");
         return;
     };
     let s = &pod.mesh.settings;
-    let mut conn = match h2::server::Builder::new()
+    let idle_timeout = s.inbound_idle_timeout;
+    let handshake = h2::server::Builder::new()
         .initial_window_size(s.stream_window)
         .initial_connection_window_size(s.connection_window)
         .max_frame_size(s.max_frame_size)
         .max_concurrent_streams(200)
         .max_header_list_size(64 << 10)
         .max_send_buffer_size(s.stream_send_buffer)
-        .handshake::<_, Bytes>(tls)
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => {
+        .handshake::<_, Bytes>(tls);
+    let mut conn = match tokio::time::timeout_at(handshakes, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             debug!(pod = %pod.ctx.name, %peer, "HTTP/2 handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            info!(pod = %pod.ctx.name, %peer, "HBONE handshake timed out (HTTP/2 preface)");
             return;
         }
     };
@@ -123,7 +130,11 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
         "inbound",
     ));
     let peer_id = Arc::new(peer_id);
+    // Cancelled when the client's certificate expires: every stream of the connection ends.
+    let expired = CancellationToken::new();
+    let streams = Arc::new(StreamCount::default());
     let mut draining = false;
+    let mut idle_check = tokio::time::interval(idle_timeout / 4);
     loop {
         let next = tokio::select! {
             n = conn.accept() => n,
@@ -133,17 +144,34 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
                 conn.graceful_shutdown();
                 continue;
             }
+            _ = idle_check.tick(), if !draining => {
+                if streams.idle_for() >= Some(idle_timeout) {
+                    debug!(pod = %pod.ctx.name, %peer, "HBONE connection idle: closing");
+                    draining = true;
+                    conn.graceful_shutdown();
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(expires.into()) => {
+                info!(pod = %pod.ctx.name, %peer, client = %peer_id,
+                    streams = streams.open(),
+                    "HBONE connection closed: the client's certificate expired");
+                expired.cancel();
+                return;
+            }
         };
         match next {
             Some(Ok((req, respond))) => {
                 let active = pod.active_guard();
-                let (peer_id, pod) = (peer_id.clone(), pod.clone());
+                let counted = streams.open_one();
+                let (peer_id, pod, expired) = (peer_id.clone(), pod.clone(), expired.clone());
                 tokio::spawn(async move {
                     let _active = active;
+                    let _counted = counted;
                     let stopped = pod.stopped.clone();
                     tokio::select! {
                         _ = stopped.cancelled() => {}
-                        _ = stream(req, respond, peer, peer_id, pod) => {}
+                        _ = stream(req, respond, peer, peer_id, pod, expired) => {}
                     }
                 });
             }
@@ -152,6 +180,48 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
                 return;
             }
             None => return,
+        }
+    }
+}
+
+/// Open streams of one connection, and since when it has had none.
+struct StreamCount(std::sync::Mutex<(usize, Instant)>);
+
+impl Default for StreamCount {
+    fn default() -> Self {
+        Self(std::sync::Mutex::new((0, Instant::now())))
+    }
+}
+
+impl StreamCount {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Instant)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn open(&self) -> usize {
+        self.lock().0
+    }
+
+    /// How long the connection has had no stream; `None` while one is open.
+    fn idle_for(&self) -> Option<Duration> {
+        let (n, since) = *self.lock();
+        (n == 0).then(|| since.elapsed())
+    }
+
+    fn open_one(self: &Arc<Self>) -> OpenStream {
+        self.lock().0 += 1;
+        OpenStream(self.clone())
+    }
+}
+
+struct OpenStream(Arc<StreamCount>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let mut g = self.0.lock();
+        g.0 -= 1;
+        if g.0 == 0 {
+            g.1 = Instant::now();
         }
     }
 }
@@ -190,6 +260,7 @@ async fn stream(
     peer: SocketAddr,
     peer_id: Arc<Identity>,
     pod: Arc<PodShared>,
+    expired: CancellationToken,
 ) {
     let start = Instant::now();
     let dst = match target(&req, &pod.ctx.ips) {
@@ -273,6 +344,10 @@ async fn stream(
         _ = admitted.revoked.cancelled() => {
             super::abort(&upstream);
             Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "closed by a policy change"))
+        }
+        _ = expired.cancelled() => {
+            super::abort(&upstream);
+            Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "closed: the client's certificate expired"))
         }
     };
     let (sent, recv, err) = match result {
