@@ -122,6 +122,11 @@ pub struct Config {
     /// A pooled HBONE connection without streams for this long is closed, e.g. 5m.
     #[arg(long, env = "AMBIT_POOL_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_lifetime)]
     pub pool_idle_timeout: Duration,
+    /// Serve inbound connections to a captured pod that the workload source (Kubernetes or
+    /// --manifests-dir) does not know, as if it had no labels. Default: refused — its labels
+    /// and service account, which policies select on, cannot be checked.
+    #[arg(long, env = "AMBIT_ALLOW_UNKNOWN_PODS")]
+    pub allow_unknown_pods: bool,
     /// An inbound HBONE connection (port 15008) without streams for this long is closed, e.g.
     /// 10m; keep it above peers' --pool-idle-timeout so clients close first.
     #[arg(long, env = "AMBIT_INBOUND_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_lifetime)]
@@ -311,6 +316,7 @@ impl Config {
             "cluster-domain": self.cluster_domain,
             "service-cidr": self.service_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "pool-idle-timeout": humantime::format_duration(self.pool_idle_timeout).to_string(),
+            "allow-unknown-pods": self.allow_unknown_pods,
             "inbound-idle-timeout": humantime::format_duration(self.inbound_idle_timeout).to_string(),
             "pool-surplus-idle-timeout": humantime::format_duration(self.pool_surplus_idle_timeout).to_string(),
             "app-receive-buffer-kib": self.app_receive_buffer_kib,

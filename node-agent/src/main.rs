@@ -122,6 +122,7 @@ async fn run(
     let certs =
         Arc::new(CertManager::new(ca, config.cert_lifetime).with_metrics(agent_metrics.clone()));
     let store = Store::with_services(&config.trust_domain, config.service_settings());
+    store.allow_unknown_pods(config.allow_unknown_pods);
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     if let Some(dir) = &config.manifests_dir {

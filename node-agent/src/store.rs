@@ -81,6 +81,9 @@ struct Inner {
 pub struct Store {
     trust_domain: String,
     services: ServiceSettings,
+    /// Serve inbound connections to a local pod that no workload source knows (its labels and
+    /// service account unchecked). Off: such connections are refused.
+    allow_unknown_pods: std::sync::atomic::AtomicBool,
     inner: RwLock<Inner>,
     policy_version: tokio::sync::watch::Sender<u64>,
     objects_version: tokio::sync::watch::Sender<u64>,
@@ -179,11 +182,18 @@ impl Store {
         Arc::new(Self {
             trust_domain: trust_domain.into(),
             services,
+            allow_unknown_pods: std::sync::atomic::AtomicBool::new(false),
             inner: RwLock::new(Inner::default()),
             policy_version: tokio::sync::watch::Sender::new(0),
             objects_version: tokio::sync::watch::Sender::new(0),
             local_version: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// `--allow-unknown-pods`: serve local pods no source knows, as if they had no labels.
+    pub fn allow_unknown_pods(&self, allow: bool) {
+        self.allow_unknown_pods
+            .store(allow, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
@@ -460,10 +470,26 @@ impl Directory for Store {
                 inner.pending
             ));
         }
-        let labels = inner
+        let pod = inner
             .merged
             .pods
-            .get(&(namespace.to_owned(), name.to_owned()))
+            .get(&(namespace.to_owned(), name.to_owned()));
+        // With a workload source, a pod it does not know has unknown labels and service
+        // account: the policies that select it cannot be told. Without any source (a
+        // standalone agent) there are no Pod objects and no policies to weaken.
+        let has_source = !inner.sources.is_empty();
+        if pod.is_none()
+            && has_source
+            && !self
+                .allow_unknown_pods
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Decision::Deny(format!(
+                "pod {namespace}/{name} is unknown to the workload source ({:?}): its labels and service account cannot be checked (--allow-unknown-pods serves it anyway)",
+                inner.sources.keys().collect::<Vec<_>>()
+            ));
+        }
+        let labels = pod
             .and_then(|p| p.metadata.labels.clone())
             .unwrap_or_default();
         authz::evaluate(
@@ -524,6 +550,28 @@ mod tests {
             netns_path: "/proc/self/ns/net".into(),
             rules: None,
         }
+    }
+
+    #[test]
+    fn a_pod_the_source_does_not_know_is_refused_unless_the_operator_allows_it() {
+        let conn = Connection {
+            src_identity: None,
+            src_ip: "10.0.0.9".parse().unwrap(),
+            dst_ip: "10.0.0.2".parse().unwrap(),
+            dst_port: 9080,
+        };
+        let s = Store::new("td");
+        // No source at all (standalone): no Pod objects, nothing to check against.
+        assert_eq!(s.authorize("default", "ratings", &conn), Decision::Allow);
+        s.set_manifests(objects(vec![pod(
+            "default", "known", None, "10.0.0.3", true,
+        )]));
+        assert!(
+            matches!(s.authorize("default", "ratings", &conn), Decision::Deny(why) if why.contains("unknown to the workload source")),
+        );
+        assert_eq!(s.authorize("default", "known", &conn), Decision::Allow);
+        s.allow_unknown_pods(true);
+        assert_eq!(s.authorize("default", "ratings", &conn), Decision::Allow);
     }
 
     #[test]

@@ -116,7 +116,7 @@ impl Manager {
         pods.remove(&pod.container_id);
         // The agent's sockets must skip the redirect before the first one is opened; a table
         // from an older version is brought up to this one's first (repair is quiet here).
-        match protect(&netns, pod.rules.as_ref(), &self.exemption) {
+        match protect_tables(&netns, pod.rules.as_ref(), &self.exemption) {
             Ok(true) => info!(pod = %label(&pod), netns = %id, "pod rules brought up to date"),
             Ok(false) => {}
             Err(reason) => {
@@ -459,17 +459,34 @@ fn still_there(path: &Path, id: NetnsId) -> bool {
     Netns::open(path).is_ok_and(|ns| ns.id() == id)
 }
 
-/// Verifies the pod's redirect table (when its settings are known), the policy routing and
-/// this agent's exemption table; reinstalls what is missing or altered. Ok(true) when
-/// something was reinstalled.
+/// Verifies the pod's redirect table (when its settings are known), this agent's exemption
+/// table and the policy routing; reinstalls what is missing or altered. Ok(true) when
+/// something was reinstalled. Blocking (rtnetlink runs its own runtime): not on a runtime
+/// thread.
 fn protect(ns: &Netns, rules: Option<&RuleSet>, exemption: &AgentCgroup) -> Result<bool, String> {
-    use ambit_common::nft::NftSocket;
     use ambit_common::route::RouteCtl;
+    let mut repaired = protect_tables(ns, rules, exemption)?;
+    let routes = RouteCtl::open_in(ns).map_err(|e| e.to_string())?;
+    if routes.verify().is_err() {
+        routes.install().map_err(|e| e.to_string())?;
+        routes.verify().map_err(|e| e.to_string())?;
+        repaired = true;
+    }
+    Ok(repaired)
+}
+
+/// The nftables part of [`protect`] (plain netlink, fine on any thread): what must be right
+/// before the agent opens its first socket in the pod.
+fn protect_tables(
+    ns: &Netns,
+    rules: Option<&RuleSet>,
+    exemption: &AgentCgroup,
+) -> Result<bool, String> {
+    use ambit_common::nft::NftSocket;
     let sock = ns
         .run(NftSocket::open)
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let routes = RouteCtl::open_in(ns).map_err(|e| e.to_string())?;
     let mut repaired = false;
     if let Some(rules) = rules
         && rules.verify(&sock).is_err()
@@ -485,11 +502,6 @@ fn protect(ns: &Netns, rules: Option<&RuleSet>, exemption: &AgentCgroup) -> Resu
             )
         })?;
         exemption.verify(&sock).map_err(|e| e.to_string())?;
-        repaired = true;
-    }
-    if routes.verify().is_err() {
-        routes.install().map_err(|e| e.to_string())?;
-        routes.verify().map_err(|e| e.to_string())?;
         repaired = true;
     }
     Ok(repaired)

@@ -276,3 +276,63 @@ fn inbound_plaintext_is_served_only_for_the_pod_s_own_addresses() {
         "one refusal and no upstream attempt for {to}: {lines:#?}"
     );
 }
+
+#[test]
+fn inbound_to_a_pod_its_source_does_not_know_is_refused_until_it_is_known() {
+    let mut m = mesh();
+    let known = pod(&mut m, "default", "known");
+    // Captured through CNI, but not (yet) in the workload source.
+    let stranger = m.node.add_pod("stranger").unwrap();
+    wait_manifest_pods(&m, 1);
+    echo_named(&stranger.ns.open(), 7110, "stranger");
+    let to = SocketAddr::new(stranger.ip, 7110);
+    // From a mesh pod and from outside the mesh alike: reset, with the reason logged.
+    for (who, ns) in [("known", known.ns.open()), ("node", m.node.ns.open())] {
+        assert_eq!(attempt(&ns, to, b"ping"), Outcome::Reset, "from {who}");
+    }
+    let log = m.node.agent_log();
+    assert!(
+        log.matches("pod default/stranger is unknown to the workload source")
+            .count()
+            >= 2,
+        "{log}"
+    );
+    // Once its Pod object arrives, it is served (no restart, no new ADD).
+    write_pod_manifest(&m.manifests, &stranger, "stranger", true);
+    wait_manifest_pods(&m, 2);
+    assert_eq!(
+        attempt(&known.ns.open(), to, b"ping"),
+        Outcome::Reply(format!("stranger;peer={};ping", known.ip)),
+    );
+}
+
+#[test]
+fn with_allow_unknown_pods_a_pod_its_source_does_not_know_is_served() {
+    let dir = TempDir::new("authz");
+    let manifests = dir.0.join("manifests");
+    let mut node = Node::new("1.0.0").unwrap();
+    node.agent_args = manifest_args(&manifests, TD);
+    node.agent_args.push("--allow-unknown-pods".into());
+    node.start_agent().unwrap();
+    let mut m = Mesh {
+        node,
+        manifests,
+        _dir: dir,
+    };
+    let known = pod(&mut m, "default", "known");
+    let stranger = m.node.add_pod("stranger").unwrap();
+    wait_manifest_pods(&m, 1);
+    echo_named(&stranger.ns.open(), 7111, "stranger");
+    let to = SocketAddr::new(stranger.ip, 7111);
+    assert_eq!(
+        attempt(&known.ns.open(), to, b"ping"),
+        Outcome::Reply(format!("stranger;peer={};ping", known.ip)),
+        "{}",
+        m.node.agent_log()
+    );
+    let from_node = attempt(&m.node.ns.open(), to, b"ping");
+    assert!(
+        matches!(&from_node, Outcome::Reply(r) if r.starts_with("stranger;peer=") && r.ends_with(";ping")),
+        "from the node: {from_node:?}"
+    );
+}

@@ -311,16 +311,19 @@ fn port_15008_refuses_unauthenticated_foreign_and_expired_clients_and_clients_re
 fn certificates_rotate_during_a_long_transfer_that_continues_unbroken() {
     let _shared = beside_captures();
     let mut node = Node::new("1.0.0").unwrap();
-    node.agent_args = ["--cert-lifetime", "2s"].map(String::from).to_vec();
+    // Renewed at half-life (5 s): the transfer crosses a renewal, and ends before the
+    // certificate its HBONE connection was opened with expires (the server ends a
+    // connection then: `hostile.rs`).
+    node.agent_args = ["--cert-lifetime", "10s"].map(String::from).to_vec();
     node.start_agent().unwrap();
     let a = node.add_pod("a").unwrap();
     let b = node.add_pod("b").unwrap();
     let long = echo_server(&b.ns.open(), 7200, 1);
-    let short = echo_server(&b.ns.open(), 7201, 64);
+    let _short = echo_server(&b.ns.open(), 7201, 64);
     let long_dst = SocketAddr::new(b.ip, 7200);
     let short_dst = SocketAddr::new(b.ip, 7201);
 
-    // One connection streaming for ~7 s (several certificate lifetimes)...
+    // One connection streaming for ~6 s, across a renewal...
     let ns = a.ns.open();
     let mut s = connect_in(&ns, long_dst).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -329,8 +332,8 @@ fn certificates_rotate_during_a_long_transfer_that_continues_unbroken() {
     let mut sent = 0usize;
     let mut short_ok = 0;
     let mut round = 0;
-    // Bounded: 70 rounds of ~100 ms.
-    while round < 70 {
+    // Bounded: 60 rounds of ~100 ms.
+    while round < 60 {
         s.write_all(&chunk).unwrap();
         sent += chunk.len();
         // ...while new connections keep being opened, across renewals.
@@ -357,7 +360,6 @@ fn certificates_rotate_during_a_long_transfer_that_continues_unbroken() {
             .all(|c| c == &chunk[..])
     );
     long.join().unwrap();
-    drop(short);
     eprintln!(
         "long transfer: {sent} bytes over {:?}, {short_ok} new connections",
         started.elapsed()
@@ -369,15 +371,26 @@ fn certificates_rotate_during_a_long_transfer_that_continues_unbroken() {
         .filter(|l| l.contains("certificate issued") && l.contains("/ns/default/sa/default"))
         .count();
     assert!(
-        issued >= 4,
-        "expected renewals every second, saw {issued}:\n{log}"
+        issued >= 2,
+        "expected a renewal during the transfer, saw {issued} issued:\n{log}"
     );
-    // Pooled connections never outlive the certificates they were opened with.
-    let opened = log.matches("HBONE connection established").count();
-    assert!(
-        opened >= 3,
-        "expected new HBONE connections after expiry, saw {opened}"
-    );
+    // Pooled connections never outlive the certificates they were opened with: once the
+    // first one's have expired, new connections travel on a new HBONE connection.
+    let ns = a.ns.open();
+    wait_for(Duration::from_secs(20), || {
+        let _ = talk(&ns, short_dst, b"ping");
+        std::thread::sleep(Duration::from_millis(500));
+        node.agent_log()
+            .matches("HBONE connection established")
+            .count()
+            >= 2
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "no new HBONE connection after expiry:\n{}",
+            node.agent_log()
+        )
+    });
 }
 
 #[test]

@@ -329,7 +329,11 @@ fn invalid_configuration_exits_64_naming_the_key_and_value() {
             None,
             &["trust-domain", "a/b"],
         ),
-        (vec!["--mark".into(), "0".into()], None, &["mark", "0"]),
+        (
+            vec!["--inbound-idle-timeout".into(), "500ms".into()],
+            None,
+            &["inbound-idle-timeout", "500ms"],
+        ),
         (
             vec!["--manifests-dir".into(), "/nonexistent/ambit".into()],
             None,
