@@ -633,6 +633,10 @@ fn main() -> Result<()> {
     node.start_agent()?;
     let a = node.add_pod("bench-client")?;
     let b = node.add_pod("bench-server")?;
+    // Declared like a cluster's Pods: the agent serves inbound only to pods it knows.
+    ambit_tests::mesh::write_pod_manifest(&manifests, &a, "bench-client", true);
+    ambit_tests::mesh::write_pod_manifest(&manifests, &b, "bench-server", true);
+    ambit_tests::mesh::wait_manifest_pods(&node, 2);
     let (ca, cb) = (a.ns.open(), b.ns.open());
     let pid = node.agent_pid().context("agent pid")?;
     eprintln!("pods: client {} -> server {}", a.ip, b.ip);

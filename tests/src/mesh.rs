@@ -342,6 +342,19 @@ pub fn kube_proxy(node: &Node, services: &[(SocketAddr, Vec<SocketAddr>)]) -> Re
 }
 
 /// How many manifest snapshots the node's agent has loaded so far.
+/// Waits until the agent has loaded a manifests snapshot holding `pods` Pod objects.
+pub fn wait_manifest_pods(node: &Node, pods: usize) {
+    crate::wait_for(std::time::Duration::from_secs(10), || {
+        node.agent_log().contains(&format!("pods={pods} "))
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "{pods} pods not loaded from manifests:\n{}",
+            node.agent_log()
+        )
+    });
+}
+
 pub fn manifest_loads(node: &Node) -> usize {
     node.agent_log().matches("manifests loaded").count()
 }

@@ -62,13 +62,6 @@ fn wait_reaches(from: &ambit_common::netns::Netns, to: SocketAddr, want: bool, m
         .unwrap_or_else(|_| panic!("expected reaches={want} for {to}:\n{}", m.node.agent_log()));
 }
 
-fn wait_manifest_pods(m: &Mesh, n: usize) {
-    wait_for(Duration::from_secs(10), || {
-        m.node.agent_log().contains(&format!("pods={n} "))
-    })
-    .unwrap();
-}
-
 #[test]
 fn the_mission_policy_lets_productpage_reach_ratings_and_refuses_reviews() {
     let mut m = mesh();
@@ -76,7 +69,7 @@ fn the_mission_policy_lets_productpage_reach_ratings_and_refuses_reviews() {
     let reviews = pod(&mut m, "default", "reviews");
     let ratings = pod(&mut m, "default", "ratings");
     let intruder = pod(&mut m, "blocked", "intruder");
-    wait_manifest_pods(&m, 4);
+    wait_manifest_pods(&m.node, 4);
     let dst = SocketAddr::new(ratings.ip, 9080);
     echo_named(&ratings.ns.open(), 9080, "ratings");
     let (pp, rv, bad) = (productpage.ns.open(), reviews.ns.open(), intruder.ns.open());
@@ -160,7 +153,7 @@ fn a_policy_applied_during_a_connection_cuts_it_and_bad_policies_fail_closed() {
     let mut m = mesh();
     let reviews = pod(&mut m, "default", "reviews");
     let ratings = pod(&mut m, "default", "ratings");
-    wait_manifest_pods(&m, 2);
+    wait_manifest_pods(&m.node, 2);
     let dst = SocketAddr::new(ratings.ip, 9080);
     echo_named(&ratings.ns.open(), 9080, "ratings");
     let mut c = connect_in(&reviews.ns.open(), dst).unwrap();
@@ -221,7 +214,7 @@ fn a_policy_applied_during_a_connection_cuts_it_and_bad_policies_fail_closed() {
 fn inbound_plaintext_is_served_only_for_the_pod_s_own_addresses() {
     let mut m = mesh();
     let target = pod(&mut m, "default", "target");
-    wait_manifest_pods(&m, 1);
+    wait_manifest_pods(&m.node, 1);
     echo_named(&target.ns.open(), 7100, "target");
     let node = m.node.ns.open();
     // The control: the node (outside the mesh) reaches the pod's own address in plaintext.
@@ -283,7 +276,7 @@ fn inbound_to_a_pod_its_source_does_not_know_is_refused_until_it_is_known() {
     let known = pod(&mut m, "default", "known");
     // Captured through CNI, but not (yet) in the workload source.
     let stranger = m.node.add_pod("stranger").unwrap();
-    wait_manifest_pods(&m, 1);
+    wait_manifest_pods(&m.node, 1);
     echo_named(&stranger.ns.open(), 7110, "stranger");
     let to = SocketAddr::new(stranger.ip, 7110);
     // From a mesh pod and from outside the mesh alike: reset, with the reason logged.
@@ -299,7 +292,7 @@ fn inbound_to_a_pod_its_source_does_not_know_is_refused_until_it_is_known() {
     );
     // Once its Pod object arrives, it is served (no restart, no new ADD).
     write_pod_manifest(&m.manifests, &stranger, "stranger", true);
-    wait_manifest_pods(&m, 2);
+    wait_manifest_pods(&m.node, 2);
     assert_eq!(
         attempt(&known.ns.open(), to, b"ping"),
         Outcome::Reply(format!("stranger;peer={};ping", known.ip)),
@@ -321,7 +314,7 @@ fn with_allow_unknown_pods_a_pod_its_source_does_not_know_is_served() {
     };
     let known = pod(&mut m, "default", "known");
     let stranger = m.node.add_pod("stranger").unwrap();
-    wait_manifest_pods(&m, 1);
+    wait_manifest_pods(&m.node, 1);
     echo_named(&stranger.ns.open(), 7111, "stranger");
     let to = SocketAddr::new(stranger.ip, 7111);
     assert_eq!(

@@ -6,8 +6,23 @@ use std::time::Duration;
 
 use ambit_tests::*;
 
+/// The pod's nftables ruleset, table by table in name order (a table replaced by a second
+/// ADD is listed after the others, so kernel order is not a content difference).
 fn ruleset(pod: &Pod) -> String {
-    pod.ns.exec(&["nft", "list", "ruleset"]).unwrap()
+    let tables = pod.ns.exec(&["nft", "list", "tables"]).unwrap();
+    let mut names: Vec<&str> = tables
+        .lines()
+        .filter_map(|l| l.strip_prefix("table "))
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|t| {
+            let mut args = vec!["nft", "list", "table"];
+            args.extend(t.split(' '));
+            pod.ns.exec(&args).unwrap()
+        })
+        .collect()
 }
 
 #[test]
@@ -20,9 +35,11 @@ fn add_check_del_del_for_every_libcni_version() {
         for want in [
             "table inet ambit",
             "meta l4proto tcp redirect to :15001",
-            "meta l4proto tcp redirect to :15006",
+            "meta l4proto tcp fib daddr type local redirect to :15006",
             "tcp dport 15008 accept",
-            "meta mark 0x00000539 accept",
+            "ct mark 0x00000222 accept",
+            "table inet ambit-agent-",
+            "socket cgroupv2 level",
             "oifname \"lo\" accept",
             "ip saddr 169.254.7.127 accept",
             "ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff accept",

@@ -21,32 +21,37 @@ fn repo() -> PathBuf {
         .to_owned()
 }
 
-/// kubernetes-validate from PyPI, installed once under target/ (pip --target: no venv needed).
+/// A Python package from PyPI, installed once under target/tools (pip --target: no venv).
+fn pip_tool(spec: &str) -> PathBuf {
+    let dir = repo().join("target/tools").join(spec.replace("==", "-"));
+    if !dir.is_dir() {
+        let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+        run_ok(
+            Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--disable-pip-version-check",
+                    "--target",
+                ])
+                .arg(&tmp)
+                .arg(spec),
+        )
+        .unwrap_or_else(|e| {
+            panic!("installing {spec} from PyPI (python3 and pip are needed): {e}")
+        });
+        let _ = std::fs::rename(&tmp, &dir);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    dir
+}
+
+/// kubernetes-validate, installed once.
 fn validator() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = repo().join("target/tools/kubernetes-validate-1.37.0");
-        if !dir.join("kubernetes_validate").is_dir() {
-            let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
-            run_ok(
-                Command::new("python3")
-                    .args([
-                        "-m",
-                        "pip",
-                        "install",
-                        "-q",
-                        "--disable-pip-version-check",
-                        "--target",
-                    ])
-                    .arg(&tmp)
-                    .arg(VALIDATOR),
-            )
-            .expect("installing kubernetes-validate from PyPI (python3 and pip are needed)");
-            let _ = std::fs::rename(&tmp, &dir);
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        dir
-    })
+    DIR.get_or_init(|| pip_tool(VALIDATOR))
 }
 
 fn validate(file: &Path, version: &str) -> std::process::Output {
@@ -77,7 +82,11 @@ fn deploy_manifests_pass_strict_kubernetes_schema_validation() {
 }
 
 fn docs() -> Vec<Value> {
-    let text = std::fs::read_to_string(repo().join("deploy/ambit.yaml")).unwrap();
+    docs_of("deploy/ambit.yaml")
+}
+
+fn docs_of(file: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(repo().join(file)).unwrap();
     serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| <Value as serde::Deserialize>::deserialize(d).unwrap())
         .collect()
@@ -232,4 +241,145 @@ fn the_agent_s_cluster_role_grants_exactly_what_it_watches_and_patches() {
     .to_vec();
     want.sort();
     assert_eq!(granted, want);
+}
+
+/// `deploy/node-scope.yaml`: valid for the Kubernetes versions that have
+/// ValidatingAdmissionPolicy v1, and its CEL, evaluated (cel-python) on the requests it
+/// judges, lets an agent change its own node and its own node's pods only.
+#[test]
+fn the_node_scope_policy_limits_each_agent_to_its_own_node() {
+    let file = repo().join("deploy/node-scope.yaml");
+    for v in ["1.30.0", VERSIONS[1]] {
+        let out = validate(&file, v);
+        assert!(
+            out.status.success(),
+            "Kubernetes {v}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let docs = docs_of("deploy/node-scope.yaml");
+    let policy = find(&docs, "ValidatingAdmissionPolicy", "ambit-agent-own-node");
+    let binding = find(
+        &docs,
+        "ValidatingAdmissionPolicyBinding",
+        "ambit-agent-own-node",
+    );
+    assert_eq!(s(&binding["spec"]["policyName"]), "ambit-agent-own-node");
+    assert_eq!(s(&binding["spec"]["validationActions"][0]), "Deny");
+    let spec = &policy["spec"];
+    assert_eq!(s(&spec["failurePolicy"]), "Fail");
+    let exprs = serde_json::json!({
+        "match": s(&spec["matchConditions"][0]["expression"]),
+        "node": s(&spec["variables"][0]["expression"]),
+        "valid": s(&spec["validations"][0]["expression"]),
+    });
+    let agent = "system:serviceaccount:ambit-system:ambit-agent";
+    let request = |user: &str, node: Option<&str>, resource: &str| {
+        let extra = match node {
+            Some(n) => serde_json::json!({"authentication.kubernetes.io/node-name": [n]}),
+            None => serde_json::json!({}),
+        };
+        serde_json::json!({"userInfo": {"username": user, "extra": extra},
+                           "resource": {"group": "", "version": "v1", "resource": resource}})
+    };
+    let pod_on = |n: &str| serde_json::json!({"metadata": {"name": "p"}, "spec": {"nodeName": n}});
+    let node_named = |n: &str| serde_json::json!({"metadata": {"name": n}, "spec": {}});
+    // (case, request, object, judged by the policy, allowed)
+    let cases = serde_json::json!([
+        [
+            "own pod",
+            request(agent, Some("n1"), "pods"),
+            pod_on("n1"),
+            true,
+            true
+        ],
+        [
+            "another node's pod",
+            request(agent, Some("n1"), "pods"),
+            pod_on("n2"),
+            true,
+            false
+        ],
+        [
+            "own node",
+            request(agent, Some("n1"), "nodes"),
+            node_named("n1"),
+            true,
+            true
+        ],
+        [
+            "another node",
+            request(agent, Some("n1"), "nodes"),
+            node_named("n2"),
+            true,
+            false
+        ],
+        [
+            "token without node",
+            request(agent, None, "pods"),
+            pod_on("n1"),
+            true,
+            false
+        ],
+        [
+            "pod of no node yet",
+            request(agent, Some("n1"), "pods"),
+            pod_on(""),
+            true,
+            false
+        ],
+        [
+            "someone else",
+            request("system:serviceaccount:kube-system:x", Some("n1"), "pods"),
+            pod_on("n2"),
+            false,
+            true
+        ],
+    ]);
+    let script = r#"
+import json, sys, celpy
+exprs, cases = json.load(sys.stdin)
+env = celpy.Environment()
+prog = {k: env.program(env.compile(v)) for k, v in exprs.items()}
+out = []
+for name, request, obj, _, _ in cases:
+    act = {"request": celpy.json_to_cel(request), "object": celpy.json_to_cel(obj)}
+    judged = bool(prog["match"].evaluate(act))
+    act["variables"] = celpy.json_to_cel({"node": str(prog["node"].evaluate(act))})
+    allowed = (not judged) or bool(prog["valid"].evaluate(act))
+    out.append([name, judged, allowed])
+print(json.dumps(out))
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .env("PYTHONPATH", pip_tool("cel-python==0.2.0"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::json!([exprs, cases]).to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "CEL evaluation failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<(String, bool, bool)> = serde_json::from_slice(&out.stdout).unwrap();
+    for (case, result) in cases.as_array().unwrap().iter().zip(&got) {
+        assert_eq!(
+            (result.1, result.2),
+            (case[3].as_bool().unwrap(), case[4].as_bool().unwrap()),
+            "{}: (judged, allowed)",
+            result.0
+        );
+    }
+    assert_eq!(got.len(), 7);
 }

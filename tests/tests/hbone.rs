@@ -27,14 +27,6 @@ fn mesh_node(ca: &TestCa) -> (TempDir, Node) {
     (shared, node)
 }
 
-/// Waits until `node`'s agent loaded a manifest snapshot with `pods` pods.
-fn wait_manifests(node: &Node, pods: usize) {
-    wait_for(Duration::from_secs(10), || {
-        node.agent_log().contains(&format!("pods={pods} "))
-    })
-    .unwrap_or_else(|_| panic!("manifests not loaded:\n{}", node.agent_log()));
-}
-
 /// `len` bytes of printable text with `marker` repeated through it.
 fn payload(marker: &str, len: usize) -> Vec<u8> {
     let mut v = Vec::with_capacity(len + 64);
@@ -68,8 +60,8 @@ fn pods_talk_over_hbone_on_one_node_and_across_nodes_and_the_wire_carries_only_t
     for (p, sa) in [(&a, "productpage"), (&b, "reviews"), (&c, "ratings")] {
         write_pod_manifest(&manifests, p, sa, true);
     }
-    wait_manifests(&n1, 3);
-    wait_manifests(&n2, 3);
+    wait_manifest_pods(&n1, 3);
+    wait_manifest_pods(&n2, 3);
 
     let cap1 = Capture::start(&n1.ns.name, &shared.0).unwrap();
     let cap2 = Capture::start(&n2.ns.name, &shared.0).unwrap();
@@ -192,6 +184,9 @@ fn port_15008_refuses_unauthenticated_foreign_and_expired_clients_and_clients_re
     let manifests = shared.0.join("manifests");
     let a = node.add_pod("a").unwrap();
     let b = node.add_pod("b").unwrap();
+    write_pod_manifest(&manifests, &a, "a", true);
+    write_pod_manifest(&manifests, &b, "b", true);
+    wait_manifest_pods(&node, 2);
     let server = echo_server(&b.ns.open(), 7100, 1);
     let hbone = SocketAddr::new(b.ip, 15008);
     // Probes come from the node namespace: outside every pod, like another node would.
@@ -287,7 +282,7 @@ fn port_15008_refuses_unauthenticated_foreign_and_expired_clients_and_clients_re
         &ca.valid_leaf(&format!("spiffe://{TD}/ns/kube-system/sa/fake")),
     );
     write_manifest(&manifests, "default", "victim", &[fake.ip], "victim", true);
-    wait_manifests(&node, 1);
+    wait_manifest_pods(&node, 3);
     let reply = talk(
         &a.ns.open(),
         SocketAddr::new(fake.ip, 8080),
@@ -406,7 +401,7 @@ fn the_client_speaks_the_wire_contract_and_any_non_200_fails_the_connection() {
     let d2 = node.add_pod_in("kube-system", "broken").unwrap();
     write_manifest(&manifests, "default", "details", &[d1.ip], "details", true);
     write_manifest(&manifests, "default", "broken", &[d2.ip], "broken", true);
-    wait_manifests(&node, 3);
+    wait_manifest_pods(&node, 3);
     let leaf = |sa: &str| ca.valid_leaf(&format!("spiffe://{TD}/ns/default/sa/{sa}"));
     let ok = hbone_server(&d1.ns.open(), &leaf("details"), &ca, 200);
     let refused = hbone_server(&d2.ns.open(), &leaf("broken"), &ca, 503);
@@ -456,7 +451,7 @@ fn a_stream_refused_by_goaway_is_retried_on_a_new_connection() {
     write_pod_manifest(&manifests, &a, "productpage", true);
     let d = node.add_pod_in("kube-system", "details").unwrap();
     write_manifest(&manifests, "default", "details", &[d.ip], "details", true);
-    wait_manifests(&node, 2);
+    wait_manifest_pods(&node, 2);
     let leaf = ca.valid_leaf(&format!("spiffe://{TD}/ns/default/sa/details"));
     let server = hbone_server_with(&d.ns.open(), &leaf, &ca, 200, true);
     let reply = talk(&a.ns.open(), SocketAddr::new(d.ip, 9080), b"hello")

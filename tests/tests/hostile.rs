@@ -23,6 +23,8 @@ fn port_15008_withstands_slowloris_tls12_oversized_headers_and_stream_floods() {
     node.agent_args = args;
     node.start_agent().unwrap();
     let b = node.add_pod("b").unwrap();
+    write_pod_manifest(&shared.0.join("manifests"), &b, "b", true);
+    wait_manifest_pods(&node, 1);
     let _app = echo_server(&b.ns.open(), 7500, 1);
     let hbone = SocketAddr::new(b.ip, 15008);
     let probe = node.ns.open();
@@ -200,6 +202,8 @@ fn inbound_hbone_connections_end_on_a_stalled_preface_idleness_and_the_client_s_
     node.agent_args = args;
     node.start_agent().unwrap();
     let b = node.add_pod("b").unwrap();
+    write_pod_manifest(&shared.0.join("manifests"), &b, "b", true);
+    wait_manifest_pods(&node, 1);
     let _app = echo_server(&b.ns.open(), 7600, 1);
     let hbone = SocketAddr::new(b.ip, 15008);
     let probe = node.ns.open();
