@@ -22,6 +22,13 @@ cleanup() {
     ip netns del "$ns" 2>/dev/null || true
   done
   rm -rf /tmp/ambit-test-*"${tag}"* 2>/dev/null || true
+  # The agent's cgroup (the harness gives it one of its own, as a DaemonSet container has).
+  cg=$(awk '$3 == "cgroup2" {print $2; exit}' /proc/mounts)
+  for d in "$cg"/ambit-test-*"${tag}"*; do
+    [ -d "$d" ] || continue
+    echo 1 > "$d/cgroup.kill" 2>/dev/null || true
+    for _ in 1 2 3 4 5 6 7 8 9 10; do rmdir "$d" 2>/dev/null && break; sleep 0.2; done
+  done
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM

@@ -9,10 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
+pub use crate::error::SUPPORTED_VERSIONS;
 use crate::error::{CniError, code};
-
-/// Spec versions this plugin speaks. STATUS and GC exist from 1.1.0 on.
-pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 /// Pod annotation that opts a pod in (`enabled`) or out (`disabled`) of capture.
 pub const CAPTURE_ANNOTATION: &str = "ambit.dev/capture";

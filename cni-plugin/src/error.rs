@@ -1,6 +1,10 @@
-//! The one place that knows CNI error codes.
+//! The one place that knows CNI error codes and the spec versions errors (and results) are
+//! reported in.
 
 use serde::Serialize;
+
+/// Spec versions this plugin speaks. STATUS and GC exist from 1.1.0 on.
+pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 /// Codes from the CNI specification, plus Ambit's own (100 and up).
 pub mod code {
@@ -43,7 +47,7 @@ impl CniError {
 
     /// Reports the error in the version of the request, when it is known and supported.
     pub fn in_version(mut self, version: &str) -> Self {
-        if crate::config::SUPPORTED_VERSIONS.contains(&version) {
+        if SUPPORTED_VERSIONS.contains(&version) {
             self.cni_version = version.to_string();
         }
         self

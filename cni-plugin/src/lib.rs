@@ -10,8 +10,8 @@
 //! ADD order, chosen so that no window exists in which pod traffic leaves uncaptured: the
 //! redirect rules go in first (with no listener yet, captured connections are refused — fail
 //! closed), then the namespace is handed to the agent, and ADD returns only after the agent
-//! acknowledges that the pod's listeners are bound. Any failure after the rules are in leaves
-//! them in place, so the pod can never run uncaptured; the runtime's DEL removes them.
+//! acknowledges that the pod's listeners are bound. A failed ADD means the runtime does not
+//! start the pod; what the ADD installed is removed again, so nothing is left behind.
 
 #![forbid(unsafe_code)]
 
@@ -158,27 +158,49 @@ fn rule_set(conf: &NetConf) -> RuleSet {
 }
 
 fn rules_error(e: impl std::fmt::Display, ns: &Netns) -> CniError {
+    let e = e.to_string();
+    // EPERM is a missing capability; anything else names its own cause.
+    let hint = if e.contains("Operation not permitted") || e.contains("os error 1)") {
+        "; the plugin needs CAP_NET_ADMIN and CAP_SYS_ADMIN"
+    } else {
+        ""
+    };
     CniError::new(
         code::RULES_FAILED,
         "cannot install the redirect rules in the pod's network namespace",
-        format!(
-            "namespace {}: {e}; the plugin needs CAP_NET_ADMIN and CAP_SYS_ADMIN",
-            ns.id()
-        ),
+        format!("namespace {}: {e}{hint}", ns.id()),
     )
 }
 
+/// Loopback up (the plugin owns the capture, which needs it), the redirect table, the policy
+/// routing. On a failure, what was installed is removed again: the ADD fails, the pod does not
+/// start, and nothing is left behind for a DEL that may never come.
 fn install_rules(conf: &NetConf, ns: &Netns) -> Result<(), CniError> {
     let sock = ns
         .run(NftSocket::open)
         .map_err(|e| rules_error(e, ns))?
         .map_err(|e| rules_error(e, ns))?;
-    rule_set(conf)
+    let routes = RouteCtl::open_in(ns).map_err(|e| rules_error(e, ns))?;
+    routes.loopback_up().map_err(|e| rules_error(e, ns))?;
+    let installed = rule_set(conf)
         .install(&sock)
-        .map_err(|e| rules_error(e, ns))?;
-    RouteCtl::open_in(ns)
-        .and_then(|r| r.install())
         .map_err(|e| rules_error(e, ns))
+        .and_then(|()| routes.install().map_err(|e| rules_error(e, ns)));
+    if installed.is_err() {
+        roll_back(ns);
+    }
+    installed
+}
+
+/// Removes what ADD installed in the pod's namespace (best effort: each failure is logged).
+fn roll_back(ns: &Netns) {
+    let nft = ns.run(NftSocket::open).ok().and_then(Result::ok);
+    if let Some(Err(e)) = nft.as_ref().map(redirect::remove) {
+        warn!("rolling back: removing rules in {}: {e}", ns.id());
+    }
+    if let Err(e) = RouteCtl::open_in(ns).and_then(|r| r.remove()) {
+        warn!("rolling back: removing policy routing in {}: {e}", ns.id());
+    }
 }
 
 fn agent_call(conf: &NetConf, req: &Request, ns: Option<&Netns>) -> Result<Response, CniError> {
@@ -261,7 +283,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<String>, CniError> {
     };
     let ns = target.netns.as_ref().expect("target has a namespace");
     install_rules(conf, ns)?;
-    let resp = agent_call(
+    let handed = agent_call(
         conf,
         &Request::Add {
             pod: Box::new(PodInfo {
@@ -270,13 +292,19 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Option<String>, CniError> {
             }),
         },
         Some(ns),
-    )?;
-    if !resp.ok {
-        return Err(CniError::new(
+    )
+    .and_then(|resp| match resp.ok {
+        true => Ok(()),
+        false => Err(CniError::new(
             code::TRY_AGAIN_LATER,
             "ambit-agent refused the pod",
             resp.error.unwrap_or_else(|| "no reason given".into()),
-        ));
+        )),
+    });
+    if let Err(e) = handed {
+        // The ADD fails, so the pod does not start: nothing of it is left running uncaptured.
+        roll_back(ns);
+        return Err(e);
     }
     info!(
         "ADD {}/{} ({}): captured in {}",

@@ -6,12 +6,14 @@
 //! - [`nft`]: a minimal nftables netlink encoder/decoder (batches, rule dumps).
 //! - [`redirect`]: Ambit's in-pod rule set, installed in one atomic nftables transaction.
 //! - [`route`]: policy routing for the source-preserving inbound path (rtnetlink).
+//! - [`report`]: errors on one line, each cause once.
 //! - [`protocol`]: the framed JSON protocol between plugin and agent (netns fd via SCM_RIGHTS).
 
 pub mod netns;
 pub mod nft;
 pub mod protocol;
 pub mod redirect;
+pub mod report;
 pub mod route;
 pub mod sys;
 #[cfg(any(test, feature = "testing"))]

@@ -242,6 +242,23 @@ impl RouteCtl {
         self.rt.block_on(verify(&self.handle, self.ipv6))
     }
 
+    /// Brings the namespace's loopback up (a namespace made with `ip netns add` starts with it
+    /// down; the capture's local routes and the redirect to 127.0.0.1 need it). Idempotent.
+    pub fn loopback_up(&self) -> Result<(), Error> {
+        self.rt.block_on(async {
+            self.handle
+                .link()
+                .set(
+                    rtnetlink::LinkUnspec::new_with_index(LOOPBACK_INDEX)
+                        .up()
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(nl("link set lo up"))
+        })
+    }
+
     pub fn remove(&self) -> Result<(), Error> {
         self.rt.block_on(remove(&self.handle))
     }

@@ -228,7 +228,7 @@ fn main() -> ExitCode {
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
-            error!("{e:#}");
+            error!("{}", ambit_common::report::one_line(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -56,8 +56,9 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("ambit-agent failed: {e:#}");
-            eprintln!("ambit-agent: {e:#}");
+            let e = ambit_common::report::one_line(e.as_ref());
+            tracing::error!("ambit-agent failed: {e}");
+            eprintln!("ambit-agent: {e}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -202,12 +202,12 @@ fn agent_down_fails_closed_and_restart_recaptures_without_cni() {
         log.contains("ambit-agent is not reachable") && log.contains("(11)"),
         "{log}"
     );
-    // ...and it was left fail-closed: its rules are in place.
-    assert!(
-        c.exec(&["nft", "list", "ruleset"])
-            .unwrap()
-            .contains("redirect to :15001")
-    );
+    // ...and what the failed ADD installed was rolled back (the runtime does not start a pod
+    // whose ADD failed; it retries with a new sandbox): no Ambit table, no policy routing.
+    let left = c.exec(&["nft", "list", "ruleset"]).unwrap();
+    assert!(!left.contains("ambit"), "{left}");
+    let rules = c.exec(&["ip", "rule"]).unwrap();
+    assert!(!rules.contains("lookup 100"), "{rules}");
 
     let started = std::time::Instant::now();
     node.start_agent().unwrap();
@@ -589,4 +589,40 @@ fn a_symlink_in_place_of_the_log_file_is_not_followed_and_add_still_works() {
     );
     let out = node.cnitool("del", &pod_ns, "clinked", args);
     assert!(out.status.success());
+}
+
+#[test]
+fn add_into_a_namespace_with_loopback_down_brings_it_up() {
+    let mut node = Node::new("1.0.0").unwrap();
+    node.start_agent().unwrap();
+    // `ip netns add` leaves loopback down (the CNI walkthrough's own steps).
+    let c = NsGuard::new(unique("ap")).unwrap();
+    c.exec(&["ip", "link", "set", "lo", "down"]).unwrap();
+    let out = node.cnitool(
+        "add",
+        &c,
+        "lodown1",
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=lodown",
+    );
+    assert!(
+        out.status.success(),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        node.cni_log()
+    );
+    let lo = c.exec(&["ip", "-o", "link", "show", "lo"]).unwrap();
+    assert!(lo.contains(",UP"), "{lo}");
+    assert!(
+        c.exec(&["nft", "list", "table", "inet", "ambit"])
+            .unwrap()
+            .contains("redirect to :15001")
+    );
+    let del = node.cnitool(
+        "del",
+        &c,
+        "lodown1",
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=lodown",
+    );
+    assert!(del.status.success());
 }
