@@ -148,12 +148,37 @@ mod tests {
         assert!(matches!(err, Error::Open { .. }), "{err}");
     }
 
+    /// A namespace of its own (`ip netns add`, root), deleted on drop.
+    struct Scratch(String);
+
+    impl Scratch {
+        fn new() -> Self {
+            let name = format!("ambit-unit-{}", std::process::id());
+            let ok = std::process::Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "`ip netns add {name}` failed: the test needs root and iproute2");
+            Self(name)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+
     #[test]
-    fn run_returns_to_the_original_namespace() {
-        let ns = Netns::open(Path::new("/proc/self/ns/net")).unwrap();
+    fn run_enters_the_namespace_and_returns_to_the_original_one() {
+        let scratch = Scratch::new();
+        let ns = Netns::open(Path::new(&format!("/var/run/netns/{}", scratch.0))).unwrap();
         let before = Netns::current_thread().unwrap().id();
+        assert_ne!(ns.id(), before, "the scratch namespace is another one");
         let inside = ns.run(|| Netns::current_thread().unwrap().id()).unwrap();
-        assert_eq!(inside, ns.id());
+        assert_eq!(inside, ns.id(), "the closure ran inside the namespace");
         assert_eq!(Netns::current_thread().unwrap().id(), before);
     }
 }

@@ -85,6 +85,14 @@ fn sigkill_under_traffic_fails_closed_leaks_nothing_and_restart_readopts_without
     }
     let pcap = cap.finish().unwrap();
     let tls = assert_only_tls("node during kill and restart", &pcap, marker.as_bytes());
+    // And the traffic did cross as TLS: 42 exchanges that succeeded (20, the long one's first,
+    // the first after the restart, 20 more), each message both ways. (A bound against a
+    // capture that saw only some small TLS flow: TLS adds bytes, it does not lose any.)
+    let want = 42 * 2 * msg.len();
+    assert!(
+        tls >= want * 9 / 10,
+        "only {tls} TLS payload bytes crossed the node for {want} bytes of traffic"
+    );
     assert_eq!(
         node.cni_log().matches("ADD ").count(),
         adds_before,

@@ -418,17 +418,26 @@ fn sigterm_stops_accepting_drains_and_cuts_what_is_left() {
     c.write_all(b"1").unwrap();
     c.read_exact(&mut buf[..1]).unwrap();
 
+    // The control for "stops accepting": a second app on B answers new connections now.
+    echo_named(&b.ns.open(), 7401, "second");
+    let second = SocketAddr::new(b.ip, 7401);
+    assert_eq!(
+        attempt(&a.ns.open(), second, b"new"),
+        Outcome::Reply(format!("second;peer={};new", a.ip))
+    );
+
     let pid = node.agent_pid().unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    // Stops accepting: a new connection from A is refused (fail closed), ...
+    // Stops accepting: a new connection from A is refused at its SYN (nothing listens on
+    // 15001 any more: fail closed), ...
     wait_for(Duration::from_secs(5), || {
-        talk(&a.ns.open(), SocketAddr::new(b.ip, 7401), b"new").is_err()
+        attempt(&a.ns.open(), second, b"new") == Outcome::Refused
     })
-    .unwrap();
+    .unwrap_or_else(|_| panic!("new connections were still taken:\n{}", node.agent_log()));
     // ...while the open one still works during the drain.
     c.write_all(b"2").unwrap();
     c.read_exact(&mut buf[..1]).unwrap();
