@@ -158,7 +158,10 @@ mod tests {
                 .args(["netns", "add", &name])
                 .status()
                 .is_ok_and(|s| s.success());
-            assert!(ok, "`ip netns add {name}` failed: the test needs root and iproute2");
+            assert!(
+                ok,
+                "`ip netns add {name}` failed: the test needs root and iproute2"
+            );
             Self(name)
         }
     }

@@ -65,6 +65,19 @@ fn port_15008_withstands_slowloris_tls12_oversized_headers_and_stream_floods() {
         "slowloris: both stalled handshakes closed after {:?}",
         started.elapsed()
     );
+    // Closed by the handshake deadline, not by anything else.
+    wait_for(Duration::from_secs(5), || {
+        node.agent_log()
+            .matches("HBONE handshake timed out")
+            .count()
+            >= 2
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "the stalled handshakes were not timed out:\n{}",
+            node.agent_log()
+        )
+    });
 
     // TLS 1.2 only: refused at the handshake.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -144,13 +157,14 @@ fn port_15008_withstands_slowloris_tls12_oversized_headers_and_stream_floods() {
             big.map(|r| r.map(|r| r.status().as_u16()).map_err(|e| e.to_string())),
         )
     });
+    // Oversized headers: the answer README promises, 431, not just any failure.
+    assert_eq!(big, Ok(Ok(431)), "oversized headers");
+    // Every stream of the flood got an HTTP answer (no reset, no h2 error, no hang): 200 for
+    // the connections the app took (its one accept, and what its backlog held before it
+    // closed), 503 for the rest.
     assert!(
-        !matches!(big, Ok(Ok(200))),
-        "oversized headers were accepted: {big:?}"
-    );
-    assert!(
-        !statuses.contains_key("no answer in 30 s"),
-        "streams hung: {statuses:?}"
+        statuses.keys().all(|k| k == "200" || k == "503") && statuses.contains_key("200"),
+        "answers to the flood: {statuses:?}"
     );
     assert_eq!(statuses.values().sum::<usize>(), 1000);
     eprintln!("oversized headers: {big:?}; flood of 1000 streams: {statuses:?}");
