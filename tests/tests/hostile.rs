@@ -251,10 +251,13 @@ fn inbound_hbone_connections_end_on_a_stalled_preface_idleness_and_the_client_s_
         // 2. HTTP/2 up, no stream: closed once idle for --inbound-idle-timeout (GOAWAY).
         let tls = tls_to(&probe, hbone, &good).await;
         let (_send, conn) = h2::client::handshake(tls).await.unwrap();
+        // It ends (GOAWAY then close; the client may see its last write fail on the closed
+        // socket), and the log below says why: idleness.
         let ended = tokio::time::timeout(bound, conn).await;
         assert!(
-            matches!(ended, Ok(Ok(()))),
-            "an idle connection was not closed in order: {ended:?}"
+            matches!(&ended, Ok(Ok(())))
+                || matches!(&ended, Ok(Err(e)) if e.is_io() || e.is_go_away()),
+            "an idle connection was not closed: {ended:?}"
         );
 
         // 3. A stream open for longer than the idle timeout keeps the connection; the
@@ -289,20 +292,18 @@ fn inbound_hbone_connections_end_on_a_stalled_preface_idleness_and_the_client_s_
         body.send_data(bytes::Bytes::from_static(b"late"), true)
             .expect_err("the stream must be gone with its connection");
     });
-    let log = node.agent_log();
-    assert!(
-        log.contains("HBONE handshake timed out (HTTP/2 preface)"),
-        "{log}"
-    );
-    assert!(log.contains("HBONE connection idle: closing"), "{log}");
-    assert!(
-        log.contains("HBONE connection closed: the client's certificate expired")
-            && log.contains("streams=1"),
-        "{log}"
-    );
-    assert!(
-        log.lines().any(|l| l.contains("connection complete")
-            && l.contains("closed: the client's certificate expired")),
-        "the stream's access line names the cause:\n{log}"
-    );
+    // Each close is logged with its cause (the stream's access line is written as its task
+    // ends, just after the connection's).
+    let logged = |log: &str| {
+        log.contains("HBONE handshake timed out (HTTP/2 preface)")
+            && log.contains("HBONE connection idle: closing")
+            && log.contains("HBONE connection closed: the client's certificate expired")
+            && log.contains("streams=1")
+            && log.lines().any(|l| {
+                l.contains("connection complete")
+                    && l.contains("closed: the client's certificate expired")
+            })
+    };
+    wait_for(Duration::from_secs(5), || logged(&node.agent_log()))
+        .unwrap_or_else(|_| panic!("a cause is missing from the log:\n{}", node.agent_log()));
 }

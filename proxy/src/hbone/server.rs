@@ -339,16 +339,19 @@ async fn stream(
         send,
         recv: req.into_body(),
     };
+    // Biased: when the connection is ended for its certificate, the stream's own error (the
+    // connection is gone) is the consequence, not the cause.
     let result = tokio::select! {
-        r = relay(&mut upstream, tunnel, pod.mesh.settings.copy_buffer) => r,
-        _ = admitted.revoked.cancelled() => {
-            super::abort(&upstream);
-            Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "closed by a policy change"))
-        }
+        biased;
         _ = expired.cancelled() => {
             super::abort(&upstream);
             Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "closed: the client's certificate expired"))
         }
+        _ = admitted.revoked.cancelled() => {
+            super::abort(&upstream);
+            Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "closed by a policy change"))
+        }
+        r = relay(&mut upstream, tunnel, pod.mesh.settings.copy_buffer) => r,
     };
     let (sent, recv, err) = match result {
         Ok((to_client, to_app)) => (to_app, to_client, String::new()),
