@@ -766,10 +766,11 @@ fn main() -> Result<()> {
     let by_vip = service_vs_pod(&args, &ca, &cb, b.ip)?;
 
     // The same pods without capture: the agent stopped (it would reinstall the rules) and
-    // Ambit's table removed from both namespaces.
+    // Ambit's tables (redirect and the agent's exemption) removed from both namespaces.
     node.kill_agent();
     for p in [&a, &b] {
-        p.ns.exec(&["nft", "delete", "table", "inet", "ambit"])?;
+        let sock = p.ns.open().run(ambit_common::nft::NftSocket::open)??;
+        ambit_common::redirect::remove(&sock)?;
     }
     let mut direct = Vec::new();
     for &pinned in &variants {
