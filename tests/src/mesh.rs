@@ -770,6 +770,14 @@ pub fn hbone_server_with(
 
 /// Agent arguments of a mesh test: `trust_domain`, and `manifests` (created) as the workload
 /// store's source, polled every 100 ms.
+/// Agent arguments for a mesh node: `ca` (kept in `shared/ca`) and the manifests directory
+/// `shared/manifests` in trust domain `td`.
+pub fn mesh_args(ca: &TestCa, shared: &Path, td: &str) -> Vec<String> {
+    let mut v = ca.agent_args(&shared.join("ca"));
+    v.extend(manifest_args(&shared.join("manifests"), td));
+    v
+}
+
 pub fn manifest_args(manifests: &Path, trust_domain: &str) -> Vec<String> {
     std::fs::create_dir_all(manifests).unwrap();
     vec![

@@ -59,9 +59,7 @@ fn a_socket_mark_does_not_let_a_pod_process_skip_capture() {
     let shared = TempDir::new("escape");
     let manifests = shared.0.join("manifests");
     let mut node = Node::new("1.0.0").unwrap();
-    let mut args = ca.agent_args(&shared.0.join("ca"));
-    args.extend(manifest_args(&manifests, TD));
-    node.agent_args = args;
+    node.agent_args = mesh_args(&ca, &shared.0, TD);
     node.start_agent().unwrap();
     let a = node.add_pod("a").unwrap();
     let b = node.add_pod("b").unwrap();

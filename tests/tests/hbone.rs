@@ -4,7 +4,6 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use ambit_tests::mesh::*;
@@ -12,17 +11,11 @@ use ambit_tests::*;
 
 const TD: &str = "cluster1";
 
-fn mesh_args(ca: &TestCa, shared: &Path) -> Vec<String> {
-    let mut v = ca.agent_args(&shared.join("ca"));
-    v.extend(manifest_args(&shared.join("manifests"), TD));
-    v
-}
-
 /// A single node whose agent uses `ca` and a fresh manifests directory (in the returned dir).
 fn mesh_node(ca: &TestCa) -> (TempDir, Node) {
     let shared = TempDir::new("mesh");
     let mut node = Node::new("1.0.0").unwrap();
-    node.agent_args = mesh_args(ca, &shared.0);
+    node.agent_args = mesh_args(ca, &shared.0, TD);
     node.start_agent().unwrap();
     (shared, node)
 }
@@ -50,7 +43,7 @@ fn pods_talk_over_hbone_on_one_node_and_across_nodes_and_the_wire_carries_only_t
     let mut n2 = Node::dual_stack("1.0.0").unwrap();
     link_nodes(&n1, &n2).unwrap();
     for n in [&mut n1, &mut n2] {
-        n.agent_args = mesh_args(&ca, &shared.0);
+        n.agent_args = mesh_args(&ca, &shared.0, TD);
         n.start_agent().unwrap();
     }
     let a = n1.add_pod("productpage").unwrap();

@@ -18,9 +18,7 @@ fn port_15008_withstands_slowloris_tls12_oversized_headers_and_stream_floods() {
     let ca = TestCa::new("hostile");
     let shared = TempDir::new("hostile");
     let mut node = Node::new("1.0.0").unwrap();
-    let mut args = ca.agent_args(&shared.0.join("ca"));
-    args.extend(manifest_args(&shared.0.join("manifests"), TD));
-    node.agent_args = args;
+    node.agent_args = mesh_args(&ca, &shared.0, TD);
     node.start_agent().unwrap();
     let b = node.add_pod("b").unwrap();
     write_pod_manifest(&shared.0.join("manifests"), &b, "b", true);
@@ -210,10 +208,9 @@ fn inbound_hbone_connections_end_on_a_stalled_preface_idleness_and_the_client_s_
     let ca = TestCa::new("bounds");
     let shared = TempDir::new("bounds");
     let mut node = Node::new("1.0.0").unwrap();
-    let mut args = ca.agent_args(&shared.0.join("ca"));
-    args.extend(manifest_args(&shared.0.join("manifests"), TD));
-    args.extend(["--inbound-idle-timeout".into(), "2s".into()]);
-    node.agent_args = args;
+    node.agent_args = mesh_args(&ca, &shared.0, TD);
+    node.agent_args
+        .extend(["--inbound-idle-timeout".into(), "2s".into()]);
     node.start_agent().unwrap();
     let b = node.add_pod("b").unwrap();
     write_pod_manifest(&shared.0.join("manifests"), &b, "b", true);
