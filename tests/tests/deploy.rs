@@ -170,10 +170,36 @@ fn the_deployed_configuration_is_what_the_binaries_accept_and_mount() {
     inside("agent", config.ca_key.as_deref().unwrap());
     inside("agent", &config.socket);
     inside("agent", &config.state_dir);
-    let installer = containers
+    // The installer runs apart (its own DaemonSet and service account).
+    let install_ds = find(&docs, "DaemonSet", "ambit-install");
+    assert_eq!(
+        s(&install_ds["spec"]["template"]["spec"]["serviceAccountName"]),
+        "ambit-install"
+    );
+    assert_eq!(
+        s(&ds["spec"]["template"]["spec"]["serviceAccountName"]),
+        "ambit-agent"
+    );
+    let install_containers = install_ds["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .unwrap();
+    let installer = install_containers
         .iter()
         .find(|c| c["name"].as_str() == Some("install-cni"))
         .unwrap();
+    let installer_mounts: Vec<String> = installer["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| s(&m["mountPath"]).to_string())
+        .collect();
+    let inside_installer = |path: &Path| {
+        assert!(
+            installer_mounts.iter().any(|m| path.starts_with(m)),
+            "install-cni: {} is not inside any of {installer_mounts:?}",
+            path.display()
+        )
+    };
     let env = |k: &str| {
         installer["env"]
             .as_sequence()
@@ -183,12 +209,13 @@ fn the_deployed_configuration_is_what_the_binaries_accept_and_mount() {
             .map(|e| s(&e["value"]).to_string())
             .unwrap_or_else(|| panic!("install-cni has no {k}"))
     };
-    inside(
-        "install-cni",
-        Path::new(env("AMBIT_PLUGIN_CONFIG").trim_start_matches('@')),
-    );
-    inside("install-cni", Path::new(&env("AMBIT_CNI_CONF_DIR")));
-    inside("install-cni", Path::new(&env("AMBIT_CNI_BIN_DIR")));
+    inside_installer(Path::new(
+        env("AMBIT_PLUGIN_CONFIG").trim_start_matches('@'),
+    ));
+    inside_installer(Path::new(&env("AMBIT_CNI_CONF_DIR")));
+    inside_installer(Path::new(&env("AMBIT_CNI_BIN_DIR")));
+    // It decides uninstall vs upgrade by its own DaemonSet.
+    assert_eq!(env("AMBIT_DAEMONSET"), "ambit-system/ambit-install");
     // The plugin skips the agent's own pods: the DaemonSet's pods match what it skips.
     assert_eq!(s(&ds["metadata"]["namespace"]), conf.agent_namespace);
     assert!(format!("{}-", s(&ds["metadata"]["name"])).starts_with(&conf.agent_pod_prefix));
@@ -275,6 +302,7 @@ fn the_node_scope_policy_limits_each_agent_to_its_own_node() {
         "valid": s(&spec["validations"][0]["expression"]),
     });
     let agent = "system:serviceaccount:ambit-system:ambit-agent";
+    let install = "system:serviceaccount:ambit-system:ambit-install";
     let request = |user: &str, node: Option<&str>, resource: &str| {
         let extra = match node {
             Some(n) => serde_json::json!({"authentication.kubernetes.io/node-name": [n]}),
@@ -336,6 +364,20 @@ fn the_node_scope_policy_limits_each_agent_to_its_own_node() {
             false,
             true
         ],
+        [
+            "installer, own node",
+            request(install, Some("n1"), "nodes"),
+            node_named("n1"),
+            true,
+            true
+        ],
+        [
+            "installer, another node",
+            request(install, Some("n1"), "nodes"),
+            node_named("n2"),
+            true,
+            false
+        ],
     ]);
     let script = r#"
 import json, sys, celpy
@@ -381,5 +423,5 @@ print(json.dumps(out))
             result.0
         );
     }
-    assert_eq!(got.len(), 7);
+    assert_eq!(got.len(), 9);
 }
