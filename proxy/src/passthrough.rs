@@ -107,7 +107,7 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
         info!(target: "access", direction = "inbound", protocol = "tcp", src.addr = %peer,
             dst.addr = %dst, pod = %pod.name, namespace = %pod.namespace,
             error = "the destination is not an address of this pod", "connection refused");
-        let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+        hbone::abort(&client);
         return;
     }
     // Outbound, where the connection goes: a Service VIP is resolved to one of its endpoints
@@ -163,9 +163,11 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
         };
         match shared.admit(conn, "plaintext") {
             Ok(a) => Some(a),
-            // Closed without contacting the app.
+            // Reset without contacting the app (always a reset, whether or not the client's
+            // first bytes have arrived yet).
             Err(_) => {
                 ConnRecord::open(metrics, labels("DENY"), &shared.series).close(0, 0);
+                hbone::abort(&client);
                 return;
             }
         }
@@ -262,7 +264,7 @@ fn refuse_no_endpoint(
         dst.service = service.map(|s| s.hostname.as_str()), src.workload = %me.workload,
         pod = %shared.ctx.name, namespace = %shared.ctx.namespace, error = %why,
         "connection failed");
-    let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+    hbone::abort(&client);
 }
 
 /// Outbound to a captured workload: one CONNECT stream through the pod's HBONE pool, to
@@ -311,7 +313,7 @@ async fn outbound_hbone(
                 dst.identity = %dst_workload.identity, pod = %pod.name, namespace = %pod.namespace,
                 error = %e, "connection failed");
             // The app sees its connection reset, never a silent plaintext fallback.
-            let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+            hbone::abort(&client);
             return;
         }
     };
