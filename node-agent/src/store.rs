@@ -74,6 +74,9 @@ struct Inner {
     /// Pods captured on this node, by container id.
     local: HashMap<String, PodInfo>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// The Pod object declaring each address (before local pods override `by_ip`): a local pod
+    /// whose runtime name differs from its object's name is still found by its address.
+    objects_by_ip: HashMap<IpAddr, Arc<Workload>>,
     /// Services by VIP, built from `merged` whenever its Services or EndpointSlices change.
     services: Index,
 }
@@ -413,6 +416,7 @@ impl Store {
                 by_ip.insert(ip, w.clone());
             }
         }
+        let objects_by_ip = by_ip.clone();
         // What this node captured is authoritative for its own addresses.
         for p in inner.local.values() {
             let obj = inner
@@ -431,6 +435,7 @@ impl Store {
             }
         }
         inner.by_ip = by_ip;
+        inner.objects_by_ip = objects_by_ip;
     }
 }
 
@@ -470,16 +475,36 @@ impl Directory for Store {
                 inner.pending
             ));
         }
+        // By name, else by the address the connection is for (same namespace): a runtime may
+        // name the pod differently from its object (a hand-built node, podman).
         let pod = inner
             .merged
             .pods
-            .get(&(namespace.to_owned(), name.to_owned()));
-        // With a workload source, a pod it does not know has unknown labels and service
-        // account: the policies that select it cannot be told. Without any source (a
-        // standalone agent) there are no Pod objects and no policies to weaken.
-        let has_source = !inner.sources.is_empty();
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .or_else(|| {
+                let w = inner
+                    .objects_by_ip
+                    .get(&conn.dst_ip)
+                    .filter(|w| w.namespace == namespace)?;
+                inner
+                    .merged
+                    .pods
+                    .get(&(w.namespace.clone(), w.name.clone()))
+            });
+        // Where pods are declared (the Kubernetes source, or Pod objects in the manifests) or
+        // a policy selects workloads by labels, a pod the source does not know has unknown
+        // labels and service account: which policies select it cannot be told. Where nothing
+        // declares pods and nothing selects by labels (a standalone agent, a manifests
+        // directory of Services only), there is nothing its labels could change.
+        let declares = |s: &Source| *s == Source::Kubernetes;
+        let selects = |scope: &authz::Scope| matches!(scope, authz::Scope::Selector { .. });
+        let knowable = inner.sources.keys().any(declares)
+            || inner.pending.iter().any(declares)
+            || !inner.merged.pods.is_empty()
+            || inner.merged.policies.iter().any(|p| selects(&p.scope))
+            || inner.merged.peer_auths.iter().any(|p| selects(&p.scope));
         if pod.is_none()
-            && has_source
+            && knowable
             && !self
                 .allow_unknown_pods
                 .load(std::sync::atomic::Ordering::Relaxed)
@@ -563,6 +588,10 @@ mod tests {
         let s = Store::new("td");
         // No source at all (standalone): no Pod objects, nothing to check against.
         assert_eq!(s.authorize("default", "ratings", &conn), Decision::Allow);
+        // A source that declares no pods and selects nothing by labels (Services only):
+        // nothing the pod's labels could change.
+        s.set_manifests(Objects::default());
+        assert_eq!(s.authorize("default", "ratings", &conn), Decision::Allow);
         s.set_manifests(objects(vec![pod(
             "default", "known", None, "10.0.0.3", true,
         )]));
@@ -570,8 +599,19 @@ mod tests {
             matches!(s.authorize("default", "ratings", &conn), Decision::Deny(why) if why.contains("unknown to the workload source")),
         );
         assert_eq!(s.authorize("default", "known", &conn), Decision::Allow);
-        s.allow_unknown_pods(true);
+        // Known by its address: the runtime named it "ratings", its object is "ratings-v1".
+        s.set_manifests(objects(vec![
+            pod("default", "known", None, "10.0.0.3", true),
+            pod("default", "ratings-v1", None, "10.0.0.2", true),
+        ]));
         assert_eq!(s.authorize("default", "ratings", &conn), Decision::Allow);
+        // ...in its own namespace only.
+        assert!(matches!(
+            s.authorize("other", "ratings", &conn),
+            Decision::Deny(_)
+        ));
+        s.allow_unknown_pods(true);
+        assert_eq!(s.authorize("other", "ratings", &conn), Decision::Allow);
     }
 
     #[test]
