@@ -12,8 +12,7 @@ use serde_json::Value;
 pub use crate::error::SUPPORTED_VERSIONS;
 use crate::error::{CniError, code};
 
-/// Pod annotation that opts a pod in (`enabled`) or out (`disabled`) of capture.
-pub const CAPTURE_ANNOTATION: &str = "ambit.dev/capture";
+pub use ambit_common::enrollment::{CAPTURE_ANNOTATION, Enrollment};
 /// The runtimeConfig key under which CRI runtimes pass pod annotations.
 pub const POD_ANNOTATIONS_CAP: &str = "io.kubernetes.cri.pod-annotations";
 
@@ -395,15 +394,6 @@ impl PodArgs {
     }
 }
 
-/// Why a pod is or is not captured; logged with every decision.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Enrollment {
-    Capture(&'static str),
-    Skip(&'static str),
-    /// Decided by the pod's and its namespace's labels: ask the agent.
-    Labels,
-}
-
 /// Decides enrollment. Order: the agent's own pods are never captured; then a pod annotation
 /// (`ambit.dev/capture: enabled|disabled`) wins; then the namespace lists; then, with
 /// `"enrollment": "labels"`, the labels (asked of the agent); then the non-Kubernetes setting. Host-network pods (no namespace of their own) are skipped later,
@@ -435,7 +425,8 @@ pub fn enrollment(
             {
                 Enrollment::Skip("namespace not included")
             } else if conf.enrollment == EnrollmentMode::Labels {
-                Enrollment::Labels
+                // The pod's and its namespace's labels decide: ask the agent.
+                Enrollment::Undecided
             } else {
                 Enrollment::Capture("namespace enrolled")
             }

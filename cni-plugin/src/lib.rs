@@ -21,9 +21,10 @@ pub mod logger;
 
 use std::path::Path;
 
+use ambit_common::enrollment::Answer;
 use ambit_common::netns::Netns;
 use ambit_common::nft::NftSocket;
-use ambit_common::protocol::{self, PodInfo, Request, Response};
+use ambit_common::protocol::{self, Detail, PodInfo, Request, Response};
 use ambit_common::redirect::{self, RuleSet};
 use ambit_common::route::RouteCtl;
 use log::{debug, info, warn};
@@ -105,7 +106,7 @@ fn target(env: &CniEnv, conf: &NetConf) -> Result<Result<Target, &'static str>, 
     match config::enrollment(conf, &pod_args, &annotations) {
         Enrollment::Skip(why) => return Ok(Err(why)),
         Enrollment::Capture(why) => debug!("capturing {container_id}: {why}"),
-        Enrollment::Labels => {
+        Enrollment::Undecided => {
             if let Err(why) = ask_enrollment(conf, &pod_args)? {
                 return Ok(Err(why));
             }
@@ -243,20 +244,25 @@ fn ask_enrollment(conf: &NetConf, pod: &PodArgs) -> Result<Result<(), &'static s
         },
         None,
     )?;
-    let detail = resp.detail.unwrap_or_default();
-    match (resp.ok, detail.get("capture").and_then(Value::as_bool)) {
-        (true, Some(true)) => {
-            debug!(
-                "{namespace}/{name}: enrolled ({})",
-                detail["reason"].as_str().unwrap_or("")
-            );
+    match (resp.ok, resp.detail) {
+        (
+            true,
+            Some(Detail::Enrollment(Answer {
+                capture: true,
+                reason,
+            })),
+        ) => {
+            debug!("{namespace}/{name}: enrolled ({reason})");
             Ok(Ok(()))
         }
-        (true, Some(false)) => {
-            info!(
-                "{namespace}/{name}: not enrolled ({})",
-                detail["reason"].as_str().unwrap_or("")
-            );
+        (
+            true,
+            Some(Detail::Enrollment(Answer {
+                capture: false,
+                reason,
+            })),
+        ) => {
+            info!("{namespace}/{name}: not enrolled ({reason})");
             Ok(Err("not enrolled by its labels or its namespace's"))
         }
         _ => Err(CniError::new(
@@ -436,8 +442,10 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
             resp.error.unwrap_or_default(),
         ));
     }
-    if let Some(d) = resp.detail {
-        info!("GC: {d}");
+    if let Some(Detail::Gc { removed }) = resp.detail
+        && !removed.is_empty()
+    {
+        info!("GC released {removed:?}");
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //!
 //! Layout:
 //! - [`sys`]: the only module with `unsafe` and namespace switching (setns, ioctl).
+//! - [`enrollment`]: which pods are captured: label/annotation names, the decision's terms.
 //! - [`netns`]: a verified network-namespace handle and its identity (dev, inode).
 //! - [`nft`]: a minimal nftables netlink encoder/decoder (batches, rule dumps).
 //! - [`redirect`]: Ambit's in-pod rule set, installed in one atomic nftables transaction.
@@ -9,6 +10,7 @@
 //! - [`report`]: errors on one line, each cause once.
 //! - [`protocol`]: the framed JSON protocol between plugin and agent (netns fd via SCM_RIGHTS).
 
+pub mod enrollment;
 pub mod netns;
 pub mod nft;
 pub mod protocol;

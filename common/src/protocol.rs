@@ -55,8 +55,8 @@ pub enum Request {
     /// Forget every pod whose container id is not listed.
     Gc { valid: Vec<String> },
     /// Should this pod be captured, by its Kubernetes labels and its namespace's (plugin
-    /// setting `"enrollment": "labels"`)? The answer is in `detail`: `{"capture": bool,
-    /// "reason": string}`; an error means the agent cannot tell yet (fail closed).
+    /// setting `"enrollment": "labels"`)? The answer is [`Detail::Enrollment`]; an error
+    /// means the agent cannot tell yet (fail closed).
     Enrollment {
         namespace: String,
         name: String,
@@ -70,9 +70,21 @@ pub struct Response {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Command-specific facts (e.g. GC's removed pods).
+    /// Command-specific facts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detail: Option<serde_json::Value>,
+    pub detail: Option<Detail>,
+}
+
+/// What a command answers besides ok/error. Untagged: each shape is its own JSON object
+/// (`{"capture": …, "reason": …}`, `{"removed": […]}`), as the protocol always sent them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Detail {
+    Enrollment(crate::enrollment::Answer),
+    /// GC: the container ids of the pods released.
+    Gc {
+        removed: Vec<String>,
+    },
 }
 
 impl Response {
@@ -177,6 +189,32 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&Request::Status).unwrap(),
             r#"{"op":"status"}"#
+        );
+    }
+
+    #[test]
+    fn answers_keep_their_wire_shape() {
+        let enrolled = Response {
+            ok: true,
+            error: None,
+            detail: Some(Detail::Enrollment(crate::enrollment::Answer {
+                capture: true,
+                reason: "r".into(),
+            })),
+        };
+        let wire = serde_json::to_string(&enrolled).unwrap();
+        assert_eq!(
+            wire,
+            r#"{"ok":true,"detail":{"capture":true,"reason":"r"}}"#
+        );
+        assert_eq!(serde_json::from_str::<Response>(&wire).unwrap(), enrolled);
+        let gc: Response =
+            serde_json::from_str(r#"{"ok":true,"detail":{"removed":["a"]}}"#).unwrap();
+        assert_eq!(
+            gc.detail,
+            Some(Detail::Gc {
+                removed: vec!["a".into()]
+            })
         );
     }
 

@@ -8,7 +8,7 @@
 //!    them, work through HBONE to the endpoint pods (access log lines naming the Service);
 //! 2. a packet capture on the node side of the pods sees only TLS to 15008, never the marker
 //!    the client sent;
-//! 3. the mission's `ratings-viewer` AuthorizationPolicy lets productpage in and refuses
+//! 3. a `ratings-viewer` AuthorizationPolicy (Istio's L4 example) lets productpage in and refuses
 //!    reviews, both calling the `ratings` Service;
 //! 4. the metrics endpoint counts those connections.
 //!

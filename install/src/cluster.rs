@@ -9,10 +9,7 @@ use k8s_openapi::api::core::v1::{Node, Taint};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 
-/// The taint a node can be registered with (kubelet `--register-with-taints`) so that no pod
-/// is scheduled on it before Ambit captures pods there; the installer removes it once the
-/// plugin is chained and the agent answers.
-pub const NOT_READY_TAINT: &str = "ambit.dev/agent-not-ready";
+pub use ambit_common::enrollment::NOT_READY_TAINT;
 
 /// What the DaemonSet's state means for the plugin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,15 +8,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ambit_common::enrollment::{Answer, Enrollment};
 use ambit_common::netns::Netns;
-use ambit_common::protocol::{self, MAX_FRAME, Request, Response};
+use ambit_common::protocol::{self, Detail, MAX_FRAME, Request, Response};
 use sendfd::RecvWithFd;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::store::{Enrollment, Store};
+use crate::store::Store;
 use crate::workloads::Manager;
 
 /// A client must deliver its whole request within this time (no slow-loris on the socket).
@@ -202,7 +203,7 @@ fn dispatch(req: Request, mut fds: Vec<OwnedFd>, mgr: &Manager) -> Response {
             Response {
                 ok: true,
                 error: None,
-                detail: Some(serde_json::json!({ "removed": removed })),
+                detail: Some(Detail::Gc { removed }),
             }
         }
     }
@@ -234,16 +235,16 @@ pub fn enrollment(
         let (capture, reason) = match answer {
             Enrollment::Capture(r) => (true, r),
             Enrollment::Skip(r) => (false, r),
-            Enrollment::Unknown if Instant::now() < deadline => {
+            Enrollment::Undecided if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(25));
                 continue;
             }
-            Enrollment::Unknown if !pending.is_empty() => {
+            Enrollment::Undecided if !pending.is_empty() => {
                 return Response::error(format!(
                     "not yet synced with {pending:?} (is the API server reachable?), so pod {namespace}/{name} is unknown"
                 ));
             }
-            Enrollment::Unknown => {
+            Enrollment::Undecided => {
                 return Response::error(format!(
                     "pod {namespace}/{name} (uid {uid:?}) is not known to the agent after {wait:?}"
                 ));
@@ -253,7 +254,10 @@ pub fn enrollment(
         return Response {
             ok: true,
             error: None,
-            detail: Some(serde_json::json!({"capture": capture, "reason": reason})),
+            detail: Some(Detail::Enrollment(Answer {
+                capture,
+                reason: reason.into(),
+            })),
         };
     }
 }

@@ -32,7 +32,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::store::{Objects, REDIRECTION_ANNOTATION, Source, Store};
+use crate::store::{Objects, Source, Store};
+use ambit_common::enrollment::REDIRECTION_ANNOTATION;
 
 /// The Istio security API group and the version watched.
 const ISTIO_GROUP: &str = "security.istio.io";

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
+use ambit_common::enrollment::{self, Enrollment, REDIRECTION_ANNOTATION};
 use ambit_common::protocol::PodInfo;
 use ambit_proxy::authz::{self, Connection, Decision, PeerAuthentication, Policy};
 use ambit_proxy::identity::Identity;
@@ -19,11 +20,6 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use crate::policy::Status;
 use crate::services::{Index, ServiceRecord, ServiceSettings, SliceRecord};
-
-/// Set on a Pod by the agent that captured it (the Kubernetes source will write it; in a
-/// manifests directory the operator does): the pod serves HBONE on 15008. Only such pods of
-/// other nodes get HBONE — a pod that is not captured would refuse it.
-pub const REDIRECTION_ANNOTATION: &str = "ambit.dev/redirection";
 
 /// Objects of one source.
 #[derive(Clone, Debug, Default)]
@@ -47,20 +43,6 @@ pub struct Objects {
 pub enum Source {
     Manifests,
     Kubernetes,
-}
-
-/// Pod label (and namespace label) deciding enrollment when the plugin runs with
-/// `"enrollment": "labels"`: `enabled` on the namespace enrolls its pods; on a pod, `enabled`
-/// enrolls it wherever it is and `disabled` (or `none`) keeps it out.
-pub const ENROLLMENT_LABEL: &str = "ambit.dev/dataplane-mode";
-
-/// The store's answer to "should this pod be captured?".
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Enrollment {
-    Capture(&'static str),
-    Skip(&'static str),
-    /// No Pod object with that name (and uid) is known yet.
-    Unknown,
 }
 
 #[derive(Default)]
@@ -275,7 +257,7 @@ impl Store {
     }
 
     /// Should the pod `namespace/name` (with `uid`, if the runtime gave one) be captured,
-    /// by its labels and its namespace's? `Unknown` while no source knows that pod.
+    /// by its labels and its namespace's? `Undecided` while no source knows that pod.
     pub fn enrollment(&self, namespace: &str, name: &str, uid: &str) -> Enrollment {
         let inner = self.read();
         let Some(pod) = inner
@@ -283,33 +265,17 @@ impl Store {
             .pods
             .get(&(namespace.to_owned(), name.to_owned()))
         else {
-            return Enrollment::Unknown;
+            return Enrollment::Undecided;
         };
         if !uid.is_empty() && pod.metadata.uid.as_deref().is_some_and(|u| u != uid) {
             // An older pod of the same name: the new one is not known yet.
-            return Enrollment::Unknown;
-        }
-        let label = |labels: Option<&BTreeMap<String, String>>| {
-            labels.and_then(|l| l.get(ENROLLMENT_LABEL)).cloned()
-        };
-        match label(pod.metadata.labels.as_ref()).as_deref() {
-            Some("enabled") => {
-                return Enrollment::Capture("pod label ambit.dev/dataplane-mode=enabled");
-            }
-            Some("disabled" | "none") => {
-                return Enrollment::Skip("pod label ambit.dev/dataplane-mode opts out");
-            }
-            _ => {}
+            return Enrollment::Undecided;
         }
         let ns = inner.merged.namespaces.get(namespace);
-        match label(ns.and_then(|n| n.metadata.labels.as_ref())).as_deref() {
-            Some("enabled") => {
-                Enrollment::Capture("namespace label ambit.dev/dataplane-mode=enabled")
-            }
-            _ => Enrollment::Skip(
-                "neither the pod nor its namespace is labelled ambit.dev/dataplane-mode=enabled",
-            ),
-        }
+        enrollment::by_labels(
+            pod.metadata.labels.as_ref(),
+            ns.and_then(|n| n.metadata.labels.as_ref()),
+        )
     }
 
     /// Does any source provide Pod objects (so [`Store::enrollment`] can ever answer)?

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use ambit_common::netns::{Netns, NetnsId};
 use ambit_common::protocol::PodInfo;
 use ambit_common::redirect::{AgentCgroup, RuleSet};
+use ambit_proxy::context::PodContext;
 use ambit_proxy::mesh::Mesh;
-use ambit_proxy::passthrough::PodContext;
 use ambit_proxy::pod::PodProxy;
 use tracing::{info, warn};
 
@@ -412,7 +412,7 @@ impl Manager {
     /// Stops accepting on every pod's listeners, waits up to `deadline` for open connections
     /// to finish, and returns how many were still open (they are cut when the agent exits).
     pub async fn drain(&self, deadline: std::time::Duration) -> usize {
-        let proxies: Vec<Arc<ambit_proxy::pod::PodShared>> =
+        let proxies: Vec<Arc<ambit_proxy::context::PodShared>> =
             self.lock().values().map(|e| e.proxy.shared()).collect();
         for p in &proxies {
             p.stop_accepting();

@@ -1,5 +1,5 @@
-//! L4 authorization at the destination, with Istio's `security.istio.io` semantics
-//! (`reference/istio-ambient.md` §6). This module holds the compiled form and the evaluation;
+//! L4 authorization at the destination, with Istio's `security.istio.io` semantics (deny
+//! before allow; no ALLOW policy selecting the pod means allowed). This module holds the compiled form and the evaluation;
 //! turning manifests into it (validation, L7 conversion, fail-closed handling) is the node
 //! agent's job.
 //!

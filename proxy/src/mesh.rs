@@ -44,7 +44,7 @@ pub trait Directory: Send + Sync + 'static {
     fn policy_updates(&self) -> tokio::sync::watch::Receiver<u64>;
 }
 
-/// HBONE tuning; defaults follow the anchor (see ARCHITECTURE notes in the reference).
+/// HBONE tuning; the defaults are ztunnel's where it has one.
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// Streams carried by one pooled connection before another is opened.

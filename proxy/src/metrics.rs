@@ -6,7 +6,6 @@
 //! reported it and removed when that pod goes, so cardinality follows the pods on the node.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -136,14 +135,6 @@ impl ProxyMetrics {
     }
 }
 
-/// One proxied connection's accounting: opened when created, closed (with bytes) on
-/// [`ConnRecord::close`] or drop.
-pub struct ConnRecord<'a> {
-    metrics: &'a ProxyMetrics,
-    labels: TrafficLabels,
-    closed: bool,
-}
-
 /// What the labels say about one end of a connection.
 #[derive(Clone, Debug)]
 pub struct Peer {
@@ -197,50 +188,6 @@ impl TrafficLabels {
             self.destination_service_namespace = s.namespace.clone();
         }
         self
-    }
-}
-
-impl<'a> ConnRecord<'a> {
-    /// Counts the connection as opened; `series` remembers the label set for removal.
-    pub fn open(
-        metrics: &'a ProxyMetrics,
-        labels: TrafficLabels,
-        series: &Mutex<HashSet<TrafficLabels>>,
-    ) -> Self {
-        metrics.opened.get_or_create(&labels).inc();
-        series
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(labels.clone());
-        Self {
-            metrics,
-            labels,
-            closed: false,
-        }
-    }
-
-    /// `received` src→dst, `sent` dst→src.
-    pub fn close(mut self, received: u64, sent: u64) {
-        self.finish(received, sent);
-    }
-
-    fn finish(&mut self, received: u64, sent: u64) {
-        if self.closed {
-            return;
-        }
-        self.closed = true;
-        let m = self.metrics;
-        m.closed.get_or_create(&self.labels).inc();
-        m.received_bytes
-            .get_or_create(&self.labels)
-            .inc_by(received);
-        m.sent_bytes.get_or_create(&self.labels).inc_by(sent);
-    }
-}
-
-impl Drop for ConnRecord<'_> {
-    fn drop(&mut self) {
-        self.finish(0, 0);
     }
 }
 

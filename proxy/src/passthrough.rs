@@ -5,27 +5,20 @@
 //! client's source address, when it was addressed to one of the pod's own IPs (reset
 //! otherwise).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
+use crate::access::{ConnRecord, End};
+use crate::context::{PodShared, RESERVED_PORTS};
 use crate::hbone;
 use crate::mesh::Workload;
-use crate::metrics::{ConnRecord, TrafficLabels};
-use crate::pod::PodShared;
+use crate::metrics::{Peer, TrafficLabels};
 use crate::service::{NoEndpoint, ServiceName};
 use crate::socket::{canonical, original_dst};
-
-/// Ports that must never be a forwarding destination (loop protection).
-pub const RESERVED_PORTS: [u16; 3] = [
-    ambit_common::OUTBOUND_PORT,
-    ambit_common::INBOUND_PLAINTEXT_PORT,
-    ambit_common::INBOUND_HBONE_PORT,
-];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -40,14 +33,6 @@ impl Direction {
             Direction::Inbound => "inbound",
         }
     }
-}
-
-/// Facts a listener needs about its pod.
-#[derive(Clone, Debug)]
-pub struct PodContext {
-    pub name: String,
-    pub namespace: String,
-    pub ips: Vec<IpAddr>,
 }
 
 /// Accepts until `stop` fires; every connection runs in its own task, also bound to `stop`.
@@ -83,7 +68,6 @@ pub async fn serve(
 
 async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared: Arc<PodShared>) {
     let pod = &shared.ctx;
-    let start = Instant::now();
     let dst = match original_dst(&client) {
         Ok(d) => d,
         Err(e) => {
@@ -95,6 +79,8 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
         debug!(%peer, %dst, "destination is a reserved Ambit port; closing");
         return;
     }
+    let mut record = ConnRecord::new(pod, dir.as_str(), "tcp", peer);
+    record.dst(dst);
     // Inbound plaintext is served for this pod's own addresses only: a neighbour that routes a
     // packet for any other destination to the pod (the redirect takes it whatever its
     // address) must not get the agent to connect there on its behalf.
@@ -104,9 +90,9 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
             .iter()
             .any(|ip| ip.to_canonical() == dst.ip().to_canonical())
     {
-        info!(target: "access", direction = "inbound", protocol = "tcp", src.addr = %peer,
-            dst.addr = %dst, pod = %pod.name, namespace = %pod.namespace,
-            error = "the destination is not an address of this pod", "connection refused");
+        record.end(End::Refused(
+            "the destination is not an address of this pod".into(),
+        ));
         hbone::abort(&client);
         return;
     }
@@ -120,36 +106,34 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
             match svc.pick(dst, peer.ip()) {
                 Ok(ep) => target = ep.addr,
                 Err(e) => {
-                    return refuse_no_endpoint(client, peer, dst, Some(&svc.name), e, &shared);
+                    return refuse_no_endpoint(client, record, Some(&svc.name), e, &shared);
                 }
             }
             service = Some(svc.name.clone());
         } else if shared.mesh.directory.in_service_range(dst.ip()) {
             let why = NoEndpoint::UnknownService { vip: dst };
-            return refuse_no_endpoint(client, peer, dst, None, why, &shared);
+            return refuse_no_endpoint(client, record, None, why, &shared);
         }
+        // Outbound to a Service, what the app called (`dst`) is the VIP; `target` the endpoint.
+        record
+            .dst(target)
+            .service(service.as_deref(), service.is_some().then_some(dst));
         if let Some(w) = shared.mesh.directory.by_ip(target.ip())
             && w.hbone
         {
-            let route = Route {
-                peer,
-                dst,
-                target,
-                service: service.as_deref(),
-            };
-            return outbound_hbone(client, route, &w, &shared, start).await;
+            return outbound_hbone(client, record, target, service.as_deref(), &w, &shared).await;
         }
     } else {
         // Inbound the VIP is not known; name a Service this port is an endpoint of.
         service = shared.mesh.directory.service_of_endpoint(dst);
+        record.service(service.as_deref(), None);
     }
     let service = service.as_deref();
-    // Outbound to a Service, what the app called (`dst`) is the VIP; `target` the endpoint.
-    let vip = (dir == Direction::Outbound && service.is_some()).then_some(dst);
     let (reporter, src, dst_peer) = match dir {
         Direction::Inbound => ("destination", shared.peer(peer.ip(), None), shared.me()),
         Direction::Outbound => ("source", shared.me(), shared.peer(target.ip(), None)),
     };
+    record.workloads(&src.workload, &dst_peer.workload);
     let labels = |flags: &str| {
         TrafficLabels::new(reporter, &src, &dst_peer, false, flags).with_service(service)
     };
@@ -165,8 +149,9 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
             Ok(a) => Some(a),
             // Reset without contacting the app (always a reset, whether or not the client's
             // first bytes have arrived yet).
-            Err(_) => {
-                ConnRecord::open(metrics, labels("DENY"), &shared.series).close(0, 0);
+            Err(why) => {
+                record.count(metrics, labels("DENY"), &shared.series);
+                record.end(End::Refused(why.to_string()));
                 hbone::abort(&client);
                 return;
             }
@@ -194,15 +179,12 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
     let mut upstream = match upstream {
         Ok(u) => u,
         Err(e) => {
-            ConnRecord::open(metrics, labels("CONNECT"), &shared.series).close(0, 0);
-            info!(target: "access", direction = dir.as_str(), protocol = "tcp", src.addr = %peer, dst.addr = %target,
-                dst.service = service.map(|s| s.hostname.as_str()), dst.vip = vip.map(tracing::field::display),
-                src.workload = %src.workload, dst.workload = %dst_peer.workload,
-                pod = %pod.name, namespace = %pod.namespace, error = %e, "connection failed");
+            record.count(metrics, labels("CONNECT"), &shared.series);
+            record.end(End::Failed(e.to_string()));
             return;
         }
     };
-    let record = ConnRecord::open(metrics, labels("-"), &shared.series);
+    record.count(metrics, labels("-"), &shared.series);
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let revoked = admitted
@@ -217,87 +199,71 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
             Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "closed by a policy change"))
         }
     };
-    let (sent, recv, err) = match copied {
-        Ok((a, b)) => (a, b, None),
-        Err(e) => (0, 0, Some(e)),
-    };
     // `sent` is client→app, the request direction either way.
-    record.close(sent, recv);
-    info!(target: "access",
-        direction = dir.as_str(), protocol = "tcp", src.addr = %peer, dst.addr = %target,
-        dst.service = service.map(|s| s.hostname.as_str()), dst.vip = vip.map(tracing::field::display),
-        src.workload = %src.workload, dst.workload = %dst_peer.workload,
-        pod = %pod.name, namespace = %pod.namespace,
-        bytes_sent = sent, bytes_recv = recv,
-        duration_ms = start.elapsed().as_millis() as u64,
-        error = err.map(|e| e.to_string()).unwrap_or_default(),
-        "connection complete");
-}
-
-/// Where an outbound connection goes.
-struct Route<'a> {
-    /// The app's own address.
-    peer: SocketAddr,
-    /// The app's original destination (a pod address or a Service VIP).
-    dst: SocketAddr,
-    /// The address served: `dst`, or the endpoint chosen for a Service VIP.
-    target: SocketAddr,
-    service: Option<&'a ServiceName>,
+    record.end(match copied {
+        Ok((sent, recv)) => End::Complete {
+            sent,
+            recv,
+            error: None,
+        },
+        Err(e) => End::Complete {
+            sent: 0,
+            recv: 0,
+            error: Some(e.to_string()),
+        },
+    });
 }
 
 /// A Service VIP without an endpoint to serve it (or, with `--service-cidr`, an address in the
 /// Service range that is no known Service): the app's connection is reset at once, as
 /// kube-proxy rejects a Service without endpoints, and nothing leaves the pod.
-fn refuse_no_endpoint(
+fn refuse_no_endpoint<'a>(
     client: TcpStream,
-    peer: SocketAddr,
-    dst: SocketAddr,
+    mut record: ConnRecord<'a>,
     service: Option<&ServiceName>,
     why: NoEndpoint,
-    shared: &PodShared,
+    shared: &'a PodShared,
 ) {
     let me = shared.me();
-    let labels = TrafficLabels::new("source", &me, &crate::metrics::Peer::unknown(), false, "UH")
-        .with_service(service);
-    ConnRecord::open(&shared.mesh.metrics, labels, &shared.series).close(0, 0);
-    info!(target: "access", direction = "outbound", src.addr = %peer, dst.addr = %dst,
-        dst.service = service.map(|s| s.hostname.as_str()), src.workload = %me.workload,
-        pod = %shared.ctx.name, namespace = %shared.ctx.namespace, error = %why,
-        "connection failed");
+    let labels =
+        TrafficLabels::new("source", &me, &Peer::unknown(), false, "UH").with_service(service);
+    record.service(service, None);
+    record.workloads(&me.workload, crate::metrics::UNKNOWN);
+    record.count(&shared.mesh.metrics, labels, &shared.series);
+    record.end(End::Failed(why.to_string()));
     hbone::abort(&client);
 }
 
 /// Outbound to a captured workload: one CONNECT stream through the pod's HBONE pool, to
-/// `route.target` (`:authority`), presenting the source's identity and expecting the
-/// destination workload's.
-async fn outbound_hbone(
+/// `target` (`:authority`), presenting the source's identity and expecting the destination
+/// workload's.
+async fn outbound_hbone<'a>(
     mut client: TcpStream,
-    route: Route<'_>,
+    mut record: ConnRecord<'a>,
+    target: SocketAddr,
+    service: Option<&ServiceName>,
     dst_workload: &Workload,
-    shared: &PodShared,
-    start: Instant,
+    shared: &'a PodShared,
 ) {
-    let Route {
-        peer,
-        dst,
-        target,
-        service,
-    } = route;
-    let vip = service.map(|_| dst);
     let pod = &shared.ctx;
     let src_identity = shared.identity();
+    let me = shared.me();
+    let dst_peer = shared.peer(target.ip(), Some(&dst_workload.identity));
+    record
+        .protocol("hbone")
+        .src_identity(&src_identity)
+        .dst_identity(&dst_workload.identity)
+        .workloads(&me.workload, &dst_peer.workload);
     let req = hbone::client::Request {
-        src_identity: src_identity.clone(),
+        src_identity,
         dst_identity: dst_workload.identity.clone(),
         target,
-        client: peer,
+        client: record.src_addr(),
         baggage: format!(
             "k8s.namespace.name={},k8s.pod.name={}",
             pod.namespace, pod.name
         ),
     };
-    let me = shared.me();
-    let dst_peer = shared.peer(target.ip(), Some(&dst_workload.identity));
     let labels = |flags: &str| {
         TrafficLabels::new("source", &me, &dst_peer, true, flags).with_service(service)
     };
@@ -305,33 +271,26 @@ async fn outbound_hbone(
     let (tunnel, _guard) = match shared.pool.connect(&req).await {
         Ok(t) => t,
         Err(e) => {
-            ConnRecord::open(metrics, labels("CONNECT"), &shared.series).close(0, 0);
-            info!(target: "access", direction = "outbound", protocol = "hbone",
-                src.addr = %peer, src.identity = %src_identity, dst.addr = %target,
-                dst.service = service.map(|s| s.hostname.as_str()), dst.vip = vip.map(tracing::field::display),
-                src.workload = %me.workload, dst.workload = %dst_peer.workload,
-                dst.identity = %dst_workload.identity, pod = %pod.name, namespace = %pod.namespace,
-                error = %e, "connection failed");
+            record.count(metrics, labels("CONNECT"), &shared.series);
+            record.end(End::Failed(e.to_string()));
             // The app sees its connection reset, never a silent plaintext fallback.
             hbone::abort(&client);
             return;
         }
     };
-    let record = ConnRecord::open(metrics, labels("-"), &shared.series);
+    record.count(metrics, labels("-"), &shared.series);
     let _ = client.set_nodelay(true);
-    let (sent, recv, err) =
-        match hbone::relay(&mut client, tunnel, shared.mesh.settings.copy_buffer).await {
-            Ok((a, b)) => (a, b, String::new()),
-            Err(e) => (0, 0, e.to_string()),
-        };
-    record.close(sent, recv);
-    info!(target: "access",
-        direction = "outbound", protocol = "hbone", src.addr = %peer, src.identity = %src_identity,
-        src.workload = %me.workload, dst.workload = %dst_peer.workload,
-        dst.addr = %target, dst.service = service.map(|s| s.hostname.as_str()),
-        dst.vip = vip.map(tracing::field::display), dst.identity = %dst_workload.identity,
-        pod = %pod.name, namespace = %pod.namespace,
-        bytes_sent = sent, bytes_recv = recv,
-        duration_ms = start.elapsed().as_millis() as u64, error = err,
-        "connection complete");
+    let copied = hbone::relay(&mut client, tunnel, shared.mesh.settings.copy_buffer).await;
+    record.end(match copied {
+        Ok((sent, recv)) => End::Complete {
+            sent,
+            recv,
+            error: None,
+        },
+        Err(e) => End::Complete {
+            sent: 0,
+            recv: 0,
+            error: Some(e.to_string()),
+        },
+    });
 }

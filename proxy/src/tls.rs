@@ -24,7 +24,7 @@ use crate::identity::Identity;
 
 pub const ALPN_H2: &[u8] = b"h2";
 
-/// ring with the suites the anchor uses: AES-256-GCM and AES-128-GCM (no ChaCha20).
+/// ring with the suites ztunnel uses: AES-256-GCM and AES-128-GCM (no ChaCha20).
 pub fn provider() -> Arc<CryptoProvider> {
     static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     P.get_or_init(|| {

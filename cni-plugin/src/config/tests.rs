@@ -267,7 +267,7 @@ fn labels_mode_asks_the_agent_only_where_the_labels_decide() {
     let got = |p: PodArgs, a: &BTreeMap<String, String>| enrollment(&labels, &p, a);
     assert_eq!(
         got(pod(Some("default"), Some("a")), &none),
-        Enrollment::Labels
+        Enrollment::Undecided
     );
     assert!(matches!(
         got(pod(Some("kube-system"), Some("a")), &none),

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::store::Enrollment;
+use ambit_common::enrollment::Enrollment;
 
 const PODS: &str = "/api/v1/pods";
 const NAMESPACES: &str = "/api/v1/namespaces";
@@ -256,7 +256,7 @@ async fn recorded_lists_feed_the_store_and_a_missing_crd_counts_as_empty() {
     ));
     assert_eq!(
         s.enrollment("shop", "web", "uid-of-a-newer-web"),
-        Enrollment::Unknown
+        Enrollment::Undecided
     );
     // Identity from the service account; addresses; host-network pods have none of theirs.
     assert_eq!(

@@ -1,5 +1,6 @@
 //! HBONE: TCP carried as HTTP/2 CONNECT streams inside mutual TLS 1.3, to port 15008 of the
-//! destination pod. Wire contract as the anchor's (`reference/istio-ambient.md` §4).
+//! destination pod. The wire contract is Istio ambient's (ztunnel interoperates both ways):
+//! ALPN `h2`, `:authority` = destination pod IP and port, SPIFFE identities in URI SANs.
 
 pub mod client;
 pub mod server;

@@ -18,10 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Tunnel, relay};
+use crate::access::{ConnRecord, End};
+use crate::context::{PodShared, RESERVED_PORTS};
 use crate::identity::Identity;
-use crate::metrics::{ConnRecord, GaugeGuard, ProxyMetrics, TrafficLabels};
-use crate::passthrough::RESERVED_PORTS;
-use crate::pod::PodShared;
+use crate::metrics::{GaugeGuard, ProxyMetrics, TrafficLabels};
 use crate::socket::canonical;
 use crate::tls::{ResolveWith, server_config, svid_identity};
 
@@ -262,13 +262,12 @@ async fn stream(
     pod: Arc<PodShared>,
     expired: CancellationToken,
 ) {
-    let start = Instant::now();
+    let mut record = ConnRecord::new(&pod.ctx, "inbound", "hbone", peer);
+    record.src_identity(&peer_id);
     let dst = match target(&req, &pod.ctx.ips) {
         Ok(d) => d,
         Err(why) => {
-            info!(target: "access", direction = "inbound", src.addr = %peer, src.identity = %peer_id,
-                authority = %req.uri(), pod = %pod.ctx.name, namespace = %pod.ctx.namespace,
-                error = why, "HBONE stream refused (400)");
+            record.end(End::Refused(format!("HBONE 400: {why} ({})", req.uri())));
             answer(&mut respond, StatusCode::BAD_REQUEST);
             return;
         }
@@ -283,14 +282,19 @@ async fn stream(
     let me = pod.me();
     // The client's VIP is not seen here; name a Service this port is an endpoint of.
     let service = pod.mesh.directory.service_of_endpoint(dst);
+    record
+        .dst(dst)
+        .workloads(&src.workload, &me.workload)
+        .service(service.as_deref(), None);
     let labels = |flags: &str| {
         TrafficLabels::new("destination", &src, &me, true, flags).with_service(service.as_deref())
     };
     let metrics = &pod.mesh.metrics;
     let admitted = match pod.admit(conn, "hbone") {
         Ok(a) => a,
-        Err(_) => {
-            ConnRecord::open(metrics, labels("DENY"), &pod.series).close(0, 0);
+        Err(why) => {
+            record.count(metrics, labels("DENY"), &pod.series);
+            record.end(End::Refused(format!("HBONE 401: {why}")));
             answer(&mut respond, StatusCode::UNAUTHORIZED);
             return;
         }
@@ -312,11 +316,8 @@ async fn stream(
     let mut upstream = match upstream {
         Ok(u) => u,
         Err(e) => {
-            ConnRecord::open(metrics, labels("CONNECT"), &pod.series).close(0, 0);
-            info!(target: "access", direction = "inbound", src.addr = %peer, src.identity = %peer_id,
-                src.workload = %src.workload, dst.workload = %me.workload,
-                dst.addr = %dst, pod = %pod.ctx.name, namespace = %pod.ctx.namespace,
-                error = %e, "HBONE stream refused (503)");
+            record.count(metrics, labels("CONNECT"), &pod.series);
+            record.end(End::Failed(format!("HBONE 503: {e}")));
             answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             return;
         }
@@ -333,7 +334,7 @@ async fn stream(
             return;
         }
     };
-    let record = ConnRecord::open(metrics, labels("-"), &pod.series);
+    record.count(metrics, labels("-"), &pod.series);
     let _stream_gauge = GaugeGuard::new(ProxyMetrics::gauge(&metrics.hbone_streams, "inbound"));
     let tunnel = Tunnel {
         send,
@@ -353,18 +354,17 @@ async fn stream(
         }
         r = relay(&mut upstream, tunnel, pod.mesh.settings.copy_buffer) => r,
     };
-    let (sent, recv, err) = match result {
-        Ok((to_client, to_app)) => (to_app, to_client, String::new()),
+    record.end(match result {
         // (sent = client to app, recv = app to client)
-        Err(e) => (0, 0, e.to_string()),
-    };
-    record.close(sent, recv);
-    info!(target: "access",
-        direction = "inbound", protocol = "hbone", src.addr = %peer, src.identity = %peer_id,
-        src.workload = %src.workload, dst.workload = %me.workload,
-        dst.addr = %dst, dst.service = service.as_deref().map(|s| s.hostname.as_str()),
-        pod = %pod.ctx.name, namespace = %pod.ctx.namespace,
-        bytes_sent = sent, bytes_recv = recv,
-        duration_ms = start.elapsed().as_millis() as u64, error = err,
-        "connection complete");
+        Ok((to_client, to_app)) => End::Complete {
+            sent: to_app,
+            recv: to_client,
+            error: None,
+        },
+        Err(e) => End::Complete {
+            sent: 0,
+            recv: 0,
+            error: Some(e.to_string()),
+        },
+    });
 }

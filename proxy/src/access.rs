@@ -1,0 +1,309 @@
+//! One record per proxied connection (or inbound HBONE stream): it counts the connection in
+//! the traffic metrics and writes the connection's one access-log line when it ends.
+//!
+//! This is the only place that writes an access line, so its field set is fixed here and
+//! documented in docs/operations.md ("Access log"); tests and dashboards parse it. Optional
+//! fields (`src.identity`, `dst.identity`, `dst.service`, `dst.vip`) are absent when they do
+//! not apply; every other field is on every line.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::context::PodContext;
+use crate::identity::Identity;
+use crate::metrics::{ProxyMetrics, TrafficLabels};
+use crate::service::ServiceName;
+
+/// How a connection ended; each has its own message.
+#[derive(Debug)]
+pub enum End {
+    /// Relayed until both sides finished, or until one failed (`error`).
+    Complete {
+        sent: u64,
+        recv: u64,
+        error: Option<String>,
+    },
+    /// It never reached its destination: the connect failed, no endpoint, HBONE refused it.
+    Failed(String),
+    /// This agent refused it before any attempt: not an address of this pod, an unacceptable
+    /// CONNECT, or an authorization policy.
+    Refused(String),
+}
+
+impl End {
+    fn message(&self) -> &'static str {
+        match self {
+            End::Complete { .. } => "connection complete",
+            End::Failed(_) => "connection failed",
+            End::Refused(_) => "connection refused",
+        }
+    }
+}
+
+/// One connection's access line and (once counted) its traffic series.
+pub struct ConnRecord<'a> {
+    direction: &'static str,
+    protocol: &'static str,
+    src_addr: SocketAddr,
+    src_identity: Option<String>,
+    src_workload: Option<String>,
+    dst_addr: Option<SocketAddr>,
+    dst_identity: Option<String>,
+    dst_workload: Option<String>,
+    dst_service: Option<String>,
+    dst_vip: Option<SocketAddr>,
+    pod: &'a PodContext,
+    start: Instant,
+    counted: Option<(&'a ProxyMetrics, TrafficLabels)>,
+    ended: bool,
+}
+
+impl<'a> ConnRecord<'a> {
+    /// A connection `src_addr` opened, seen by `pod`'s listener; `direction` is `outbound` or
+    /// `inbound`, `protocol` `hbone` or `tcp`. Its duration counts from now.
+    pub fn new(
+        pod: &'a PodContext,
+        direction: &'static str,
+        protocol: &'static str,
+        src_addr: SocketAddr,
+    ) -> Self {
+        Self {
+            direction,
+            protocol,
+            src_addr,
+            src_identity: None,
+            src_workload: None,
+            dst_addr: None,
+            dst_identity: None,
+            dst_workload: None,
+            dst_service: None,
+            dst_vip: None,
+            pod,
+            start: Instant::now(),
+            counted: None,
+            ended: false,
+        }
+    }
+
+    /// The client's address.
+    pub fn src_addr(&self) -> SocketAddr {
+        self.src_addr
+    }
+
+    /// `hbone` or `tcp`: how the connection is carried beyond the pod.
+    pub fn protocol(&mut self, protocol: &'static str) -> &mut Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// Where the connection goes (for a Service, the chosen endpoint).
+    pub fn dst(&mut self, addr: SocketAddr) -> &mut Self {
+        self.dst_addr = Some(addr);
+        self
+    }
+
+    pub fn src_identity(&mut self, id: &Identity) -> &mut Self {
+        self.src_identity = Some(id.to_string());
+        self
+    }
+
+    pub fn dst_identity(&mut self, id: &Identity) -> &mut Self {
+        self.dst_identity = Some(id.to_string());
+        self
+    }
+
+    pub fn workloads(&mut self, src: &str, dst: &str) -> &mut Self {
+        self.src_workload = Some(src.to_owned());
+        self.dst_workload = Some(dst.to_owned());
+        self
+    }
+
+    /// The Service called and, outbound, the VIP and port the app called.
+    pub fn service(&mut self, service: Option<&ServiceName>, vip: Option<SocketAddr>) -> &mut Self {
+        self.dst_service = service.map(|s| s.hostname.clone());
+        self.dst_vip = vip;
+        self
+    }
+
+    /// Counts the connection as opened under `labels`; `series` remembers the label set so
+    /// the pod's series can be removed with it.
+    pub fn count(
+        &mut self,
+        metrics: &'a ProxyMetrics,
+        labels: TrafficLabels,
+        series: &Mutex<HashSet<TrafficLabels>>,
+    ) {
+        metrics.opened.get_or_create(&labels).inc();
+        series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(labels.clone());
+        self.counted = Some((metrics, labels));
+    }
+
+    /// Counts the connection as closed (if counted) and writes its access line.
+    pub fn end(mut self, end: End) {
+        self.finish(end);
+    }
+
+    fn finish(&mut self, end: End) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        let (sent, recv, error) = match &end {
+            End::Complete { sent, recv, error } => (*sent, *recv, error.as_deref().unwrap_or("")),
+            End::Failed(e) | End::Refused(e) => (0, 0, e.as_str()),
+        };
+        if let Some((m, labels)) = &self.counted {
+            // Istio's meaning: `received` is source → destination (what `sent` is here).
+            m.closed.get_or_create(labels).inc();
+            m.received_bytes.get_or_create(labels).inc_by(sent);
+            m.sent_bytes.get_or_create(labels).inc_by(recv);
+        }
+        tracing::info!(target: "access",
+            direction = self.direction,
+            protocol = self.protocol,
+            src.addr = %self.src_addr,
+            src.identity = self.src_identity.as_ref().map(tracing::field::display),
+            src.workload = %self.src_workload.as_deref().unwrap_or(crate::metrics::UNKNOWN),
+            dst.workload = %self.dst_workload.as_deref().unwrap_or(crate::metrics::UNKNOWN),
+            dst.addr = self.dst_addr.map(tracing::field::display),
+            dst.identity = self.dst_identity.as_ref().map(tracing::field::display),
+            dst.service = self.dst_service.as_deref(),
+            dst.vip = self.dst_vip.map(tracing::field::display),
+            pod = %self.pod.name,
+            namespace = %self.pod.namespace,
+            bytes_sent = sent,
+            bytes_recv = recv,
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            error,
+            "{}", end.message());
+    }
+}
+
+impl Drop for ConnRecord<'_> {
+    /// A record dropped unfinished belongs to a connection cut when its pod was released (its
+    /// task was cancelled): it is still counted closed and logged, with the bytes unknown.
+    fn drop(&mut self) {
+        self.finish(End::Complete {
+            sent: 0,
+            recv: 0,
+            error: Some("closed: the pod's proxy stopped".into()),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::metrics::Peer;
+
+    /// Collects what the fmt layer writes.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn lines(f: impl FnOnce()) -> Vec<String> {
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .without_time()
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let out = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        out.lines().map(str::to_owned).collect()
+    }
+
+    const ALWAYS: [&str; 12] = [
+        "direction=",
+        "protocol=",
+        "src.addr=",
+        "src.workload=",
+        "dst.workload=",
+        "pod=",
+        "namespace=",
+        "bytes_sent=",
+        "bytes_recv=",
+        "duration_ms=",
+        "error=",
+        "access",
+    ];
+
+    fn pod() -> PodContext {
+        PodContext {
+            name: "reviews-1".into(),
+            namespace: "shop".into(),
+            ips: vec!["10.0.0.5".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn every_end_writes_one_line_with_the_fixed_fields_and_counts_a_counted_connection_once() {
+        let pod = pod();
+        let metrics = ProxyMetrics::default();
+        let series = Mutex::new(HashSet::new());
+        let src: SocketAddr = "10.0.0.5:40000".parse().unwrap();
+        let to: SocketAddr = "10.0.1.7:9080".parse().unwrap();
+        let labels = TrafficLabels::new("source", &Peer::unknown(), &Peer::unknown(), true, "-");
+        let out = lines(|| {
+            let mut r = ConnRecord::new(&pod, "outbound", "hbone", src);
+            r.dst(to).workloads("reviews-1", "ratings-1");
+            r.count(&metrics, labels.clone(), &series);
+            r.end(End::Complete {
+                sent: 5,
+                recv: 7,
+                error: None,
+            });
+            ConnRecord::new(&pod, "outbound", "tcp", src).end(End::Failed("boom".into()));
+            ConnRecord::new(&pod, "inbound", "tcp", src).end(End::Refused("no".into()));
+            // Dropped unfinished: the pod went away with the connection open.
+            let mut r = ConnRecord::new(&pod, "inbound", "hbone", src);
+            r.count(&metrics, labels.clone(), &series);
+            drop(r);
+        });
+        assert_eq!(out.len(), 4, "{out:#?}");
+        for l in &out {
+            for f in ALWAYS {
+                assert!(l.contains(f), "{f} missing from {l}");
+            }
+        }
+        assert!(out[0].contains("connection complete"), "{}", out[0]);
+        assert!(
+            out[0].contains("dst.addr=10.0.1.7:9080 ")
+                && out[0].contains("src.workload=reviews-1 dst.workload=ratings-1")
+                && out[0].contains("bytes_sent=5 bytes_recv=7"),
+            "{}",
+            out[0]
+        );
+        assert!(out[1].contains("connection failed") && out[1].contains("error=\"boom\""));
+        assert!(out[2].contains("connection refused") && out[2].contains("error=\"no\""));
+        assert!(
+            out[3].contains("connection complete")
+                && out[3].contains("closed: the pod's proxy stopped"),
+            "{}",
+            out[3]
+        );
+        // Two counted records: each opened and closed exactly once.
+        assert_eq!(metrics.opened.get_or_create(&labels).get(), 2);
+        assert_eq!(metrics.closed.get_or_create(&labels).get(), 2);
+        assert_eq!(metrics.received_bytes.get_or_create(&labels).get(), 5);
+        assert_eq!(metrics.sent_bytes.get_or_create(&labels).get(), 7);
+        assert_eq!(series.lock().unwrap().len(), 1);
+    }
+}

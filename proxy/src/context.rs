@@ -1,0 +1,226 @@
+//! What a pod's listeners and connections share: the pod's facts, its HBONE client pool, the
+//! admitted inbound connections (re-evaluated when policies change), and the signals that
+//! stop it. A leaf of the pod's modules: [`crate::pod`] creates it, the listeners
+//! ([`crate::passthrough`], [`crate::hbone::server`]) use it.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::authz::{Connection, Decision};
+use crate::hbone;
+use crate::identity::Identity;
+use crate::mesh::Mesh;
+use crate::metrics::{Peer, TrafficLabels, UNKNOWN};
+use crate::socket::SocketFactory;
+
+/// Ports that must never be a forwarding destination (loop protection).
+pub const RESERVED_PORTS: [u16; 3] = [
+    ambit_common::OUTBOUND_PORT,
+    ambit_common::INBOUND_PLAINTEXT_PORT,
+    ambit_common::INBOUND_HBONE_PORT,
+];
+
+/// Facts a listener needs about its pod.
+#[derive(Clone, Debug)]
+pub struct PodContext {
+    pub name: String,
+    pub namespace: String,
+    pub ips: Vec<IpAddr>,
+}
+
+/// State shared by a pod's listeners and connections.
+pub struct PodShared {
+    pub ctx: PodContext,
+    pub factory: Arc<dyn SocketFactory>,
+    pub mesh: Arc<Mesh>,
+    pub pool: hbone::client::Pool,
+    /// Admitted inbound connections, re-evaluated when policies change.
+    live: Mutex<HashMap<u64, (Connection, CancellationToken)>>,
+    next_id: AtomicU64,
+    /// Metric series this pod reported; removed with the pod.
+    pub series: Mutex<HashSet<TrafficLabels>>,
+    /// Fires when the listeners must stop accepting (drain); connections go on.
+    pub accepting: CancellationToken,
+    /// Fires when the pod is released: everything stops.
+    pub stopped: CancellationToken,
+    active: Arc<AtomicUsize>,
+}
+
+/// Counts one proxied connection (or HBONE stream) as active while alive.
+pub struct ActiveGuard(Arc<AtomicUsize>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An inbound connection the policy allowed; `revoked` fires if a later policy denies it.
+/// Dropping it unregisters the connection.
+pub struct Admitted {
+    pod: Arc<PodShared>,
+    id: u64,
+    pub revoked: CancellationToken,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.pod.live_conns().remove(&self.id);
+    }
+}
+
+impl PodShared {
+    /// The shared state of a pod whose proxy stops when `stop` fires.
+    pub fn new(
+        ctx: PodContext,
+        factory: Arc<dyn SocketFactory>,
+        mesh: Arc<Mesh>,
+        stop: &CancellationToken,
+    ) -> Self {
+        Self {
+            ctx,
+            pool: hbone::client::Pool::new(factory.clone(), mesh.clone()),
+            factory,
+            mesh,
+            live: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            series: Mutex::new(HashSet::new()),
+            accepting: stop.child_token(),
+            stopped: stop.clone(),
+            active: Default::default(),
+        }
+    }
+
+    /// An unconnected socket to `dst`, an app of this pod (with `source` as its transparent
+    /// source address): its receive buffer is the fixed app-facing one.
+    pub fn socket_to_app(
+        &self,
+        dst: std::net::SocketAddr,
+        source: Option<std::net::IpAddr>,
+    ) -> io::Result<tokio::net::TcpSocket> {
+        let s = self.factory.upstream(dst, source)?;
+        crate::socket::limit_receive_buffer((&s).into(), self.mesh.settings.app_receive_buffer)?;
+        Ok(s)
+    }
+
+    /// Marks a connection active until the guard drops.
+    pub fn active_guard(&self) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard(self.active.clone())
+    }
+
+    /// Proxied connections and inbound HBONE streams open now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Stops accepting new connections; open ones continue (HBONE peers get GOAWAY).
+    pub fn stop_accepting(&self) {
+        self.accepting.cancel();
+    }
+
+    fn live_conns(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, (Connection, CancellationToken)>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn decide(&self, conn: &Connection) -> Decision {
+        self.mesh
+            .directory
+            .authorize(&self.ctx.namespace, &self.ctx.name, conn)
+    }
+
+    /// This pod, as metric labels describe it.
+    pub fn me(&self) -> Peer {
+        let app = self
+            .ctx
+            .ips
+            .first()
+            .and_then(|ip| self.mesh.directory.by_ip(*ip))
+            .and_then(|w| w.app.clone());
+        Peer {
+            workload: self.ctx.name.clone(),
+            namespace: self.ctx.namespace.clone(),
+            principal: self.identity().to_string(),
+            app: app.unwrap_or_else(|| UNKNOWN.into()),
+        }
+    }
+
+    /// The other end of a connection, from the workload store (and its verified identity).
+    pub fn peer(&self, ip: std::net::IpAddr, identity: Option<&crate::identity::Identity>) -> Peer {
+        let mut p = match self.mesh.directory.by_ip(ip) {
+            Some(w) => Peer {
+                workload: w.name.clone(),
+                namespace: w.namespace.clone(),
+                principal: UNKNOWN.into(),
+                app: w.app.clone().unwrap_or_else(|| UNKNOWN.into()),
+            },
+            None => Peer::unknown(),
+        };
+        if let Some(id) = identity {
+            p.principal = id.to_string();
+        }
+        p
+    }
+
+    /// Authorizes a new inbound connection (`via`: "hbone" or "plaintext"); every decision is
+    /// logged and counted.
+    pub fn admit(self: &Arc<Self>, conn: Connection, via: &str) -> Result<Admitted, Decision> {
+        let decision = self.decide(&conn);
+        let src_id = conn
+            .src_identity
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        if let Decision::Deny(why) = &decision {
+            self.mesh.metrics.decision(false);
+            tracing::info!(target: "authz", pod = %self.ctx.name, namespace = %self.ctx.namespace,
+                via, src.identity = %src_id, src.ip = %conn.src_ip, dst.ip = %conn.dst_ip,
+                dst.port = conn.dst_port, reason = %why, "connection denied");
+            return Err(decision);
+        }
+        self.mesh.metrics.decision(true);
+        tracing::debug!(target: "authz", pod = %self.ctx.name, namespace = %self.ctx.namespace,
+            via, src.identity = %src_id, src.ip = %conn.src_ip, dst.port = conn.dst_port,
+            "connection allowed");
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let revoked = CancellationToken::new();
+        self.live_conns().insert(id, (conn, revoked.clone()));
+        Ok(Admitted {
+            pod: self.clone(),
+            id,
+            revoked,
+        })
+    }
+
+    /// Re-evaluates every admitted connection; closes those now denied. Returns how many.
+    pub fn reevaluate(&self) -> usize {
+        let live: Vec<(Connection, CancellationToken)> =
+            self.live_conns().values().cloned().collect();
+        let mut cut = 0;
+        for (conn, token) in live {
+            if let Decision::Deny(why) = self.decide(&conn) {
+                token.cancel();
+                cut += 1;
+                self.mesh.metrics.authz_revoked.inc();
+                tracing::info!(target: "authz", pod = %self.ctx.name, namespace = %self.ctx.namespace,
+                    src.ip = %conn.src_ip, dst.port = conn.dst_port, reason = %why,
+                    "open connection closed: a policy change denies it");
+            }
+        }
+        cut
+    }
+
+    /// The pod's identity now (its Pod object may arrive after the CNI ADD).
+    pub fn identity(&self) -> Identity {
+        self.mesh
+            .directory
+            .identity_of(&self.ctx.namespace, &self.ctx.name)
+    }
+}
