@@ -13,6 +13,7 @@ use ambit_agent::{
 use ambit_proxy::mesh::{Mesh, Settings};
 use ambit_proxy::metrics::ProxyMetrics;
 use anyhow::Context;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 use tracing_subscriber::prelude::*;
@@ -111,6 +112,9 @@ fn init_logging(config: &Config) -> LogControl {
     })
 }
 
+/// The agent from start to stop: certificates and workload sources first, then the
+/// endpoints (so readiness can say "not ready" while pods are re-adopted), the pods, the
+/// plugin's socket and the upkeep; on SIGTERM/SIGINT, the drain.
 async fn run(
     config: Config,
     log: LogControl,
@@ -125,10 +129,80 @@ async fn run(
     let store = Store::with_services(&config.trust_domain, config.service_settings());
     store.allow_unknown_pods(config.allow_unknown_pods);
     let stop = CancellationToken::new();
+    let mut tasks = start_sources(&config, &store, &stop).await?;
+    let proxy_metrics = Arc::new(ProxyMetrics::default());
+    let mut registry = prometheus_client::registry::Registry::default();
+    proxy_metrics.register(&mut registry);
+    agent_metrics.register(&mut registry);
+    let mesh = mesh(&config, &store, &certs, proxy_metrics);
+    let mgr = Manager::new(state, exemption, mesh, store.clone(), agent_metrics.clone());
+
+    // Endpoints first: readiness answers "not ready" while pods are re-adopted.
+    let admin = Arc::new(Admin {
+        mgr: mgr.clone(),
+        store: store.clone(),
+        certs: certs.clone(),
+        registry,
+        config: config.redacted(),
+        log,
+    });
+    let http_stop = CancellationToken::new();
+    tasks.extend(serve_endpoints(&config, admin, &http_stop).await?);
+
+    let started = std::time::Instant::now();
+    let summary = mgr.adopt()?;
+    info!(
+        ?summary,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "re-adopted pods from the state directory"
+    );
+    let listener = cni_server::bind(&config.socket)?;
+    let socket_identity = cni_server::identity(&config.socket);
+    info!(socket = %config.socket.display(), "listening for the CNI plugin");
+    let server = tokio::spawn(cni_server::serve(
+        listener,
+        mgr.clone(),
+        Arc::new(config.allow_uids.clone()),
+        stop.clone(),
+    ));
+    tasks.extend(start_upkeep(&config, &mgr, &store, &certs, &stop));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: draining"),
+    }
+    // New pods wait for the next agent (their ADD fails closed); captured pods stop accepting,
+    // open connections get `drain-timeout` to finish.
+    stop.cancel();
+    let _ = server.await;
+    // During a surge upgrade the next agent has bound the path already: only our own socket
+    // file is removed, never the successor's.
+    if cni_server::identity(&config.socket) == socket_identity {
+        let _ = std::fs::remove_file(&config.socket);
+    } else {
+        info!("the plugin socket now belongs to another agent: left in place");
+    }
+    drain(&config, &mgr).await;
+    http_stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    // Pod records stay in the state directory: the next agent re-adopts the pods.
+    info!(pods = mgr.len(), "stopped");
+    Ok(())
+}
+
+/// Starts the workload sources the configuration names (manifests directory, Kubernetes).
+/// The manifests are loaded once before this returns, so re-adopted pods have their
+/// identities and policies from their first connection.
+async fn start_sources(
+    config: &Config,
+    store: &Arc<Store>,
+    stop: &CancellationToken,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let mut tasks = Vec::new();
     if let Some(dir) = &config.manifests_dir {
-        // The first load happens before pods are re-adopted, so their identities and policies
-        // are right from the first connection.
         // Taken first: a file changed during the load is loaded again by the watcher.
         let loaded = manifests::fingerprint_of(dir);
         let (objects, problems) = manifests::load(dir, &config.root_namespace);
@@ -158,11 +232,17 @@ async fn run(
             stop.clone(),
         )));
     }
-    let proxy_metrics = Arc::new(ProxyMetrics::default());
-    let mut registry = prometheus_client::registry::Registry::default();
-    proxy_metrics.register(&mut registry);
-    agent_metrics.register(&mut registry);
-    let mesh = Arc::new(Mesh {
+    Ok(tasks)
+}
+
+/// What every pod's data path shares: the workload store, certificates, tuning, metrics.
+fn mesh(
+    config: &Config,
+    store: &Arc<Store>,
+    certs: &Arc<CertManager>,
+    metrics: Arc<ProxyMetrics>,
+) -> Arc<Mesh> {
+    Arc::new(Mesh {
         directory: store.clone(),
         certs: certs.clone(),
         trust_domain: config.trust_domain.clone(),
@@ -173,20 +253,17 @@ async fn run(
             app_receive_buffer: config.app_receive_buffer_kib as usize * 1024,
             ..Settings::default()
         },
-        metrics: proxy_metrics,
-    });
-    let mgr = Manager::new(state, exemption, mesh, store.clone(), agent_metrics.clone());
+        metrics,
+    })
+}
 
-    // Endpoints first: readiness answers "not ready" while pods are re-adopted.
-    let admin = Arc::new(Admin {
-        mgr: mgr.clone(),
-        store: store.clone(),
-        certs: certs.clone(),
-        registry,
-        config: config.redacted(),
-        log,
-    });
-    let http_stop = CancellationToken::new();
+/// Binds and serves the metrics, readiness and admin endpoints until `stop`.
+async fn serve_endpoints(
+    config: &Config,
+    admin: Arc<Admin>,
+    stop: &CancellationToken,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let mut tasks = Vec::new();
     for (addr, which) in [
         (config.metrics_address, Endpoint::Metrics),
         (config.readiness_address, Endpoint::Readiness),
@@ -197,49 +274,39 @@ async fn run(
             l,
             which,
             admin.clone(),
-            http_stop.clone(),
+            stop.clone(),
         )));
     }
+    Ok(tasks)
+}
 
-    let started = std::time::Instant::now();
-    let summary = mgr.adopt()?;
-    info!(
-        ?summary,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "re-adopted pods from the state directory"
-    );
-    let listener = cni_server::bind(&config.socket)?;
-    let socket_identity = cni_server::identity(&config.socket);
-    info!(socket = %config.socket.display(), "listening for the CNI plugin");
-    let server = tokio::spawn(cni_server::serve(
-        listener,
-        mgr.clone(),
-        Arc::new(config.allow_uids.clone()),
-        stop.clone(),
-    ));
-    // Periodic upkeep. Each pass does netns switches, netlink and key generation: it runs on
-    // the blocking pool, never on the threads that carry the pods' traffic.
+/// Periodic upkeep until `stop`: pods still exist, rules intact, certificates issued and
+/// renewed. Each pass does netns switches, netlink and key generation: it runs on the
+/// blocking pool, never on the threads that carry the pods' traffic.
+fn start_upkeep(
+    config: &Config,
+    mgr: &Arc<Manager>,
+    store: &Arc<Store>,
+    certs: &Arc<CertManager>,
+    stop: &CancellationToken,
+) -> Vec<JoinHandle<()>> {
     let m = mgr.clone();
-    tasks.push(every(
-        config.reconcile_interval(),
-        stop.clone(),
-        move || {
-            m.reconcile();
-            // Memory freed since the last pass goes back to the system (RSS follows load).
-            ambit_common::sys::trim_heap();
-        },
-    ));
+    let reconcile = every(config.reconcile_interval(), stop.clone(), move || {
+        m.reconcile();
+        // Memory freed since the last pass goes back to the system (RSS follows load).
+        ambit_common::sys::trim_heap();
+    });
     let m = mgr.clone();
     let verify = Duration::from_secs_f64(config.verify_seconds.clamp(0.1, 3600.0));
-    tasks.push(every(verify, stop.clone(), move || {
+    let verify = every(verify, stop.clone(), move || {
         m.verify_rules();
-    }));
+    });
     // Every second (more often for very short lifetimes): certificates of identities that
     // appeared (a Pod object changed a service account) are issued, due ones renewed.
     let renew =
         (config.cert_lifetime / 20).clamp(Duration::from_millis(100), Duration::from_secs(1));
     let (s, c) = (store.clone(), certs.clone());
-    tasks.push(every(renew, stop.clone(), move || {
+    let renew = every(renew, stop.clone(), move || {
         let present = s.local_identities();
         // Issue (or renew) the certificate of every local identity ahead of use.
         for id in &present {
@@ -248,24 +315,13 @@ async fn run(
             }
         }
         c.maintain(&present);
-    }));
+    });
+    vec![reconcile, verify, renew]
+}
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: draining"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: draining"),
-    }
-    // New pods wait for the next agent (their ADD fails closed); captured pods stop accepting,
-    // open connections get `drain-timeout` to finish.
-    stop.cancel();
-    let _ = server.await;
-    // During a surge upgrade the next agent has bound the path already: only our own socket
-    // file is removed, never the successor's.
-    if cni_server::identity(&config.socket) == socket_identity {
-        let _ = std::fs::remove_file(&config.socket);
-    } else {
-        info!("the plugin socket now belongs to another agent: left in place");
-    }
+/// Gives open connections `drain_timeout`, cuts the rest, and removes this agent's exemption
+/// tables (its sockets are gone with it; a successor has its own).
+async fn drain(config: &Config, mgr: &Arc<Manager>) {
     let started = std::time::Instant::now();
     let cut = mgr.drain(config.drain_timeout).await;
     info!(
@@ -273,19 +329,11 @@ async fn run(
         waited_ms = started.elapsed().as_millis() as u64,
         "drained: {cut} proxied connections still open at the deadline are cut"
     );
-    // This agent's sockets are gone with it; a successor has its own exemption table.
     let m = mgr.clone();
     let removed = tokio::task::spawn_blocking(move || m.remove_exemptions())
         .await
         .unwrap_or(0);
     info!(pods = removed, "exemption tables removed");
-    http_stop.cancel();
-    for t in tasks {
-        let _ = t.await;
-    }
-    // Pod records stay in the state directory: the next agent re-adopts the pods.
-    info!(pods = mgr.len(), "stopped");
-    Ok(())
 }
 
 /// Runs `work` on the blocking pool every `period` (one pass at a time) until `stop`.
@@ -293,7 +341,7 @@ fn every(
     period: Duration,
     stop: CancellationToken,
     work: impl Fn() + Send + Sync + 'static,
-) -> tokio::task::JoinHandle<()> {
+) -> JoinHandle<()> {
     let work = Arc::new(work);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);

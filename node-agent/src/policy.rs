@@ -411,60 +411,122 @@ pub fn authorization_policy(obj: &Yaml, root_ns: &str) -> (Option<Policy>, Statu
     let empty = Yaml::Null;
     let spec = obj.get("spec").unwrap_or(&empty);
     let scope = scope_of(&ns, root_ns, spec, &mut p);
-    let mut action_str = "ALLOW".to_owned();
-    let mut rules_v = &empty;
-    let mut waypoint = false;
-    for (k, v) in entries(spec, "spec", &mut p) {
+    let fields = spec_fields(spec, &empty, &mut p);
+    if fields.waypoint && p.0.is_empty() {
+        return ignored(
+            status,
+            "targets a waypoint (targetRef); not enforced by Ambit at L4",
+        );
+    }
+    let action = match action_field(&fields.action, &mut p) {
+        ActionField::Audit if p.0.is_empty() => {
+            return ignored(
+                status,
+                "AUDIT is not supported at L4 and has no effect on access",
+            );
+        }
+        ActionField::Known(a) => Some(a),
+        ActionField::Audit | ActionField::Invalid => None,
+    };
+    let rules = l4_rules(fields.rules, &ns, action, &mut p, &mut status);
+    if !p.0.is_empty() {
+        return fail_closed(key, action, scope, p, status);
+    }
+    let action = action.expect("no problems means a known action");
+    if rules.is_empty() {
+        status.messages.push(match action {
+            Action::Allow => {
+                "no rules: denies every connection in its scope not allowed by another policy"
+                    .into()
+            }
+            Action::Deny => "no enforceable rules: has no effect".into(),
+        });
+    }
+    (
+        Some(Policy {
+            key,
+            action,
+            scope,
+            rules,
+        }),
+        status,
+    )
+}
+
+/// The fields of an AuthorizationPolicy's spec that decide what it does.
+struct SpecFields<'a> {
+    action: String,
+    rules: &'a Yaml,
+    /// `targetRef(s)`: the policy is meant for a waypoint (L7), not for Ambit.
+    waypoint: bool,
+}
+
+fn spec_fields<'a>(spec: &'a Yaml, empty: &'a Yaml, p: &mut Problems) -> SpecFields<'a> {
+    let mut f = SpecFields {
+        action: "ALLOW".to_owned(),
+        rules: empty,
+        waypoint: false,
+    };
+    for (k, v) in entries(spec, "spec", p) {
         match k.as_str() {
-            "selector" => {}
+            "selector" | "provider" => {}
             "action" => {
-                if let Some(a) = string(v, "spec.action", &mut p) {
-                    action_str = a;
+                if let Some(a) = string(v, "spec.action", p) {
+                    f.action = a;
                 }
             }
-            "rules" => rules_v = v,
-            "targetRef" | "targetRefs" => waypoint = true,
-            "provider" => {}
+            "rules" => f.rules = v,
+            "targetRef" | "targetRefs" => f.waypoint = true,
             _ => p.add(&format!("spec.{k}"), "unknown field"),
         }
     }
-    if waypoint && p.0.is_empty() {
-        status.state = State::Ignored;
-        status
-            .messages
-            .push("targets a waypoint (targetRef); not enforced by Ambit at L4".into());
-        return (None, status);
-    }
-    let action = match action_str.as_str() {
-        "ALLOW" => Some(Action::Allow),
-        "DENY" => Some(Action::Deny),
-        "AUDIT" if p.0.is_empty() => {
-            status.state = State::Ignored;
-            status
-                .messages
-                .push("AUDIT is not supported at L4 and has no effect on access".into());
-            return (None, status);
-        }
+    f
+}
+
+enum ActionField {
+    Known(Action),
+    /// Valid in Istio, without effect on access.
+    Audit,
+    /// Unknown or unsupported (recorded as a problem).
+    Invalid,
+}
+
+fn action_field(action: &str, p: &mut Problems) -> ActionField {
+    match action {
+        "ALLOW" => ActionField::Known(Action::Allow),
+        "DENY" => ActionField::Known(Action::Deny),
+        "AUDIT" => ActionField::Audit,
         "CUSTOM" => {
             p.add(
                 "spec.action",
                 "CUSTOM (an external authorizer) is not supported by Ambit",
             );
-            None
+            ActionField::Invalid
         }
-        "AUDIT" => None,
         other => {
             p.add(
                 "spec.action",
                 format!("{other:?} is not ALLOW, DENY, AUDIT or CUSTOM"),
             );
-            None
+            ActionField::Invalid
         }
-    };
+    }
+}
+
+/// The rules as enforced at L4. A rule with HTTP attributes is omitted from an ALLOW (it
+/// would never match at L4) and kept without them in a DENY (a superset: fails closed); either
+/// way the status says so.
+fn l4_rules(
+    rules_v: &Yaml,
+    ns: &str,
+    action: Option<Action>,
+    p: &mut Problems,
+    status: &mut Status,
+) -> Vec<Rule> {
     let mut rules = Vec::new();
-    for (i, r) in sequence(rules_v, "spec.rules", &mut p).iter().enumerate() {
+    for (i, r) in sequence(rules_v, "spec.rules", p).iter().enumerate() {
         let path = format!("spec.rules[{i}]");
-        let (rule, l7) = rule(r, &path, &ns, &mut p);
+        let (rule, l7) = rule(r, &path, ns, p);
         if l7.is_empty() {
             rules.push(rule);
             continue;
@@ -484,42 +546,39 @@ pub fn authorization_policy(obj: &Yaml, root_ns: &str) -> (Option<Policy>, Statu
             }
         }
     }
-    if !p.0.is_empty() {
-        status.state = State::Rejected;
-        status.messages = p.0;
-        let (effect, fallback) = match action {
-            Some(Action::Allow) => (
-                "fails closed: allows nothing in its scope",
-                Policy {
-                    key: key.clone(),
-                    action: Action::Allow,
-                    scope,
-                    rules: Vec::new(),
-                },
-            ),
-            _ => (
-                "fails closed: denies every connection in its scope",
-                Policy {
-                    key: key.clone(),
-                    action: Action::Deny,
-                    scope,
-                    rules: vec![Rule::default()],
-                },
-            ),
-        };
-        status.messages.push(effect.into());
-        return (Some(fallback), status);
-    }
-    let action = action.expect("no problems means a known action");
-    if rules.is_empty() {
-        status.messages.push(match action {
-            Action::Allow => {
-                "no rules: denies every connection in its scope not allowed by another policy"
-                    .into()
-            }
-            Action::Deny => "no enforceable rules: has no effect".into(),
-        });
-    }
+    rules
+}
+
+fn ignored(mut status: Status, why: &str) -> (Option<Policy>, Status) {
+    status.state = State::Ignored;
+    status.messages.push(why.into());
+    (None, status)
+}
+
+/// A policy with problems, in its fail-closed form: an ALLOW allows nothing in its scope;
+/// anything else (a DENY, an unknown action) denies everything in it.
+fn fail_closed(
+    key: String,
+    action: Option<Action>,
+    scope: Scope,
+    p: Problems,
+    mut status: Status,
+) -> (Option<Policy>, Status) {
+    status.state = State::Rejected;
+    status.messages = p.0;
+    let (effect, action, rules) = match action {
+        Some(Action::Allow) => (
+            "fails closed: allows nothing in its scope",
+            Action::Allow,
+            Vec::new(),
+        ),
+        _ => (
+            "fails closed: denies every connection in its scope",
+            Action::Deny,
+            vec![Rule::default()],
+        ),
+    };
+    status.messages.push(effect.into());
     (
         Some(Policy {
             key,

@@ -144,7 +144,7 @@ fn capture_is_proven_on_the_data_path() {
     let a = node.add_pod("a").unwrap();
     let b = node.add_pod("b").unwrap();
     let dst = SocketAddr::new(b.ip, 8080);
-    let server = echo_server(&b.ns.open(), 8080, 2);
+    let server = echo_server(&b.ns.open(), 8080, 3);
 
     let reply = talk(&a.ns.open(), dst, b"marker-from-a").unwrap();
     // The app in B sees A's pod IP (source preserved through the inbound proxy).
@@ -164,15 +164,21 @@ fn capture_is_proven_on_the_data_path() {
     let lo = SocketAddr::from(([127, 0, 0, 1], 8080));
     let reply = talk(&b.ns.open(), lo, b"local").unwrap();
     assert_eq!(reply, "peer=127.0.0.1;local");
+    // A fence: a later captured connection's lines are logged, so a line for the loopback
+    // one (had it been captured, it ended first) would be there too.
+    talk(&a.ns.open(), dst, b"fence").unwrap();
     server.join().unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    wait_for(Duration::from_secs(5), || {
+        access_lines(&node.agent_log(), "inbound", dst) == 2
+    })
+    .unwrap_or_else(|_| panic!("the fence was not logged:\n{}", node.agent_log()));
     let log = node.agent_log();
     assert_eq!(
         access_lines(&log, "outbound", lo),
         0,
         "loopback was captured:\n{log}"
     );
-    assert_eq!(access_lines(&log, "inbound", dst), 1);
+    assert_eq!(access_lines(&log, "outbound", dst), 2);
 }
 
 #[test]

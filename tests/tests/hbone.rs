@@ -586,13 +586,19 @@ fn a_burst_s_extra_pooled_connections_close_soon_and_the_first_stays_warm() {
             s
         })
         .collect();
-    assert_eq!(established(&node), 2, "{}", node.agent_log());
+    // How many the pool opened for the burst is its own business; more than one it must be.
+    let opened = established(&node);
+    assert!(
+        opened >= 2,
+        "150 streams on one connection:\n{}",
+        node.agent_log()
+    );
     drop(held);
 
-    // The second connection goes once idle for the surplus timeout; the first stays (1h).
-    wait_for(Duration::from_secs(15), || closed(&node) >= 1).unwrap_or_else(|_| {
+    // The surplus goes once idle for the surplus timeout; one connection stays (1h).
+    wait_for(Duration::from_secs(15), || closed(&node) >= opened - 1).unwrap_or_else(|_| {
         panic!(
-            "the surplus connection was not closed:\n{}",
+            "the surplus connections were not closed:\n{}",
             node.agent_log()
         )
     });
@@ -602,8 +608,8 @@ fn a_burst_s_extra_pooled_connections_close_soon_and_the_first_stays_warm() {
         "again",
         "echo_forever answers with what it read"
     );
-    assert_eq!(closed(&node), 1, "{}", node.agent_log());
-    assert_eq!(established(&node), 2, "{}", node.agent_log());
+    assert_eq!(closed(&node), opened - 1, "{}", node.agent_log());
+    assert_eq!(established(&node), opened, "{}", node.agent_log());
 }
 
 /// The receive buffer (`rb`, SO_RCVBUF as the kernel holds it) of every established TCP
@@ -668,8 +674,14 @@ fn app_facing_sockets_have_a_fixed_receive_buffer_and_network_facing_ones_autotu
     })
     .unwrap_or_else(|_| panic!("the agent's sockets to B's app:\n{}", node.agent_log()));
 
-    // The kernel doubles SO_RCVBUF for its bookkeeping and, once set, never autotunes it.
-    let fixed = 2 * 192 * 1024;
+    // What this kernel holds for SO_RCVBUF = 192 KiB (it doubles the value for bookkeeping and
+    // caps it at net.core.rmem_max), asked of it rather than assumed; once set, never
+    // autotuned.
+    let fixed = {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(192 * 1024).unwrap();
+        s.recv_buffer_size().unwrap() as u64
+    };
     let from_app = receive_buffers(&a.ns.name, "( sport = :15001 )");
     assert_eq!(
         from_app,
