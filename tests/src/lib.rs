@@ -275,6 +275,14 @@ impl Node {
         Self::with_plugin_conf(cni_version, serde_json::json!({}))
     }
 
+    /// A node (CNI 1.0.0) whose agent runs with `args`, started.
+    pub fn with_agent(args: Vec<String>) -> Self {
+        let mut node = Self::new("1.0.0").unwrap();
+        node.agent_args = args;
+        node.start_agent().unwrap();
+        node
+    }
+
     /// A node whose pods get an IPv4 and an IPv6 address.
     pub fn dual_stack(cni_version: &str) -> Result<Self> {
         Self::create(cni_version, serde_json::json!({}), true)

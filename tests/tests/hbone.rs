@@ -11,15 +11,6 @@ use ambit_tests::*;
 
 const TD: &str = "cluster1";
 
-/// A single node whose agent uses `ca` and a fresh manifests directory (in the returned dir).
-fn mesh_node(ca: &TestCa) -> (TempDir, Node) {
-    let shared = TempDir::new("mesh");
-    let mut node = Node::new("1.0.0").unwrap();
-    node.agent_args = mesh_args(ca, &shared.0, TD);
-    node.start_agent().unwrap();
-    (shared, node)
-}
-
 /// `len` bytes of printable text with `marker` repeated through it.
 fn payload(marker: &str, len: usize) -> Vec<u8> {
     let mut v = Vec::with_capacity(len + 64);
@@ -173,7 +164,8 @@ fn port_15008_refuses_unauthenticated_foreign_and_expired_clients_and_clients_re
     let _shared = beside_captures();
     let ca = TestCa::new("mesh");
     let other_ca = TestCa::new("other");
-    let (shared, mut node) = mesh_node(&ca);
+    let shared = TempDir::new("mesh");
+    let mut node = Node::with_agent(mesh_args(&ca, &shared.0, TD));
     let manifests = shared.0.join("manifests");
     let a = node.add_pod("a").unwrap();
     let b = node.add_pod("b").unwrap();
@@ -385,7 +377,8 @@ fn certificates_rotate_during_a_long_transfer_that_continues_unbroken() {
 fn the_client_speaks_the_wire_contract_and_any_non_200_fails_the_connection() {
     let _shared = beside_captures();
     let ca = TestCa::new("mesh");
-    let (shared, mut node) = mesh_node(&ca);
+    let shared = TempDir::new("mesh");
+    let mut node = Node::with_agent(mesh_args(&ca, &shared.0, TD));
     let manifests = shared.0.join("manifests");
     let a = node.add_pod("productpage").unwrap();
     write_pod_manifest(&manifests, &a, "productpage", true);
@@ -438,7 +431,8 @@ fn the_client_speaks_the_wire_contract_and_any_non_200_fails_the_connection() {
 fn a_stream_refused_by_goaway_is_retried_on_a_new_connection() {
     let _shared = beside_captures();
     let ca = TestCa::new("mesh");
-    let (shared, mut node) = mesh_node(&ca);
+    let shared = TempDir::new("mesh");
+    let mut node = Node::with_agent(mesh_args(&ca, &shared.0, TD));
     let manifests = shared.0.join("manifests");
     let a = node.add_pod("productpage").unwrap();
     write_pod_manifest(&manifests, &a, "productpage", true);

@@ -11,18 +11,11 @@ use ambit_tests::*;
 
 const TD: &str = "cluster1";
 
-fn mesh_node(manifests: &std::path::Path) -> Node {
-    let mut node = Node::new("1.0.0").unwrap();
-    node.agent_args = manifest_args(manifests, TD);
-    node.start_agent().unwrap();
-    node
-}
-
 #[test]
 fn metrics_count_real_traffic_with_istio_labels_and_a_pods_series_leave_with_it() {
     let dir = TempDir::new("ops");
     let manifests = dir.0.join("manifests");
-    let mut node = mesh_node(&manifests);
+    let mut node = Node::with_agent(manifest_args(&manifests, TD));
     let pp = node.add_pod("productpage").unwrap();
     let ratings = node.add_pod("ratings").unwrap();
     write_pod_manifest(&manifests, &pp, "productpage", true);
@@ -238,7 +231,7 @@ fn admin_is_loopback_only_shows_state_without_keys_and_changes_the_log_level() {
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: broken\n  namespace: other\nspec:\n  action: DENY\n  rules:\n  - to:\n    - operation:\n        ports: [\"http\"]\n",
     )
     .unwrap();
-    let mut node = mesh_node(&manifests);
+    let mut node = Node::with_agent(manifest_args(&manifests, TD));
     let a = node.add_pod("a").unwrap();
     let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
     let mut dump = String::new();
