@@ -457,14 +457,68 @@ mod tests {
         assert!(!c.redacted().to_string().contains("/secret/key.pem"));
     }
 
+    /// README's flag table is the reference operators read: every flag it lists exists with
+    /// that environment variable and that default, and every flag of the agent is in it.
     #[test]
-    fn defaults() {
+    fn readme_flag_table_matches_the_agent_s_flags_environment_and_defaults() {
+        use clap::CommandFactory;
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let cmd = Config::command();
+        let ticked = |cell: &str| -> Vec<String> {
+            cell.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_owned)
+                .collect()
+        };
+        let mut documented = Vec::new();
+        for row in readme.lines().filter(|l| l.starts_with("| `--")) {
+            let cells: Vec<&str> = row.split(" | ").collect();
+            let (flags, envs, defaults) = (ticked(cells[0]), ticked(cells[1]), ticked(cells[2]));
+            assert_eq!(flags.len(), envs.len(), "{row}");
+            for (i, flag) in flags.iter().enumerate() {
+                let long = flag.trim_start_matches("--");
+                let arg = cmd
+                    .get_arguments()
+                    .find(|a| a.get_long() == Some(long))
+                    .unwrap_or_else(|| {
+                        panic!("README documents {flag}, the agent has no such flag")
+                    });
+                let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+                assert_eq!(env.as_deref(), Some(envs[i].as_str()), "{flag}");
+                let default: Vec<String> = arg
+                    .get_default_values()
+                    .iter()
+                    .map(|v| v.to_string_lossy().into_owned())
+                    .collect();
+                match defaults.get(i) {
+                    Some(d) => assert_eq!(default, vec![d.clone()], "{flag}: README says {d}"),
+                    // Described in words: a switch that is off, or a default computed at start.
+                    None if cells[2].trim() == "off" => assert!(
+                        matches!(arg.get_action(), clap::ArgAction::SetTrue),
+                        "{flag}: README says off, the agent's flag is not a switch"
+                    ),
+                    None => assert!(
+                        default.is_empty(),
+                        "{flag}: README gives no default, the agent has {default:?}"
+                    ),
+                }
+                documented.push(long.to_owned());
+            }
+        }
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if long == "help" || long == "version" {
+                continue;
+            }
+            assert!(
+                documented.iter().any(|d| d == long),
+                "--{long} is missing from README's flag table"
+            );
+        }
+        // Nothing given: the agent makes its own CA rather than failing to start.
         let c = Config::try_parse_from(["ambit-agent"]).unwrap();
-        assert_eq!(c.socket, PathBuf::from("/var/run/ambit/cni.sock"));
-        assert_eq!(c.allow_uids, vec![0]);
-        assert!(Config::try_parse_from(["ambit-agent", "--log-format", "xml"]).is_err());
-        assert_eq!(c.trust_domain, "cluster.local");
-        assert_eq!(c.cert_lifetime, Duration::from_secs(86_400));
         assert!(matches!(c.ca_source(), crate::ca::Source::Embedded { .. }));
     }
 

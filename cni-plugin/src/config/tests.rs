@@ -17,14 +17,34 @@ fn ann(v: &str) -> BTreeMap<String, String> {
     [(CAPTURE_ANNOTATION.to_string(), v.to_string())].into()
 }
 
+/// Without settings the plugin reaches the agent's own default socket, and lets through the
+/// probe sources ARCHITECTURE.md names (the addresses the node SNATs kubelet probes to).
 #[test]
-fn defaults() {
+fn without_settings_the_plugin_finds_the_agent_and_the_documented_probe_sources() {
     let c = conf("");
-    assert_eq!(c.agent_socket, PathBuf::from("/var/run/ambit/cni.sock"));
-    assert_eq!(c.exclude_namespaces, vec!["kube-system"]);
-    assert_eq!(c.non_kubernetes, NonKubernetes::Capture);
-    assert_eq!(c.probe_v4(), vec![Ipv4Addr::new(169, 254, 7, 127)]);
-    assert_eq!(c.probe_v6().len(), 1);
+    assert_eq!(
+        c.agent_socket,
+        PathBuf::from(ambit_common::DEFAULT_AGENT_SOCKET)
+    );
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../ARCHITECTURE.md"))
+        .unwrap();
+    let row = doc
+        .lines()
+        .find(|l| l.starts_with("| probe sources |"))
+        .expect("ARCHITECTURE.md's probe sources row");
+    let documented: Vec<IpAddr> = row
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|a| a.parse().unwrap())
+        .collect();
+    let defaults: Vec<IpAddr> = c
+        .probe_v4()
+        .into_iter()
+        .map(IpAddr::V4)
+        .chain(c.probe_v6().into_iter().map(IpAddr::V6))
+        .collect();
+    assert_eq!(defaults, documented);
 }
 
 #[test]
