@@ -410,7 +410,7 @@ impl Manager {
     }
 
     /// Stops accepting on every pod's listeners, waits up to `deadline` for open connections
-    /// to finish, and returns how many were still open (they are cut when the agent exits).
+    /// to finish, then cuts the rest (with a reset) and returns how many it cut.
     pub async fn drain(&self, deadline: std::time::Duration) -> usize {
         let proxies: Vec<Arc<ambit_proxy::context::PodShared>> =
             self.lock().values().map(|e| e.proxy.shared()).collect();
@@ -422,7 +422,17 @@ impl Manager {
         while open() > 0 && start.elapsed() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        open()
+        let cut = open();
+        // What is left is cut with a reset on both sides (an orderly close could pass for a
+        // complete reply). The connections' tasks do it; they get a moment to run.
+        for p in &proxies {
+            p.stopped.cancel();
+        }
+        let cutting = std::time::Instant::now();
+        while open() > 0 && cutting.elapsed() < std::time::Duration::from_secs(1) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        cut
     }
 
     /// Forgets pods whose namespace has disappeared (their DEL never reached us).

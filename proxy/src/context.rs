@@ -25,6 +25,15 @@ pub const RESERVED_PORTS: [u16; 3] = [
     ambit_common::INBOUND_HBONE_PORT,
 ];
 
+/// Why a connection relayed when its pod's proxy stopped (drain deadline, pod released) ended:
+/// both sides see a reset, never an orderly close that could pass for a complete reply.
+pub fn stopped() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "closed: the pod's proxy stopped",
+    )
+}
+
 /// Facts a listener needs about its pod.
 #[derive(Clone, Debug)]
 pub struct PodContext {

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::access::{ConnRecord, End};
-use crate::context::{PodShared, RESERVED_PORTS};
+use crate::context::{PodShared, RESERVED_PORTS, stopped};
 use crate::hbone;
 use crate::mesh::Workload;
 use crate::metrics::{Peer, TrafficLabels};
@@ -58,9 +58,12 @@ pub async fn serve(
         let active = pod.active_guard();
         tokio::spawn(async move {
             let _active = active;
+            // Biased: a connection being relayed ends itself on `stop` (with a reset, see
+            // `forward`); one still being set up is dropped.
             tokio::select! {
-                _ = stop.cancelled() => {}
+                biased;
                 _ = forward(dir, stream, canonical(peer), pod) => {}
+                _ = stop.cancelled() => {}
             }
         });
     }
@@ -198,6 +201,11 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
             hbone::abort(&upstream);
             Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "closed by a policy change"))
         }
+        _ = shared.stopped.cancelled() => {
+            hbone::abort(&client);
+            hbone::abort(&upstream);
+            Err(stopped())
+        }
     };
     // `sent` is client→app, the request direction either way.
     record.end(match copied {
@@ -280,7 +288,14 @@ async fn outbound_hbone<'a>(
     };
     record.count(metrics, labels("-"), &shared.series);
     let _ = client.set_nodelay(true);
-    let copied = hbone::relay(&mut client, tunnel, shared.mesh.settings.copy_buffer).await;
+    let copied = tokio::select! {
+        r = hbone::relay(&mut client, tunnel, shared.mesh.settings.copy_buffer) => r,
+        _ = shared.stopped.cancelled() => {
+            // The stream is reset as the relay is dropped; the app's connection too.
+            hbone::abort(&client);
+            Err(stopped())
+        }
+    };
     record.end(match copied {
         Ok((sent, recv)) => End::Complete {
             sent,

@@ -169,7 +169,8 @@ fn capture_is_proven_on_the_data_path() {
     talk(&a.ns.open(), dst, b"fence").unwrap();
     server.join().unwrap();
     wait_for(Duration::from_secs(5), || {
-        access_lines(&node.agent_log(), "inbound", dst) == 2
+        let log = node.agent_log();
+        access_lines(&log, "inbound", dst) == 2 && access_lines(&log, "outbound", dst) == 2
     })
     .unwrap_or_else(|_| panic!("the fence was not logged:\n{}", node.agent_log()));
     let log = node.agent_log();

@@ -169,9 +169,11 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
                     let _active = active;
                     let _counted = counted;
                     let stopped = pod.stopped.clone();
+                    // Biased: a relayed stream ends itself on `stopped`, with a reset.
                     tokio::select! {
-                        _ = stopped.cancelled() => {}
+                        biased;
                         _ = stream(req, respond, peer, peer_id, pod, expired) => {}
+                        _ = stopped.cancelled() => {}
                     }
                 });
             }
@@ -351,6 +353,10 @@ async fn stream(
         _ = admitted.revoked.cancelled() => {
             super::abort(&upstream);
             Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "closed by a policy change"))
+        }
+        _ = pod.stopped.cancelled() => {
+            super::abort(&upstream);
+            Err(crate::context::stopped())
         }
         r = relay(&mut upstream, tunnel, pod.mesh.settings.copy_buffer) => r,
     };
