@@ -9,7 +9,7 @@ require_root scripts/demo.sh
 ensure_node_packages
 export AMBIT_PROFILE=release
 echo "building (release)..."
-cargo build --release --locked -q -p ambit-demo -p ambit-cni -p ambit-agent
+cargo build --release --locked -q -p ambit-demo -p ambit-cni -p ambit-agent -p ambit-install
 demo_pid=""
 cleanup() {
   [ -n "$demo_pid" ] || return 0

@@ -122,11 +122,15 @@ pub fn cnitool() -> &'static Path {
             src.join("main.go"),
         )
         .unwrap();
-        let out = base.join(format!("cnitool-{}", std::process::id()));
+        // Built under a name of this process, then renamed over the shared one (atomic; a
+        // process still running the old file keeps it): one binary on disk, however many
+        // test processes built it.
+        let built = base.join(format!("cnitool-{}", std::process::id()));
+        let out = base.join("cnitool");
         run_ok(
             Command::new("go")
                 .args(["build", "-o"])
-                .arg(&out)
+                .arg(&built)
                 .arg("cnitool")
                 .env("GO111MODULE", "off")
                 .env(
@@ -137,6 +141,7 @@ pub fn cnitool() -> &'static Path {
                 .env("GOFLAGS", "-mod=mod"),
         )
         .expect("building the libcni client (needs golang-go and golang-github-appc-cni-dev)");
+        std::fs::rename(&built, &out).expect("renaming the libcni client into place");
         out
     })
 }
