@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use ambit_agent::store::{Objects, Store};
 use ambit_proxy::mesh::Directory;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 /// Files the set is split into (a change to one reloads the whole directory today).
@@ -104,7 +104,7 @@ fn store_with_pods(pods: usize) -> Result<(Arc<Store>, Vec<IpAddr>)> {
             "spec": {"containers": []},
             "status": {"phase": "Running", "podIPs": [{"ip": ip.to_string()}]},
         }))?;
-        o.pods.insert(("scale".into(), format!("p-{j}")), pod);
+        o.add_pod(ambit_agent::records::pod_record(&pod).context("a pod record")?);
         ips.push(ip);
     }
     store.set_manifests(o);

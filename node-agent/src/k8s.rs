@@ -3,10 +3,12 @@
 //! Kept thin on purpose: it watches Pods (all of them: this node's for identity and enrollment,
 //! the others for remote identities, labels and the redirection annotation), Namespaces
 //! (enrollment labels), Services and EndpointSlices (VIPs and their endpoints), and Istio's
-//! AuthorizationPolicy and PeerAuthentication, and hands the
-//! store the same [`Objects`] snapshot the manifests directory produces, converted by the same
-//! code ([`crate::policy`]). Everything that decides anything lives in the store and the
-//! policy module, so the manifests-driven end-to-end tests exercise it.
+//! AuthorizationPolicy and PeerAuthentication. Each object is converted as it arrives, by the
+//! code the manifests directory uses ([`crate::records`], [`crate::services`],
+//! [`crate::policy`]), and nothing else of it is kept: pods go to the store one change at a
+//! time (a burst of events is one update), the other kinds, few, as the source's snapshot of
+//! them when one changed. Everything that decides anything lives in the store and the policy
+//! module, so the manifests-driven end-to-end tests exercise it.
 //!
 //! - Watches are kube-rs watchers with their default back-off: a failed list or watch is
 //!   retried, an expired resourceVersion (410) re-lists, and a re-list replaces the cache
@@ -32,7 +34,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::store::{Objects, Source, Store};
+use crate::records::{Labels, PodRecord};
+use crate::services::{ServiceRecord, SliceRecord};
+use crate::store::{Objects, PodChange, Pods, Source, Store};
 use ambit_common::enrollment::REDIRECTION_ANNOTATION;
 
 /// The Istio security API group and the version watched.
@@ -49,14 +53,14 @@ enum Kind {
     PeerAuthentication,
 }
 
-/// One kind's objects, as the watcher reported them.
-struct Cache<K> {
-    items: BTreeMap<(String, String), K>,
-    building: Option<BTreeMap<(String, String), K>>,
+/// One kind's objects, converted as the watcher reported them.
+struct Cache<V> {
+    items: BTreeMap<(String, String), V>,
+    building: Option<BTreeMap<(String, String), V>>,
     synced: bool,
 }
 
-impl<K> Default for Cache<K> {
+impl<V> Default for Cache<V> {
     fn default() -> Self {
         Self {
             items: BTreeMap::new(),
@@ -70,18 +74,22 @@ fn key<K: Resource>(o: &K) -> (String, String) {
     (o.namespace().unwrap_or_default(), o.name_any())
 }
 
-impl<K: Resource> Cache<K> {
-    /// Applies one event; returns whether the visible set changed.
-    fn apply(&mut self, ev: Event<K>) -> bool {
+impl<V> Cache<V> {
+    /// Applies one event, keeping what `convert` makes of the object (nothing, if `None`: an
+    /// object the agent has no use for, as a Service without a VIP); returns whether the
+    /// visible set changed.
+    fn apply<K: Resource>(&mut self, ev: Event<K>, convert: impl Fn(&K) -> Option<V>) -> bool {
         match ev {
             Event::Init => {
                 self.building = Some(BTreeMap::new());
                 false
             }
             Event::InitApply(o) => {
-                self.building
-                    .get_or_insert_with(BTreeMap::new)
-                    .insert(key(&o), o);
+                if let Some(v) = convert(&o) {
+                    self.building
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(key(&o), v);
+                }
                 false
             }
             Event::InitDone => {
@@ -90,7 +98,14 @@ impl<K: Resource> Cache<K> {
                 true
             }
             Event::Apply(o) => {
-                self.items.insert(key(&o), o);
+                match convert(&o) {
+                    Some(v) => {
+                        self.items.insert(key(&o), v);
+                    }
+                    None => {
+                        self.items.remove(&key(&o));
+                    }
+                }
                 true
             }
             Event::Delete(o) => self.items.remove(&key(&o)).is_some(),
@@ -107,37 +122,80 @@ impl<K: Resource> Cache<K> {
     }
 }
 
-/// Only what the agent reads is kept of a Pod (a cluster's pods can be many).
-fn slim(mut pod: Pod) -> Pod {
-    pod.metadata.managed_fields = None;
-    if let Some(spec) = pod.spec.as_mut() {
-        spec.containers.clear();
-        spec.init_containers = None;
-        spec.ephemeral_containers = None;
-        spec.volumes = None;
-    }
-    if let Some(st) = pod.status.as_mut() {
-        st.container_statuses = None;
-        st.init_container_statuses = None;
-        st.ephemeral_container_statuses = None;
-        st.conditions = None;
-    }
-    pod
+/// Pods, converted to records on arrival; the store holds them, this keeps only what it has
+/// not been given yet.
+#[derive(Default)]
+struct PodCache {
+    /// A full list being received (the first, or a re-list after an expired watch).
+    building: Option<BTreeMap<(String, String), Arc<PodRecord>>>,
+    /// A full list received and not given to the store yet: it replaces the source's pods
+    /// (pods deleted while the watch was down disappear); later events amend it.
+    listed: Option<BTreeMap<(String, String), Arc<PodRecord>>>,
+    /// Changes since the last update of the store.
+    changes: Vec<PodChange>,
+    synced: bool,
 }
 
-/// Services and EndpointSlices without what the agent never reads (annotations can be large).
-fn slim_meta<K: Resource>(o: &mut K) {
-    let meta = o.meta_mut();
-    meta.managed_fields = None;
-    meta.annotations = None;
+impl PodCache {
+    fn apply(&mut self, ev: Event<Pod>) -> bool {
+        let record = |p: &Pod| crate::records::pod_record(p).map(Arc::new);
+        match ev {
+            Event::Init => {
+                self.building = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply(p) => {
+                if let Some(r) = record(&p) {
+                    self.building
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(key(&p), r);
+                }
+                false
+            }
+            Event::InitDone => {
+                self.listed = Some(self.building.take().unwrap_or_default());
+                self.changes.clear();
+                self.synced = true;
+                true
+            }
+            Event::Apply(p) => {
+                let Some(r) = record(&p) else { return false };
+                match &mut self.listed {
+                    Some(all) => {
+                        all.insert(key(&p), r);
+                    }
+                    None => self.changes.push(PodChange::Upsert(r)),
+                }
+                true
+            }
+            Event::Delete(p) => {
+                let (namespace, name) = key(&p);
+                match &mut self.listed {
+                    Some(all) => all.remove(&(namespace, name)).is_some(),
+                    None => {
+                        self.changes.push(PodChange::Delete { namespace, name });
+                        true
+                    }
+                }
+            }
+        }
+    }
+
+    /// What the store has not been given yet.
+    fn take(&mut self) -> Pods {
+        match self.listed.take() {
+            Some(all) => Pods::Replace(all),
+            None => Pods::Changes(std::mem::take(&mut self.changes)),
+        }
+    }
 }
 
 #[derive(Default)]
 struct Caches {
-    pods: Cache<Pod>,
-    namespaces: Cache<Namespace>,
-    services: Cache<Service>,
-    slices: Cache<EndpointSlice>,
+    pods: PodCache,
+    namespaces: Cache<Arc<Labels>>,
+    services: Cache<Arc<ServiceRecord>>,
+    slices: Cache<Arc<SliceRecord>>,
     policies: Cache<DynamicObject>,
     peer_auths: Cache<DynamicObject>,
 }
@@ -161,35 +219,14 @@ impl Caches {
             && self.peer_auths.synced
     }
 
-    /// The snapshot for the store, converted exactly as manifests are.
-    fn objects(&self, root_ns: &str) -> Objects {
+    /// Everything but the pods, for the store, converted exactly as manifests are.
+    fn rest(&self, root_ns: &str) -> Objects {
         let mut o = Objects::default();
-        for ((ns, name), pod) in &self.pods.items {
-            o.pods.insert((ns.clone(), name.clone()), pod.clone());
+        for ((_, name), labels) in &self.namespaces.items {
+            o.namespaces.insert(name.clone(), labels.clone());
         }
-        for ((_, name), ns) in &self.namespaces.items {
-            o.namespaces.insert(name.clone(), ns.clone());
-        }
-        for (key, svc) in &self.services.items {
-            match crate::services::service_record(svc) {
-                Ok(Some(r)) => {
-                    o.services.insert(key.clone(), Arc::new(r));
-                }
-                Ok(None) => {}
-                Err(e) => warn!(service = %format!("{}/{}", key.0, key.1), "Service skipped: {e}"),
-            }
-        }
-        for (key, slice) in &self.slices.items {
-            match crate::services::slice_record(slice) {
-                Ok(Some(r)) => {
-                    o.endpoint_slices.insert(key.clone(), Arc::new(r));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    warn!(slice = %format!("{}/{}", key.0, key.1), "EndpointSlice skipped: {e}")
-                }
-            }
-        }
+        o.services = self.services.items.clone();
+        o.endpoint_slices = self.slices.items.clone();
         for (kind, cache) in [
             ("AuthorizationPolicy", &self.policies),
             ("PeerAuthentication", &self.peer_auths),
@@ -223,6 +260,26 @@ impl Caches {
     }
 }
 
+fn service(svc: &Service) -> Option<Arc<ServiceRecord>> {
+    match crate::services::service_record(svc) {
+        Ok(r) => r.map(Arc::new),
+        Err(e) => {
+            warn!(service = %format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any()), "Service skipped: {e}");
+            None
+        }
+    }
+}
+
+fn slice(s: &EndpointSlice) -> Option<Arc<SliceRecord>> {
+    match crate::services::slice_record(s) {
+        Ok(r) => r.map(Arc::new),
+        Err(e) => {
+            warn!(slice = %format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()), "EndpointSlice skipped: {e}");
+            None
+        }
+    }
+}
+
 enum Update {
     Pod(Box<Event<Pod>>),
     Namespace(Event<Namespace>),
@@ -251,7 +308,7 @@ pub async fn run(client: Client, store: Arc<Store>, root_ns: String, stop: Cance
     let pods = watcher::watcher(Api::<Pod>::all(client.clone()), cfg())
         .default_backoff()
         .map(|r| match r {
-            Ok(ev) => Update::Pod(Box::new(slim_event(ev))),
+            Ok(ev) => Update::Pod(Box::new(ev)),
             Err(e) => Update::Failed(Kind::Pod, e),
         })
         .boxed();
@@ -265,14 +322,14 @@ pub async fn run(client: Client, store: Arc<Store>, root_ns: String, stop: Cance
     let services = watcher::watcher(Api::<Service>::all(client.clone()), cfg())
         .default_backoff()
         .map(|r| match r {
-            Ok(ev) => Update::Service(Box::new(ev.modify(slim_meta))),
+            Ok(ev) => Update::Service(Box::new(ev)),
             Err(e) => Update::Failed(Kind::Service, e),
         })
         .boxed();
     let slices = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), cfg())
         .default_backoff()
         .map(|r| match r {
-            Ok(ev) => Update::Slice(ev.modify(slim_meta)),
+            Ok(ev) => Update::Slice(ev),
             Err(e) => Update::Failed(Kind::EndpointSlice, e),
         })
         .boxed();
@@ -298,53 +355,78 @@ pub async fn run(client: Client, store: Arc<Store>, root_ns: String, stop: Cance
     let mut reported = HashSet::new();
     let mut failing: HashSet<Kind> = HashSet::new();
     let annotator = tokio::spawn(annotate(client, store.clone(), stop.clone()));
+    // What changed since the store was last updated (kept until every kind has listed).
+    let (mut pods_changed, mut rest_changed) = (false, false);
+    let mut first = true;
     loop {
-        let first = tokio::select! {
+        let next = tokio::select! {
             _ = stop.cancelled() => break,
             u = updates.next() => match u {
                 Some(u) => u,
                 None => break,
             },
         };
-        // Take everything already waiting, then publish once.
-        let mut changed = apply(&mut caches, first, &mut failing);
+        // Take everything already waiting, then update the store once.
+        let mut batch = vec![next];
         while let Some(Some(u)) = futures_util::FutureExt::now_or_never(updates.next()) {
-            changed |= apply(&mut caches, u, &mut failing);
+            batch.push(u);
         }
-        if changed && caches.synced() {
-            let objects = caches.objects(&root_ns);
-            info!(
-                pods = objects.pods.len(),
-                namespaces = objects.namespaces.len(),
-                services = objects.services.len(),
-                endpoint_slices = objects.endpoint_slices.len(),
-                policies = objects.statuses.len(),
-                "Kubernetes snapshot"
+        for u in batch {
+            let (kind, changed) = apply(&mut caches, u, &mut failing);
+            if kind == Kind::Pod {
+                pods_changed |= changed;
+            } else {
+                rest_changed |= changed;
+            }
+        }
+        if !(pods_changed || rest_changed) || !caches.synced() {
+            continue;
+        }
+        let rest = (rest_changed || first).then(|| caches.rest(&root_ns));
+        let pods = caches.pods.take();
+        let full = matches!(pods, Pods::Replace(_));
+        let statuses = rest.as_ref().map(|r| r.statuses.clone());
+        if first || full || rest.is_some() {
+            let (namespaces, services, slices) = (
+                caches.namespaces.items.len(),
+                caches.services.items.len(),
+                caches.slices.items.len(),
             );
-            let statuses = objects.statuses.clone();
-            store.set_source(Source::Kubernetes, objects);
+            info!(
+                pods = match &pods {
+                    Pods::Replace(all) => all.len(),
+                    Pods::Changes(c) => c.len(),
+                },
+                full,
+                namespaces,
+                services,
+                endpoint_slices = slices,
+                "Kubernetes update"
+            );
+        } else if let Pods::Changes(c) = &pods {
+            debug!(pod_changes = c.len(), "Kubernetes update");
+        }
+        store.update(Source::Kubernetes, pods, rest);
+        if let Some(statuses) = statuses {
             reported = crate::manifests::report_statuses(&statuses, &reported);
         }
+        (pods_changed, rest_changed, first) = (false, false, false);
     }
     annotator.abort();
 }
 
-/// Keeps only what the agent reads of each Pod event.
-fn slim_event(ev: Event<Pod>) -> Event<Pod> {
-    match ev {
-        Event::Apply(p) => Event::Apply(slim(p)),
-        Event::InitApply(p) => Event::InitApply(slim(p)),
-        other => other,
-    }
-}
-
-fn apply(caches: &mut Caches, u: Update, failing: &mut HashSet<Kind>) -> bool {
+fn apply(caches: &mut Caches, u: Update, failing: &mut HashSet<Kind>) -> (Kind, bool) {
     let (kind, changed) = match u {
         Update::Pod(ev) => (Kind::Pod, caches.pods.apply(*ev)),
-        Update::Namespace(ev) => (Kind::Namespace, caches.namespaces.apply(ev)),
-        Update::Service(ev) => (Kind::Service, caches.services.apply(*ev)),
-        Update::Slice(ev) => (Kind::EndpointSlice, caches.slices.apply(ev)),
-        Update::Policy(k, ev) => (k, caches.policy_cache(k).apply(ev)),
+        Update::Namespace(ev) => (
+            Kind::Namespace,
+            caches
+                .namespaces
+                .apply(ev, |n| crate::records::namespace_record(n).map(|(_, l)| l)),
+        ),
+        Update::Service(ev) => (Kind::Service, caches.services.apply(*ev, service)),
+        Update::Slice(ev) => (Kind::EndpointSlice, caches.slices.apply(ev, slice)),
+        Update::Policy(k, ev) => (k, caches.policy_cache(k).apply(ev, |o| Some(o.clone()))),
         Update::Failed(kind, e) => {
             if matches!(kind, Kind::AuthorizationPolicy | Kind::PeerAuthentication)
                 && is_not_found(&e)
@@ -355,7 +437,7 @@ fn apply(caches: &mut Caches, u: Update, failing: &mut HashSet<Kind>) -> bool {
                         "the {ISTIO_GROUP} CRD is not installed: no such policies (retrying)"
                     );
                 }
-                return caches.policy_cache(kind).absent();
+                return (kind, caches.policy_cache(kind).absent());
             }
             if failing.insert(kind) {
                 warn!(
@@ -365,13 +447,13 @@ fn apply(caches: &mut Caches, u: Update, failing: &mut HashSet<Kind>) -> bool {
             } else {
                 debug!(?kind, "Kubernetes watch still failing: {e}");
             }
-            return false;
+            return (kind, false);
         }
     };
     if failing.remove(&kind) {
         info!(?kind, "Kubernetes watch recovered");
     }
-    changed
+    (kind, changed)
 }
 
 /// Annotates the pods this node serves with `ambit.dev/redirection: enabled` until `stop`:
@@ -398,14 +480,11 @@ async fn annotate(client: Client, store: Arc<Store>, stop: CancellationToken) {
             let Some(obj) = store.pod(&ns, &name) else {
                 continue; // Not listed yet: annotated once it is.
             };
-            let obj_uid = obj.metadata.uid.clone().unwrap_or_default();
+            let obj_uid = obj.uid.to_string();
             if !uid.is_empty() && !obj_uid.is_empty() && uid != obj_uid {
                 continue; // The object is an older pod of that name.
             }
-            let annotated = obj
-                .annotations()
-                .get(REDIRECTION_ANNOTATION)
-                .is_some_and(|v| v == "enabled");
+            let annotated = obj.hbone;
             let key = (ns.clone(), name.clone());
             if annotated || done.get(&key) == Some(&obj_uid) {
                 continue;

@@ -203,18 +203,15 @@ async fn start_sources(
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let mut tasks = Vec::new();
     if let Some(dir) = &config.manifests_dir {
-        // Taken first: a file changed during the load is loaded again by the watcher.
-        let loaded = manifests::fingerprint_of(dir);
-        let (objects, problems) = manifests::load(dir, &config.root_namespace);
-        manifests::log_loaded(dir, &objects, &problems);
+        let loaded = manifests::Directory::read(dir, &config.root_namespace);
+        let (objects, problems) = loaded.objects();
+        manifests::log_loaded(dir, &objects, &problems, loaded.len());
         manifests::report_statuses(&objects.statuses, &Default::default());
         store.set_manifests(objects);
         tasks.push(tokio::spawn(manifests::watch(
-            dir.clone(),
-            config.root_namespace.clone(),
+            loaded,
             store.clone(),
             config.manifests_poll(),
-            Some(loaded),
             stop.clone(),
         )));
     }

@@ -1,10 +1,12 @@
 //! A directory of Kubernetes manifests (YAML with several documents per file, or JSON with one;
-//! `List` objects too) as a source for the workload store. Polled: a change of any file's name, size
-//! or modification time reloads the whole directory, and the store gets the new snapshot at
-//! once. A file that does not parse is reported once (until it changes) and the rest still
-//! load. Kinds: Pod, Namespace, AuthorizationPolicy, PeerAuthentication (see [`crate::policy`]),
+//! `List` objects too) as a source for the workload store. Polled: a file whose size or
+//! modification time changed (or that appeared) is read again, alone; the others' objects are
+//! kept as they were converted, and the store gets the directory's new union at once (it
+//! applies only what differs). A file that does not parse is reported once (until it changes)
+//! and the rest still load. Kinds: Pod, Namespace, AuthorizationPolicy, PeerAuthentication (see [`crate::policy`]),
 //! Service and EndpointSlice (see [`crate::services`]); others are skipped.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -24,9 +26,8 @@ pub struct Problem {
     pub message: String,
 }
 
-/// Names, sizes and modification times of a directory's manifest files: a change to any
-/// reloads the directory.
-pub type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+/// A file's size and modification time: a change to either reads it again.
+type Stamp = (u64, Option<SystemTime>);
 
 fn manifest_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -46,23 +47,12 @@ fn manifest_files(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// The directory's [`Fingerprint`] now.
-pub fn fingerprint_of(dir: &Path) -> Fingerprint {
-    fingerprint(&manifest_files(dir))
-}
-
-fn fingerprint(files: &[PathBuf]) -> Fingerprint {
-    files
-        .iter()
-        .map(|p| {
-            let m = std::fs::metadata(p).ok();
-            (
-                p.clone(),
-                m.as_ref().map_or(0, |m| m.len()),
-                m.and_then(|m| m.modified().ok()),
-            )
-        })
-        .collect()
+fn stamp(file: &Path) -> Stamp {
+    let m = std::fs::metadata(file).ok();
+    (
+        m.as_ref().map_or(0, |m| m.len()),
+        m.and_then(|m| m.modified().ok()),
+    )
 }
 
 /// (namespace, name) of an object (namespace `default` when absent).
@@ -142,17 +132,16 @@ fn add_object(doc: Doc, objects: &mut Objects, root_ns: &str, depth: usize) -> R
     let kind = doc.kind()?;
     match kind.as_str() {
         "Pod" => {
+            // Converted at once: only the record stays (see crate::records).
             let pod: Pod = doc.typed("Pod")?;
-            objects.pods.insert(namespaced(&pod.metadata, "Pod")?, pod);
+            let record = crate::records::pod_record(&pod).ok_or("Pod without metadata.name")?;
+            objects.add_pod(record);
         }
         "Namespace" => {
             let ns: Namespace = doc.typed("Namespace")?;
-            let name = ns
-                .metadata
-                .name
-                .clone()
-                .ok_or("Namespace without metadata.name")?;
-            objects.namespaces.insert(name, ns);
+            let (name, labels) =
+                crate::records::namespace_record(&ns).ok_or("Namespace without metadata.name")?;
+            objects.namespaces.insert(name, labels);
         }
         k if k.ends_with("List") && depth == 0 => {
             for item in doc.items()? {
@@ -195,63 +184,155 @@ fn add_object(doc: Doc, objects: &mut Objects, root_ns: &str, depth: usize) -> R
     Ok(())
 }
 
-/// Reads every manifest of `dir`; returns what parsed and what did not. `root_ns` is the
-/// namespace whose selector-less policies apply mesh-wide.
-pub fn load(dir: &Path, root_ns: &str) -> (Objects, Vec<Problem>) {
+/// Reads one manifest file: what parsed and what did not.
+fn load_file(file: &Path, root_ns: &str) -> (Objects, Vec<Problem>) {
     let mut objects = Objects::default();
     let mut problems = Vec::new();
-    for file in manifest_files(dir) {
-        let text = match std::fs::read_to_string(&file) {
-            Ok(t) => t,
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.push(Problem {
+                file: file.to_owned(),
+                message: e.to_string(),
+            });
+            return (objects, problems);
+        }
+    };
+    if file.extension().is_some_and(|e| e == "json") {
+        // One JSON document per file.
+        if let Err(message) = add_object(Doc::Json(&text), &mut objects, root_ns, 0) {
+            problems.push(Problem {
+                file: file.to_owned(),
+                message,
+            });
+        }
+        return (objects, problems);
+    }
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+        let problem = |message: String| Problem {
+            file: file.to_owned(),
+            message: format!("document {}: {message}", i + 1),
+        };
+        let value = match serde_yaml_ng::Value::deserialize(doc) {
+            Ok(v) => v,
             Err(e) => {
-                problems.push(Problem {
-                    file,
-                    message: e.to_string(),
-                });
-                continue;
+                // A syntax error ends the file: the parser cannot resynchronise.
+                problems.push(problem(e.to_string()));
+                break;
             }
         };
-        if file.extension().is_some_and(|e| e == "json") {
-            // One JSON document per file.
-            if let Err(message) = add_object(Doc::Json(&text), &mut objects, root_ns, 0) {
-                problems.push(Problem { file, message });
-            }
-            continue;
-        }
-        for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
-            let problem = |message: String| Problem {
-                file: file.clone(),
-                message: format!("document {}: {message}", i + 1),
-            };
-            let value = match serde_yaml_ng::Value::deserialize(doc) {
-                Ok(v) => v,
-                Err(e) => {
-                    // A syntax error ends the file: the parser cannot resynchronise.
-                    problems.push(problem(e.to_string()));
-                    break;
-                }
-            };
-            if !value.is_null()
-                && let Err(message) = add_object(Doc::Yaml(value), &mut objects, root_ns, 0)
-            {
-                problems.push(problem(message));
-            }
+        if !value.is_null()
+            && let Err(message) = add_object(Doc::Yaml(value), &mut objects, root_ns, 0)
+        {
+            problems.push(problem(message));
         }
     }
     (objects, problems)
 }
 
-/// Loads `dir` into `store` whenever a file changes, until `stop`; `loaded` is the
-/// fingerprint of what the store already holds (taken before that load), if anything.
-pub async fn watch(
+/// One file as last read.
+struct File {
+    stamp: Stamp,
+    objects: Objects,
+    problems: Vec<Problem>,
+}
+
+/// A manifests directory as last read, file by file.
+pub struct Directory {
     dir: PathBuf,
     root_ns: String,
+    files: BTreeMap<PathBuf, File>,
+}
+
+impl Directory {
+    /// Reads every manifest of `dir`. `root_ns` is the namespace whose selector-less policies
+    /// apply mesh-wide.
+    pub fn read(dir: &Path, root_ns: &str) -> Self {
+        let mut d = Self {
+            dir: dir.to_owned(),
+            root_ns: root_ns.to_owned(),
+            files: BTreeMap::new(),
+        };
+        d.refresh();
+        d
+    }
+
+    /// Reads again the files that changed or appeared, forgets those gone; returns how many
+    /// files that concerned (0: nothing changed).
+    pub fn refresh(&mut self) -> usize {
+        let now = manifest_files(&self.dir);
+        let before = self.files.len();
+        self.files.retain(|p, _| now.contains(p));
+        let mut changed = before - self.files.len();
+        for path in now {
+            // Stamped before reading: a change during the read is read again next time.
+            let stamp = stamp(&path);
+            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
+                continue;
+            }
+            let (objects, problems) = load_file(&path, &self.root_ns);
+            self.files.insert(
+                path,
+                File {
+                    stamp,
+                    objects,
+                    problems,
+                },
+            );
+            changed += 1;
+        }
+        changed
+    }
+
+    /// Manifest files read.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// The union of every file (in name order: a later file wins for an object both define),
+    /// and every file's problems.
+    pub fn objects(&self) -> (Objects, Vec<Problem>) {
+        let mut out = Objects::default();
+        let mut problems = Vec::new();
+        for f in self.files.values() {
+            let o = &f.objects;
+            out.pods
+                .extend(o.pods.iter().map(|(k, v)| (k.clone(), v.clone())));
+            out.namespaces
+                .extend(o.namespaces.iter().map(|(k, v)| (k.clone(), v.clone())));
+            out.policies.extend(o.policies.iter().cloned());
+            out.peer_auths.extend(o.peer_auths.iter().cloned());
+            out.statuses.extend(o.statuses.iter().cloned());
+            out.services
+                .extend(o.services.iter().map(|(k, v)| (k.clone(), v.clone())));
+            out.endpoint_slices.extend(
+                o.endpoint_slices
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+            problems.extend(f.problems.iter().cloned());
+        }
+        (out, problems)
+    }
+}
+
+/// Reads every manifest of `dir`; returns what parsed and what did not. `root_ns` is the
+/// namespace whose selector-less policies apply mesh-wide.
+pub fn load(dir: &Path, root_ns: &str) -> (Objects, Vec<Problem>) {
+    Directory::read(dir, root_ns).objects()
+}
+
+/// Loads changed files of `loaded` into `store` whenever a file changes, until `stop`.
+pub async fn watch(
+    mut loaded: Directory,
     store: Arc<Store>,
     every: Duration,
-    loaded: Option<Fingerprint>,
     stop: CancellationToken,
 ) {
-    let mut seen = loaded;
     let mut reported = report_statuses(&store.policy_statuses(), &Default::default());
     let mut tick = tokio::time::interval(every);
     loop {
@@ -259,36 +340,37 @@ pub async fn watch(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let fp = fingerprint(&manifest_files(&dir));
-        if seen.as_ref() == Some(&fp) {
-            continue;
-        }
-        // Parsing and the store's re-index (10,000s of Services) run off the runtime threads.
-        // The store first: once a status is logged, it is in force.
-        let statuses = {
-            let (dir, root_ns, store) = (dir.clone(), root_ns.clone(), store.clone());
-            let loaded = tokio::task::spawn_blocking(move || {
-                let (objects, problems) = load(&dir, &root_ns);
-                log_loaded(&dir, &objects, &problems);
-                let statuses = objects.statuses.clone();
-                store.set_manifests(objects);
-                statuses
-            });
-            match loaded.await {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!("loading manifests failed: {e}");
-                    continue;
+        // Reading, parsing and the store's update run off the runtime threads. The store
+        // first: once a status is logged, it is in force.
+        let store = store.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let files = loaded.refresh();
+            if files == 0 {
+                return (loaded, None);
+            }
+            let (objects, problems) = loaded.objects();
+            log_loaded(&loaded.dir, &objects, &problems, files);
+            let statuses = objects.statuses.clone();
+            store.set_manifests(objects);
+            (loaded, Some(statuses))
+        });
+        match done.await {
+            Ok((l, statuses)) => {
+                loaded = l;
+                if let Some(statuses) = statuses {
+                    reported = report_statuses(&statuses, &reported);
                 }
             }
-        };
-        reported = report_statuses(&statuses, &reported);
-        seen = Some(fp);
+            Err(e) => {
+                tracing::error!("the manifests watch stopped (changes are no longer read): {e}");
+                return;
+            }
+        }
     }
 }
 
-/// Logs what a load found: each invalid file, then the counts.
-pub fn log_loaded(dir: &Path, objects: &Objects, problems: &[Problem]) {
+/// Logs what a load found (`files` read): each invalid file, then the counts.
+pub fn log_loaded(dir: &Path, objects: &Objects, problems: &[Problem], files: usize) {
     for p in problems {
         warn!(file = %p.file.display(), "invalid manifest skipped: {}", p.message);
     }
@@ -299,6 +381,7 @@ pub fn log_loaded(dir: &Path, objects: &Objects, problems: &[Problem]) {
         services = objects.services.len(),
         endpoint_slices = objects.endpoint_slices.len(),
         invalid = problems.len(),
+        files_read = files,
         "manifests loaded"
     );
 }

@@ -1,32 +1,38 @@
-//! The workload store: Kubernetes objects (Pods, Namespaces, policies, Services and their
-//! EndpointSlices) from every source the agent has — a directory of manifests, the API
-//! server — plus the pods this node's CNI plugin handed over. The data path asks it who owns
-//! an address, which Service a VIP is, and which identity a local pod has.
+//! The workload store: what every source the agent has — a directory of manifests, the API
+//! server — says about Pods, Namespaces, policies, Services and their EndpointSlices, plus the
+//! pods this node's CNI plugin handed over. The data path asks it who owns an address, which
+//! Service a VIP is, and which identity a local pod has.
 //!
-//! Pods and Namespaces are kept as the API's own types (k8s-openapi); Services and
-//! EndpointSlices as the compact records of [`crate::services`], converted at their source.
+//! Pods are kept as compact records ([`crate::records`]) and updated one event at a time:
+//! a pod added, changed or deleted costs O(1) on the record map and the address index, and
+//! the write lock is held for that one change only, so the data path's lookups never wait
+//! behind a batch. A batch (a watch's burst, a manifests reload) publishes once: one bump of
+//! the version channels. Policies are re-evaluated only when a policy object changes or a pod
+//! this node serves changes its labels (authorization is decided at the destination).
+//! Everything else (Namespaces' labels, policies, Services) is small and replaced per source.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
-use ambit_common::enrollment::{self, Enrollment, REDIRECTION_ANNOTATION};
+use ambit_common::enrollment::{self, Enrollment};
 use ambit_common::protocol::PodInfo;
 use ambit_proxy::authz::{self, Connection, Decision, PeerAuthentication, Policy};
 use ambit_proxy::identity::Identity;
 use ambit_proxy::mesh::{Directory, Workload};
 use ambit_proxy::service::{Service, ServiceName};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use crate::policy::Status;
+use crate::records::{Labels, PodRecord};
 use crate::services::{Index, ServiceRecord, ServiceSettings, SliceRecord};
 
 /// Objects of one source.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
     /// Keyed by (namespace, name).
-    pub pods: BTreeMap<(String, String), Pod>,
-    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<(String, String), Arc<PodRecord>>,
+    /// Each Namespace's labels, by name.
+    pub namespaces: BTreeMap<String, Arc<Labels>>,
     /// Compiled AuthorizationPolicies (rejected ones in their fail-closed form).
     pub policies: Vec<Arc<Policy>>,
     pub peer_auths: Vec<PeerAuthentication>,
@@ -38,29 +44,160 @@ pub struct Objects {
     pub endpoint_slices: BTreeMap<(String, String), Arc<SliceRecord>>,
 }
 
-/// Where objects come from. Each source replaces its own snapshot; lookups see the union.
+impl Objects {
+    /// Adds a pod record under its own key.
+    pub fn add_pod(&mut self, pod: PodRecord) {
+        self.pods.insert(
+            (pod.namespace.to_string(), pod.name.to_string()),
+            Arc::new(pod),
+        );
+    }
+}
+
+/// Where objects come from. Each source replaces its own snapshot (or changes its pods one
+/// by one); lookups see the union, the later source winning for a pod or namespace both know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Source {
     Manifests,
     Kubernetes,
 }
 
+impl Source {
+    fn layer(self) -> usize {
+        match self {
+            Source::Manifests => 0,
+            Source::Kubernetes => 1,
+        }
+    }
+}
+
+/// One change to a source's pods.
+#[derive(Clone, Debug)]
+pub enum PodChange {
+    /// Added or changed.
+    Upsert(Arc<PodRecord>),
+    Delete {
+        namespace: String,
+        name: String,
+    },
+}
+
+/// What an update says about a source's pods.
+pub enum Pods {
+    /// The source's whole set: pods it had before and not listed are deleted.
+    Replace(BTreeMap<(String, String), Arc<PodRecord>>),
+    /// Changes to what it had.
+    Changes(Vec<PodChange>),
+}
+
+/// A pod's records from each source, and the workload the data path sees for the one in
+/// force (the later source's).
+struct PodEntry {
+    layers: [Option<Arc<PodRecord>>; 2],
+    workload: Arc<Workload>,
+}
+
+impl PodEntry {
+    fn record(&self) -> Option<&Arc<PodRecord>> {
+        self.layers[1].as_ref().or(self.layers[0].as_ref())
+    }
+}
+
+/// The workloads whose records claim an address: nearly always one; a finished pod whose
+/// address was reused, or two sources disagreeing, can make several.
+enum Owners {
+    One(Arc<Workload>),
+    Many(Vec<Arc<Workload>>),
+}
+
+impl Owners {
+    /// The owner: with several, the last by (namespace, name), as the store always chose.
+    fn get(&self) -> &Arc<Workload> {
+        match self {
+            Owners::One(w) => w,
+            Owners::Many(v) => v
+                .iter()
+                .max_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
+                .expect("Many is never empty"),
+        }
+    }
+}
+
+fn same_pod(a: &Workload, b: &Workload) -> bool {
+    a.namespace == b.namespace && a.name == b.name
+}
+
 #[derive(Default)]
 struct Inner {
-    sources: BTreeMap<Source, Objects>,
+    /// Sources that delivered their first snapshot.
+    delivered: BTreeSet<Source>,
     /// Sources the agent runs but that have not delivered their first snapshot: until they
     /// do, policy is unknown and inbound connections are refused.
     pending: HashSet<Source>,
-    /// The union of all sources (what every lookup reads).
+    /// Per source, everything but its pods.
+    rest: BTreeMap<Source, Objects>,
+    /// The union of `rest` (pods empty): what lookups of those kinds read.
     merged: Objects,
+    /// Pods by namespace, then name.
+    pods: HashMap<Arc<str>, HashMap<Arc<str>, PodEntry>>,
+    pod_count: usize,
+    /// The Pod objects claiming each address.
+    by_ip: HashMap<IpAddr, Owners>,
     /// Pods captured on this node, by container id.
     local: HashMap<String, PodInfo>,
-    by_ip: HashMap<IpAddr, Arc<Workload>>,
-    /// The Pod object declaring each address (before local pods override `by_ip`): a local pod
-    /// whose runtime name differs from its object's name is still found by its address.
-    objects_by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// (namespace, name) of the local pods, with how many captures carry it.
+    local_keys: HashMap<(String, String), usize>,
+    /// What this node captured is authoritative for its own addresses (over `by_ip`).
+    local_by_ip: HashMap<IpAddr, Arc<Workload>>,
     /// Services by VIP, built from `merged` whenever its Services or EndpointSlices change.
     services: Index,
+}
+
+impl Inner {
+    fn record(&self, namespace: &str, name: &str) -> Option<&Arc<PodRecord>> {
+        self.pods.get(namespace)?.get(name)?.record()
+    }
+
+    fn index(&mut self, w: &Arc<Workload>, ips: &[IpAddr]) {
+        for ip in ips {
+            match self.by_ip.get_mut(ip) {
+                None => {
+                    self.by_ip.insert(*ip, Owners::One(w.clone()));
+                }
+                Some(Owners::One(x)) if same_pod(x, w) => *x = w.clone(),
+                Some(o @ Owners::One(_)) => {
+                    let Owners::One(x) = std::mem::replace(o, Owners::Many(Vec::new())) else {
+                        unreachable!()
+                    };
+                    *o = Owners::Many(vec![x, w.clone()]);
+                }
+                Some(Owners::Many(v)) => {
+                    v.retain(|x| !same_pod(x, w));
+                    v.push(w.clone());
+                }
+            }
+        }
+    }
+
+    fn unindex(&mut self, w: &Workload, ips: &[IpAddr]) {
+        for ip in ips {
+            let gone = match self.by_ip.get_mut(ip) {
+                Some(Owners::One(x)) => same_pod(x, w),
+                Some(o @ Owners::Many(_)) => {
+                    let Owners::Many(v) = o else { unreachable!() };
+                    v.retain(|x| !same_pod(x, w));
+                    if v.len() == 1 {
+                        *o = Owners::One(v.pop().expect("one left"));
+                    }
+                    false
+                }
+                None => false,
+            };
+            if gone {
+                self.by_ip.remove(ip);
+            }
+        }
+    }
 }
 
 pub struct Store {
@@ -75,12 +212,11 @@ pub struct Store {
     local_version: tokio::sync::watch::Sender<u64>,
 }
 
-/// The union of several sources: a Pod or Namespace known to both comes from the later one.
+/// The union of several sources' non-pod objects: a Namespace known to both comes from the
+/// later one.
 fn merge<'a>(sources: impl Iterator<Item = &'a Objects>) -> Objects {
     let mut out = Objects::default();
     for o in sources {
-        out.pods
-            .extend(o.pods.iter().map(|(k, v)| (k.clone(), v.clone())));
         out.namespaces
             .extend(o.namespaces.iter().map(|(k, v)| (k.clone(), v.clone())));
         out.policies.extend(o.policies.iter().cloned());
@@ -97,63 +233,11 @@ fn merge<'a>(sources: impl Iterator<Item = &'a Objects>) -> Objects {
     out
 }
 
-/// Labels decide which selector policies apply: a label change is a policy change.
-fn labels_changed(a: &Objects, b: &Objects) -> bool {
-    let labels = |o: &Objects| -> Vec<(String, String, BTreeMap<String, String>)> {
-        o.pods
-            .iter()
-            .map(|((ns, n), p)| {
-                (
-                    ns.clone(),
-                    n.clone(),
-                    p.metadata.labels.clone().unwrap_or_default(),
-                )
-            })
-            .collect()
-    };
-    labels(a) != labels(b)
-}
-
-fn app_label(pod: Option<&Pod>) -> Option<String> {
-    pod?.metadata.labels.as_ref()?.get("app").cloned()
-}
-
-fn service_account(pod: Option<&Pod>) -> &str {
-    pod.and_then(|p| p.spec.as_ref())
-        .and_then(|s| s.service_account_name.as_deref())
-        .filter(|s| !s.is_empty())
-        .unwrap_or("default")
-}
-
-/// Addresses of a running pod (none for host-network or finished pods: their IPs are not
-/// theirs, or no longer).
-fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
-    if pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.host_network)
-        .unwrap_or(false)
-    {
-        return Vec::new();
-    }
-    let Some(status) = &pod.status else {
-        return Vec::new();
-    };
-    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
-        return Vec::new();
-    }
-    let mut ips: Vec<IpAddr> = status
-        .pod_ips
-        .iter()
-        .flatten()
-        .filter_map(|p| p.ip.parse().ok())
-        .collect();
-    if ips.is_empty()
-        && let Some(ip) = status.pod_ip.as_deref().and_then(|s| s.parse().ok())
-    {
-        ips.push(ip);
-    }
-    ips
+/// What one write to the store changed, to publish once per batch.
+#[derive(Default)]
+struct Changed {
+    policies: bool,
+    local: bool,
 }
 
 impl Store {
@@ -189,8 +273,19 @@ impl Store {
         self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn identity(&self, namespace: &str, pod: Option<&Pod>) -> Identity {
-        Identity::new(&self.trust_domain, namespace, service_account(pod))
+    fn identity(&self, namespace: &str, pod: Option<&PodRecord>) -> Identity {
+        let sa = pod.map_or("default", |p| &p.service_account);
+        Identity::new(&self.trust_domain, namespace, sa)
+    }
+
+    fn workload(&self, pod: &PodRecord) -> Arc<Workload> {
+        Arc::new(Workload {
+            name: pod.name.to_string(),
+            namespace: pod.namespace.to_string(),
+            identity: self.identity(&pod.namespace, Some(pod)),
+            hbone: pod.hbone,
+            app: pod.app().map(str::to_owned),
+        })
     }
 
     /// Replaces everything the manifests directory said.
@@ -202,7 +297,7 @@ impl Store {
     /// false and inbound connections are refused (policy unknown = deny).
     pub fn expect(&self, source: Source) {
         let mut inner = self.write();
-        if !inner.sources.contains_key(&source) {
+        if !inner.delivered.contains(&source) {
             inner.pending.insert(source);
         }
     }
@@ -220,33 +315,187 @@ impl Store {
     }
 
     /// Replaces everything one source said.
-    pub fn set_source(&self, source: Source, objects: Objects) {
-        let mut inner = self.write();
-        inner.pending.remove(&source);
-        inner.sources.insert(source, objects);
-        let merged = merge(inner.sources.values());
-        let policies_changed = inner.merged.policies != merged.policies
-            || inner.merged.peer_auths != merged.peer_auths
-            || labels_changed(&inner.merged, &merged);
-        let services_changed = inner.merged.services != merged.services
-            || inner.merged.endpoint_slices != merged.endpoint_slices;
-        inner.merged = merged;
-        if services_changed {
-            inner.services = Index::build(
-                &inner.merged.services,
-                &inner.merged.endpoint_slices,
-                &self.services,
-            );
+    pub fn set_source(&self, source: Source, mut objects: Objects) {
+        let pods = std::mem::take(&mut objects.pods);
+        self.update(source, Pods::Replace(pods), Some(objects));
+    }
+
+    /// Applies what one source says now: its pods (all of them, or changes), and, if given,
+    /// everything else it has (its `pods` field is ignored). Publishes once.
+    pub fn update(&self, source: Source, pods: Pods, rest: Option<Objects>) {
+        let mut changed = Changed::default();
+        let had_pods = self.read().pod_count > 0;
+        match pods {
+            Pods::Changes(changes) => {
+                for c in changes {
+                    // One change per write lock: readers never wait behind a batch.
+                    self.apply_pod(source, c, &mut changed);
+                }
+            }
+            Pods::Replace(all) => {
+                let stale: Vec<PodChange> = {
+                    let inner = self.read();
+                    inner
+                        .pods
+                        .values()
+                        .flat_map(|m| m.values())
+                        .filter_map(|e| e.layers[source.layer()].as_ref())
+                        .filter(|r| {
+                            !all.contains_key(&(r.namespace.to_string(), r.name.to_string()))
+                        })
+                        .map(|r| PodChange::Delete {
+                            namespace: r.namespace.to_string(),
+                            name: r.name.to_string(),
+                        })
+                        .collect()
+                };
+                for c in stale
+                    .into_iter()
+                    .chain(all.into_values().map(PodChange::Upsert))
+                {
+                    self.apply_pod(source, c, &mut changed);
+                }
+            }
         }
-        self.reindex(&mut inner);
-        drop(inner);
+        {
+            let mut inner = self.write();
+            if inner.pending.remove(&source) | inner.delivered.insert(source) {
+                changed.policies = true;
+            }
+            if let Some(rest) = rest {
+                inner.rest.insert(source, rest);
+                let merged = merge(inner.rest.values());
+                if inner.merged.policies != merged.policies
+                    || inner.merged.peer_auths != merged.peer_auths
+                {
+                    changed.policies = true;
+                }
+                let services_changed = inner.merged.services != merged.services
+                    || inner.merged.endpoint_slices != merged.endpoint_slices;
+                inner.merged = merged;
+                if services_changed {
+                    inner.services = Index::build(
+                        &inner.merged.services,
+                        &inner.merged.endpoint_slices,
+                        &self.services,
+                    );
+                }
+            }
+            // Whether pods are declared at all decides how unknown pods are treated.
+            if (inner.pod_count > 0) != had_pods {
+                changed.policies = true;
+            }
+        }
+        if changed.local {
+            self.refresh_local();
+        }
         self.objects_version.send_modify(|v| *v += 1);
-        if policies_changed {
+        if changed.policies {
             self.policy_version.send_modify(|v| *v += 1);
         }
     }
 
-    /// Bumped on every snapshot from any source.
+    /// One pod change, under one write lock.
+    fn apply_pod(&self, source: Source, change: PodChange, changed: &mut Changed) {
+        let (namespace, name, record) = match change {
+            PodChange::Upsert(r) => (r.namespace.to_string(), r.name.to_string(), Some(r)),
+            PodChange::Delete { namespace, name } => (namespace, name, None),
+        };
+        let layer = source.layer();
+        // Built before the lock: the allocations of the change.
+        let built = record.as_ref().map(|r| (r.clone(), self.workload(r)));
+        let mut guard = self.write();
+        let inner = &mut *guard;
+        let before = inner.record(&namespace, &name).cloned();
+        let entry = inner
+            .pods
+            .get_mut(namespace.as_str())
+            .and_then(|m| m.get_mut(name.as_str()));
+        match (entry, record) {
+            (Some(e), r) => {
+                if e.layers[layer] == r {
+                    return;
+                }
+                e.layers[layer] = r;
+            }
+            (None, None) => return,
+            (None, Some(r)) => {
+                let workload = built.as_ref().expect("built for an upsert").1.clone();
+                let mut layers = [None, None];
+                layers[layer] = Some(r.clone());
+                inner
+                    .pods
+                    .entry(r.namespace.clone())
+                    .or_default()
+                    .insert(r.name.clone(), PodEntry { layers, workload });
+                inner.pod_count += 1;
+            }
+        }
+        let after = inner.record(&namespace, &name).cloned();
+        if before == after {
+            // Another source's record stays in force.
+            return;
+        }
+        if let Some(b) = &before {
+            let old = inner.pods[namespace.as_str()][name.as_str()]
+                .workload
+                .clone();
+            inner.unindex(&old, &b.ips);
+        }
+        match &after {
+            Some(a) => {
+                let w = match &built {
+                    Some((r, w)) if Arc::ptr_eq(r, a) => w.clone(),
+                    _ => self.workload(a),
+                };
+                if let Some(e) = inner
+                    .pods
+                    .get_mut(namespace.as_str())
+                    .and_then(|m| m.get_mut(name.as_str()))
+                {
+                    e.workload = w.clone();
+                }
+                inner.index(&w, &a.ips);
+            }
+            None => {
+                if let Some(m) = inner.pods.get_mut(namespace.as_str()) {
+                    m.remove(name.as_str());
+                    if m.is_empty() {
+                        inner.pods.remove(namespace.as_str());
+                    }
+                }
+                inner.pod_count -= 1;
+            }
+        }
+        if inner.local_keys.contains_key(&(namespace, name)) {
+            changed.local = true;
+            if before.as_ref().map(|r| &r.labels) != after.as_ref().map(|r| &r.labels) {
+                changed.policies = true;
+            }
+        }
+    }
+
+    /// Rebuilds the workloads of the pods this node captured (few).
+    fn refresh_local(&self) {
+        let mut inner = self.write();
+        let mut by_ip = HashMap::new();
+        for p in inner.local.values() {
+            let obj = inner.record(&p.namespace, &p.name);
+            let w = Arc::new(Workload {
+                name: p.name.clone(),
+                namespace: p.namespace.clone(),
+                identity: self.identity(&p.namespace, obj.map(|r| &**r)),
+                hbone: true,
+                app: obj.and_then(|r| r.app()).map(str::to_owned),
+            });
+            for ip in &p.ips {
+                by_ip.insert(ip.to_canonical(), w.clone());
+            }
+        }
+        inner.local_by_ip = by_ip;
+    }
+
+    /// Bumped on every update from any source.
     pub fn object_updates(&self) -> tokio::sync::watch::Receiver<u64> {
         self.objects_version.subscribe()
     }
@@ -260,28 +509,21 @@ impl Store {
     /// by its labels and its namespace's? `Undecided` while no source knows that pod.
     pub fn enrollment(&self, namespace: &str, name: &str, uid: &str) -> Enrollment {
         let inner = self.read();
-        let Some(pod) = inner
-            .merged
-            .pods
-            .get(&(namespace.to_owned(), name.to_owned()))
-        else {
+        let Some(pod) = inner.record(namespace, name) else {
             return Enrollment::Undecided;
         };
-        if !uid.is_empty() && pod.metadata.uid.as_deref().is_some_and(|u| u != uid) {
+        if !uid.is_empty() && !pod.uid.is_empty() && *pod.uid != *uid {
             // An older pod of the same name: the new one is not known yet.
             return Enrollment::Undecided;
         }
         let ns = inner.merged.namespaces.get(namespace);
-        enrollment::by_labels(
-            pod.metadata.labels.as_ref(),
-            ns.and_then(|n| n.metadata.labels.as_ref()),
-        )
+        enrollment::by_labels(Some(&pod.labels), ns.map(|l| &**l))
     }
 
     /// Does any source provide Pod objects (so [`Store::enrollment`] can ever answer)?
     pub fn has_sources(&self) -> bool {
         let inner = self.read();
-        !inner.sources.is_empty() || !inner.pending.is_empty()
+        !inner.delivered.is_empty() || !inner.pending.is_empty()
     }
 
     /// (namespace, name, uid) of every pod this node captured.
@@ -293,13 +535,9 @@ impl Store {
             .collect()
     }
 
-    /// The Pod object `namespace/name`, if a source knows it.
-    pub fn pod(&self, namespace: &str, name: &str) -> Option<Pod> {
-        self.read()
-            .merged
-            .pods
-            .get(&(namespace.to_owned(), name.to_owned()))
-            .cloned()
+    /// The record of the Pod object `namespace/name`, if a source knows it.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<PodRecord>> {
+        self.read().record(namespace, name).cloned()
     }
 
     /// How every policy object was taken.
@@ -309,18 +547,31 @@ impl Store {
 
     /// A pod this node captured (CNI ADD or re-adoption).
     pub fn pod_added(&self, pod: &PodInfo) {
-        let mut inner = self.write();
-        inner.local.insert(pod.container_id.clone(), pod.clone());
-        self.reindex(&mut inner);
-        drop(inner);
+        {
+            let mut inner = self.write();
+            if let Some(old) = inner.local.insert(pod.container_id.clone(), pod.clone()) {
+                release_key(&mut inner.local_keys, &old);
+            }
+            *inner
+                .local_keys
+                .entry((pod.namespace.clone(), pod.name.clone()))
+                .or_default() += 1;
+        }
+        self.refresh_local();
         self.local_version.send_modify(|v| *v += 1);
     }
 
     pub fn pod_removed(&self, container_id: &str) {
-        let mut inner = self.write();
-        if inner.local.remove(container_id).is_some() {
-            self.reindex(&mut inner);
-            drop(inner);
+        let removed = {
+            let mut inner = self.write();
+            let old = inner.local.remove(container_id);
+            if let Some(old) = &old {
+                release_key(&mut inner.local_keys, old);
+            }
+            old.is_some()
+        };
+        if removed {
+            self.refresh_local();
             self.local_version.send_modify(|v| *v += 1);
         }
     }
@@ -332,11 +583,8 @@ impl Store {
             .local
             .values()
             .map(|p| {
-                let obj = inner
-                    .merged
-                    .pods
-                    .get(&(p.namespace.clone(), p.name.clone()));
-                self.identity(&p.namespace, obj)
+                let obj = inner.record(&p.namespace, &p.name);
+                self.identity(&p.namespace, obj.map(|r| &**r))
             })
             .collect()
     }
@@ -349,7 +597,7 @@ impl Store {
     /// (pods, namespaces) known from all sources.
     pub fn counts(&self) -> (usize, usize) {
         let inner = self.read();
-        (inner.merged.pods.len(), inner.merged.namespaces.len())
+        (inner.pod_count, inner.merged.namespaces.len())
     }
 
     /// (Services with a VIP, their endpoints over all ports).
@@ -361,53 +609,27 @@ impl Store {
     pub fn services_dump(&self) -> Vec<serde_json::Value> {
         self.read().services.dump()
     }
+}
 
-    fn reindex(&self, inner: &mut Inner) {
-        let mut by_ip = HashMap::new();
-        for ((ns, name), pod) in &inner.merged.pods {
-            let hbone = pod
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(REDIRECTION_ANNOTATION))
-                .is_some_and(|v| v == "enabled");
-            let w = Arc::new(Workload {
-                name: name.clone(),
-                namespace: ns.clone(),
-                identity: self.identity(ns, Some(pod)),
-                hbone,
-                app: app_label(Some(pod)),
-            });
-            for ip in pod_ips(pod) {
-                by_ip.insert(ip, w.clone());
-            }
+fn release_key(keys: &mut HashMap<(String, String), usize>, pod: &PodInfo) {
+    let k = (pod.namespace.clone(), pod.name.clone());
+    if let Some(n) = keys.get_mut(&k) {
+        *n -= 1;
+        if *n == 0 {
+            keys.remove(&k);
         }
-        let objects_by_ip = by_ip.clone();
-        // What this node captured is authoritative for its own addresses.
-        for p in inner.local.values() {
-            let obj = inner
-                .merged
-                .pods
-                .get(&(p.namespace.clone(), p.name.clone()));
-            let w = Arc::new(Workload {
-                name: p.name.clone(),
-                namespace: p.namespace.clone(),
-                identity: self.identity(&p.namespace, obj),
-                hbone: true,
-                app: app_label(obj),
-            });
-            for ip in &p.ips {
-                by_ip.insert(*ip, w.clone());
-            }
-        }
-        inner.by_ip = by_ip;
-        inner.objects_by_ip = objects_by_ip;
     }
 }
 
 impl Directory for Store {
     fn by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {
-        self.read().by_ip.get(&ip.to_canonical()).cloned()
+        let ip = ip.to_canonical();
+        let inner = self.read();
+        inner
+            .local_by_ip
+            .get(&ip)
+            .or_else(|| inner.by_ip.get(&ip).map(Owners::get))
+            .cloned()
     }
 
     fn service(&self, ip: IpAddr) -> Option<Arc<Service>> {
@@ -426,11 +648,7 @@ impl Directory for Store {
 
     fn identity_of(&self, namespace: &str, name: &str) -> Identity {
         let inner = self.read();
-        let obj = inner
-            .merged
-            .pods
-            .get(&(namespace.to_owned(), name.to_owned()));
-        self.identity(namespace, obj)
+        self.identity(namespace, inner.record(namespace, name).map(|r| &**r))
     }
 
     fn authorize(&self, namespace: &str, name: &str, conn: &Connection) -> Decision {
@@ -443,20 +661,14 @@ impl Directory for Store {
         }
         // By name, else by the address the connection is for (same namespace): a runtime may
         // name the pod differently from its object (a hand-built node, podman).
-        let pod = inner
-            .merged
-            .pods
-            .get(&(namespace.to_owned(), name.to_owned()))
-            .or_else(|| {
-                let w = inner
-                    .objects_by_ip
-                    .get(&conn.dst_ip)
-                    .filter(|w| w.namespace == namespace)?;
-                inner
-                    .merged
-                    .pods
-                    .get(&(w.namespace.clone(), w.name.clone()))
-            });
+        let pod = inner.record(namespace, name).or_else(|| {
+            let w = inner
+                .by_ip
+                .get(&conn.dst_ip.to_canonical())
+                .map(Owners::get)
+                .filter(|w| w.namespace == namespace)?;
+            inner.record(&w.namespace, &w.name)
+        });
         // Where pods are declared (the Kubernetes source, or Pod objects in the manifests) or
         // a policy selects workloads by labels, a pod the source does not know has unknown
         // labels and service account: which policies select it cannot be told. Where nothing
@@ -464,9 +676,9 @@ impl Directory for Store {
         // directory of Services only), there is nothing its labels could change.
         let declares = |s: &Source| *s == Source::Kubernetes;
         let selects = |scope: &authz::Scope| matches!(scope, authz::Scope::Selector { .. });
-        let knowable = inner.sources.keys().any(declares)
+        let knowable = inner.delivered.iter().any(declares)
             || inner.pending.iter().any(declares)
-            || !inner.merged.pods.is_empty()
+            || inner.pod_count > 0
             || inner.merged.policies.iter().any(|p| selects(&p.scope))
             || inner.merged.peer_auths.iter().any(|p| selects(&p.scope));
         if pod.is_none()
@@ -477,17 +689,16 @@ impl Directory for Store {
         {
             return Decision::Deny(format!(
                 "pod {namespace}/{name} is unknown to the workload source ({:?}): its labels and service account cannot be checked (--allow-unknown-pods serves it anyway)",
-                inner.sources.keys().collect::<Vec<_>>()
+                inner.delivered
             ));
         }
-        let labels = pod
-            .and_then(|p| p.metadata.labels.clone())
-            .unwrap_or_default();
+        let none = Labels::new();
+        let labels = pod.map_or(&none, |p| &*p.labels);
         authz::evaluate(
             &inner.merged.policies,
             &inner.merged.peer_auths,
             namespace,
-            &labels,
+            labels,
             conn,
         )
     }
@@ -500,6 +711,8 @@ impl Directory for Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ambit_common::enrollment::REDIRECTION_ANNOTATION;
+    use k8s_openapi::api::core::v1::Pod;
 
     fn pod(ns: &str, name: &str, sa: Option<&str>, ip: &str, captured: bool) -> Pod {
         let mut v = serde_json::json!({
@@ -520,11 +733,7 @@ mod tests {
     fn objects(pods: Vec<Pod>) -> Objects {
         let mut o = Objects::default();
         for p in pods {
-            let key = (
-                p.metadata.namespace.clone().unwrap(),
-                p.metadata.name.clone().unwrap(),
-            );
-            o.pods.insert(key, p);
+            o.add_pod(crate::records::pod_record(&p).unwrap());
         }
         o
     }
@@ -633,5 +842,153 @@ mod tests {
             s.by_ip("::ffff:10.1.0.2".parse().unwrap()).is_some(),
             "v4-mapped addresses are found too"
         );
+    }
+
+    fn record(ns: &str, name: &str, ip: &str, labels: &[(&str, &str)]) -> Arc<PodRecord> {
+        let mut p = pod(ns, name, None, ip, true);
+        p.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        Arc::new(crate::records::pod_record(&p).unwrap())
+    }
+
+    fn owner(s: &Store, ip: &str) -> Option<String> {
+        s.by_ip(ip.parse().unwrap())
+            .map(|w| format!("{}/{}", w.namespace, w.name))
+    }
+
+    #[test]
+    fn pod_events_change_the_index_in_place_and_the_later_source_wins() {
+        let s = Store::new("td");
+        let k8s = Source::Kubernetes;
+        s.update(
+            k8s,
+            Pods::Changes(vec![
+                PodChange::Upsert(record("a", "web", "10.0.0.1", &[])),
+                PodChange::Upsert(record("a", "db", "10.0.0.2", &[])),
+            ]),
+            None,
+        );
+        assert_eq!(s.counts().0, 2);
+        assert_eq!(owner(&s, "10.0.0.1").as_deref(), Some("a/web"));
+        // web moves to a new address: the old one is free.
+        s.update(
+            k8s,
+            Pods::Changes(vec![PodChange::Upsert(record("a", "web", "10.0.0.9", &[]))]),
+            None,
+        );
+        assert_eq!(owner(&s, "10.0.0.1"), None);
+        assert_eq!(owner(&s, "10.0.0.9").as_deref(), Some("a/web"));
+        // An address claimed twice (a finished pod's address reused before its update):
+        // the last by namespace and name, and the other again once it lets go.
+        s.update(
+            k8s,
+            Pods::Changes(vec![PodChange::Upsert(record("a", "zz", "10.0.0.2", &[]))]),
+            None,
+        );
+        assert_eq!(owner(&s, "10.0.0.2").as_deref(), Some("a/zz"));
+        s.update(
+            k8s,
+            Pods::Changes(vec![PodChange::Delete {
+                namespace: "a".into(),
+                name: "zz".into(),
+            }]),
+            None,
+        );
+        assert_eq!(owner(&s, "10.0.0.2").as_deref(), Some("a/db"));
+        // The manifests say something else about db: the API server's record stays in force
+        // until it goes.
+        s.set_manifests(objects(vec![pod(
+            "a",
+            "db",
+            Some("from-file"),
+            "10.0.0.3",
+            false,
+        )]));
+        assert_eq!(owner(&s, "10.0.0.2").as_deref(), Some("a/db"));
+        assert_eq!(owner(&s, "10.0.0.3"), None);
+        s.update(
+            k8s,
+            Pods::Changes(vec![PodChange::Delete {
+                namespace: "a".into(),
+                name: "db".into(),
+            }]),
+            None,
+        );
+        assert_eq!(owner(&s, "10.0.0.2"), None);
+        let w = s.by_ip("10.0.0.3".parse().unwrap()).unwrap();
+        assert_eq!(w.identity.service_account, "from-file");
+        assert_eq!(s.counts().0, 2, "web and the manifests' db");
+        // A full list from the API server: what it no longer has is gone, the manifests'
+        // pods stay.
+        s.update(k8s, Pods::Replace(BTreeMap::new()), None);
+        assert_eq!(owner(&s, "10.0.0.9"), None);
+        assert_eq!(owner(&s, "10.0.0.3").as_deref(), Some("a/db"));
+        assert_eq!(s.counts().0, 1);
+    }
+
+    #[test]
+    fn policies_are_re_evaluated_for_policy_objects_and_local_pods_labels_only() {
+        let s = Store::new("td");
+        let k8s = Source::Kubernetes;
+        let mut policy = s.policy_updates();
+        let mut changed = || {
+            let c = policy.has_changed().unwrap();
+            policy.borrow_and_update();
+            c
+        };
+        s.update(
+            k8s,
+            Pods::Changes(vec![PodChange::Upsert(record(
+                "a",
+                "remote",
+                "10.0.1.1",
+                &[],
+            ))]),
+            None,
+        );
+        assert!(
+            changed(),
+            "the first pods (unknown pods' treatment changes)"
+        );
+        s.pod_added(&PodInfo {
+            namespace: "a".into(),
+            ..local("mine", "10.0.1.2")
+        });
+        let relabel = |name: &str, ip: &str, v: &str| {
+            s.update(
+                k8s,
+                Pods::Changes(vec![PodChange::Upsert(record(
+                    "a",
+                    name,
+                    ip,
+                    &[("app", v)],
+                ))]),
+                None,
+            )
+        };
+        relabel("remote", "10.0.1.1", "x");
+        assert!(!changed(), "a remote pod's labels decide nothing here");
+        relabel("mine", "10.0.1.2", "x");
+        assert!(changed(), "this node's pod: its labels select policies");
+        relabel("mine", "10.0.1.2", "x");
+        assert!(!changed(), "the same record again changes nothing");
+        assert_eq!(
+            s.by_ip("10.0.1.2".parse().unwrap()).unwrap().app.as_deref(),
+            Some("x"),
+            "the local pod's workload follows its object"
+        );
+        let mut o = Objects::default();
+        o.policies.push(Arc::new(Policy {
+            key: "a/p".into(),
+            action: authz::Action::Deny,
+            scope: authz::Scope::Namespace("a".into()),
+            rules: vec![authz::Rule::default()],
+        }));
+        s.update(k8s, Pods::Changes(Vec::new()), Some(o));
+        assert!(changed(), "a policy object");
     }
 }
