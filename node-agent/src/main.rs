@@ -134,6 +134,7 @@ async fn run(
     let mut registry = prometheus_client::registry::Registry::default();
     proxy_metrics.register(&mut registry);
     agent_metrics.register(&mut registry);
+    store.register_metrics(&mut registry);
     let mesh = mesh(&config, &store, &certs, proxy_metrics);
     let mgr = Manager::new(state, exemption, mesh, store.clone(), agent_metrics.clone());
 

@@ -119,6 +119,13 @@ fn metrics_count_real_traffic_with_istio_labels_and_a_pods_series_leave_with_it(
         Some(2.0),
         "{text}"
     );
+    // Both pods are declared in the manifests: the store knows two Pod objects, and timed
+    // each change.
+    assert_eq!(metric(&text, "ambit_store_pods", &[]), Some(2.0), "{text}");
+    assert!(
+        metric(&text, "ambit_store_pod_change_seconds_count", &[]).is_some_and(|n| n >= 2.0),
+        "{text}"
+    );
     assert_eq!(
         metric(
             &text,
