@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+mod pods;
 mod services;
 
 use ambit_common::netns::Netns;
@@ -65,6 +66,18 @@ struct Args {
     /// Endpoints of each of those Services.
     #[arg(long, default_value_t = 5)]
     endpoints_per_service: usize,
+    /// Remote pods of the pods-at-scale figures on the agent (manifests), one run per size.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![20_000, 100_000])]
+    scale_pods: Vec<usize>,
+    /// Pods of the churn figure (in process, through the Kubernetes source).
+    #[arg(long, default_value_t = 100_000)]
+    churn_pods: usize,
+    /// Pod events a second of the churn figure.
+    #[arg(long, default_value_t = 500)]
+    churn_rate: usize,
+    /// Seconds of churn.
+    #[arg(long, default_value_t = 60.0)]
+    churn_seconds: f64,
     /// A short run that only checks the suite works (CI): tiny durations, one repetition.
     #[arg(long)]
     smoke: bool,
@@ -91,6 +104,10 @@ impl Args {
             self.add_pods = 3;
             self.rss_pods = vec![0, 3];
             self.services = 100;
+            self.scale_pods = vec![200, 1_000];
+            self.churn_pods = 1_000;
+            self.churn_rate = 200;
+            self.churn_seconds = 1.0;
         }
         self
     }
@@ -765,6 +782,16 @@ fn main() -> Result<()> {
     )?;
     let by_vip = service_vs_pod(&args, &ca, &cb, b.ip)?;
 
+    // Pods at scale on this agent: a manifests file of N remote pods.
+    eprintln!("pods at scale: {:?} remote pods...", args.scale_pods);
+    let agent_pods = pods::agent_figures(
+        &manifests,
+        &args.scale_pods,
+        || rss_kib(pid),
+        || node.agent_log(),
+        SETTLE,
+    )?;
+
     // The same pods without capture: the agent stopped (it would reinstall the rules) and
     // Ambit's tables (redirect and the agent's exemption) removed from both namespaces.
     node.kill_agent();
@@ -780,6 +807,13 @@ fn main() -> Result<()> {
         );
         direct.push(runs(&args, &ca, &cb, b.ip, None, pinned)?);
     }
+
+    // The store under churn, in process (no agent, no pods involved).
+    eprintln!(
+        "pods at scale: {} pods through the Kubernetes source, {} events/s for {} s...",
+        args.churn_pods, args.churn_rate, args.churn_seconds
+    );
+    let churn = pods::churn_figures(args.churn_pods, args.churn_rate, args.churn_seconds)?;
 
     // The report.
     let mut md = String::new();
@@ -902,6 +936,7 @@ fn main() -> Result<()> {
             vip / pod.max(1e-9)
         ));
     }
+    md.push_str(&pods::rows(&agent_pods, &churn));
     println!("\n{md}");
     if let Some(path) = &args.markdown {
         std::fs::write(path, &md)?;
@@ -923,6 +958,7 @@ fn main() -> Result<()> {
                                         "connect_p50_us_pod": by_vip.connect.0,
                                         "connect_p50_us_vip": by_vip.connect.1,
                                         "runs": args.repeat}},
+            "pods": {"agent": agent_pods, "churn": churn},
         });
         std::fs::write(path, serde_json::to_vec_pretty(&out)?)?;
     }

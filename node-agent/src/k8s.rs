@@ -509,5 +509,7 @@ async fn annotate(client: Client, store: Arc<Store>, stop: CancellationToken) {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
+pub mod double;
 #[cfg(test)]
 mod tests;

@@ -1,30 +1,16 @@
-//! The Kubernetes source against an in-process double of the API server: it answers list
-//! requests with recorded responses (testdata/kube/*.json), streams watch events the test
-//! pushes, and records PATCH requests. No network: the kube client talks to a tower service.
+//! The Kubernetes source against the in-process double of the API server ([`super::double`]),
+//! fed recorded responses (testdata/kube/*.json) and the watch events each test pushes.
 
-use std::collections::VecDeque;
-use std::convert::Infallible;
-use std::sync::Mutex;
 use std::time::Instant;
 
+use ambit_common::enrollment::Enrollment;
 use ambit_common::protocol::PodInfo;
 use ambit_proxy::authz::Connection;
 use ambit_proxy::mesh::Directory;
-use bytes::Bytes;
-use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
-use hyper::body::Frame;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
+use super::double::*;
 use super::*;
-use ambit_common::enrollment::Enrollment;
-
-const PODS: &str = "/api/v1/pods";
-const NAMESPACES: &str = "/api/v1/namespaces";
-const SERVICES: &str = "/api/v1/services";
-const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
-const POLICIES: &str = "/apis/security.istio.io/v1/authorizationpolicies";
-const PEER_AUTHS: &str = "/apis/security.istio.io/v1/peerauthentications";
 
 fn recorded(name: &str) -> Value {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -32,139 +18,6 @@ fn recorded(name: &str) -> Value {
         .join(name);
     serde_json::from_slice(&std::fs::read(&path).unwrap())
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-#[derive(Default)]
-struct Double {
-    /// List responses per path: each list takes the next one; the last one repeats.
-    lists: Mutex<HashMap<String, VecDeque<(u16, Value)>>>,
-    /// Open watch streams per path.
-    watches: Mutex<HashMap<String, Vec<mpsc::UnboundedSender<Value>>>>,
-    /// Every request as "METHOD path?query".
-    requests: Mutex<Vec<String>>,
-    /// PATCH requests: (path, body).
-    patches: Mutex<Vec<(String, Value)>>,
-}
-
-type Body = BoxBody<Bytes, Infallible>;
-
-fn full(status: u16, v: &Value) -> http::Response<Body> {
-    http::Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(
-            http_body_util::Full::new(Bytes::from(v.to_string()))
-                .map_err(|e| match e {})
-                .boxed(),
-        )
-        .unwrap()
-}
-
-impl Double {
-    fn list(&self, path: &str, status: u16, body: Value) {
-        self.lists
-            .lock()
-            .unwrap()
-            .entry(path.into())
-            .or_default()
-            .push_back((status, body));
-    }
-
-    /// Sends a watch event to every open watch of `path`; returns how many got it.
-    fn event(&self, path: &str, kind: &str, object: Value) -> usize {
-        let mut w = self.watches.lock().unwrap();
-        let senders = w.entry(path.into()).or_default();
-        senders.retain(|s| s.send(json!({"type": kind, "object": object})).is_ok());
-        senders.len()
-    }
-
-    fn watching(&self, path: &str) -> usize {
-        self.watches
-            .lock()
-            .unwrap()
-            .get(path)
-            .map_or(0, |v| v.iter().filter(|s| !s.is_closed()).count())
-    }
-
-    /// List (not watch) requests made for `path`.
-    fn lists_of(&self, path: &str) -> usize {
-        let prefix = format!("GET {path}?");
-        self.requests
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|r| r.starts_with(&prefix) && !r.contains("watch=true"))
-            .count()
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.requests
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|r| r.contains(needle))
-            .count()
-    }
-
-    async fn serve(&self, req: http::Request<kube::client::Body>) -> http::Response<Body> {
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        let query = req.uri().query().unwrap_or("").to_owned();
-        self.requests
-            .lock()
-            .unwrap()
-            .push(format!("{method} {path}?{query}"));
-        if method == http::Method::PATCH {
-            let body = req.into_body().collect().await.unwrap().to_bytes();
-            let v: Value = serde_json::from_slice(&body).unwrap();
-            self.patches.lock().unwrap().push((path, v.clone()));
-            return full(
-                200,
-                &json!({"apiVersion": "v1", "kind": "Pod", "metadata": v["metadata"]}),
-            );
-        }
-        if query.contains("watch=true") {
-            let (tx, rx) = mpsc::unbounded_channel::<Value>();
-            self.watches
-                .lock()
-                .unwrap()
-                .entry(path)
-                .or_default()
-                .push(tx);
-            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-                let v = rx.recv().await?;
-                let line = Bytes::from(format!("{v}\n"));
-                Some((Ok::<_, Infallible>(Frame::data(line)), rx))
-            });
-            return http::Response::builder()
-                .status(200)
-                .header("content-type", "application/json")
-                .body(BodyExt::boxed(StreamBody::new(stream)))
-                .unwrap();
-        }
-        let mut lists = self.lists.lock().unwrap();
-        let Some(q) = lists.get_mut(&path) else {
-            return full(
-                404,
-                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                        "reason": "NotFound", "message": "the server could not find the requested resource", "code": 404}),
-            );
-        };
-        let (status, body) = if q.len() > 1 {
-            q.pop_front().unwrap()
-        } else {
-            q.front().cloned().unwrap()
-        };
-        full(status, &body)
-    }
-}
-
-fn client(double: Arc<Double>) -> Client {
-    let svc = tower::service_fn(move |req: http::Request<kube::client::Body>| {
-        let d = double.clone();
-        async move { Ok::<_, Infallible>(d.serve(req).await) }
-    });
-    Client::new(svc, "default")
 }
 
 /// Polls `f` (every 10 ms, at most 10 s): the condition must become true.
@@ -219,7 +72,7 @@ fn start_with(double: Arc<Double>) -> Running {
     let store = Store::new("td");
     let stop = CancellationToken::new();
     tokio::spawn(run(
-        client(double.clone()),
+        double.client(),
         store.clone(),
         "istio-system".into(),
         stop.clone(),
