@@ -78,6 +78,9 @@ struct Args {
     /// Seconds of churn.
     #[arg(long, default_value_t = 60.0)]
     churn_seconds: f64,
+    /// Only the churn figure (in process: no node, no agent), printed as its Markdown row.
+    #[arg(long)]
+    churn_only: bool,
     /// A short run that only checks the suite works (CI): tiny durations, one repetition.
     #[arg(long)]
     smoke: bool,
@@ -625,6 +628,11 @@ fn p50_p99_ms(mut v: Vec<f64>) -> (f64, f64) {
 
 fn main() -> Result<()> {
     let args = Args::parse().effective();
+    if args.churn_only {
+        let churn = pods::churn_figures(args.churn_pods, args.churn_rate, args.churn_seconds)?;
+        println!("{}", pods::rows(&[], &churn));
+        return Ok(());
+    }
     require_root();
     if std::env::var("AMBIT_PROFILE").as_deref() != Ok("release") {
         eprintln!(

@@ -299,21 +299,7 @@ impl Directory {
         let mut out = Objects::default();
         let mut problems = Vec::new();
         for f in self.files.values() {
-            let o = &f.objects;
-            out.pods
-                .extend(o.pods.iter().map(|(k, v)| (k.clone(), v.clone())));
-            out.namespaces
-                .extend(o.namespaces.iter().map(|(k, v)| (k.clone(), v.clone())));
-            out.policies.extend(o.policies.iter().cloned());
-            out.peer_auths.extend(o.peer_auths.iter().cloned());
-            out.statuses.extend(o.statuses.iter().cloned());
-            out.services
-                .extend(o.services.iter().map(|(k, v)| (k.clone(), v.clone())));
-            out.endpoint_slices.extend(
-                o.endpoint_slices
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone())),
-            );
+            out.extend_from(&f.objects, true);
             problems.extend(f.problems.iter().cloned());
         }
         (out, problems)

@@ -579,15 +579,13 @@ fn fail_closed(
         ),
     };
     status.messages.push(effect.into());
-    (
-        Some(Policy {
-            key,
-            action,
-            scope,
-            rules,
-        }),
-        status,
-    )
+    let fallback = Policy {
+        key,
+        action,
+        scope,
+        rules,
+    };
+    (Some(fallback), status)
 }
 
 fn mode(v: &Yaml, path: &str, p: &mut Problems) -> MtlsMode {

@@ -49,6 +49,28 @@ pub struct Objects {
 }
 
 impl Objects {
+    /// Adds everything of `other` (its pods too if `pods`): an object both have under one key
+    /// becomes `other`'s; policies and statuses are appended.
+    pub fn extend_from(&mut self, other: &Objects, pods: bool) {
+        let o = other;
+        if pods {
+            self.pods
+                .extend(o.pods.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        self.namespaces
+            .extend(o.namespaces.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.policies.extend(o.policies.iter().cloned());
+        self.peer_auths.extend(o.peer_auths.iter().cloned());
+        self.statuses.extend(o.statuses.iter().cloned());
+        self.services
+            .extend(o.services.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.endpoint_slices.extend(
+            o.endpoint_slices
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+    }
+
     /// Adds a pod record under its own key.
     pub fn add_pod(&mut self, pod: PodRecord) {
         self.pods.insert(
@@ -225,18 +247,7 @@ pub struct Store {
 fn merge<'a>(sources: impl Iterator<Item = &'a Objects>) -> Objects {
     let mut out = Objects::default();
     for o in sources {
-        out.namespaces
-            .extend(o.namespaces.iter().map(|(k, v)| (k.clone(), v.clone())));
-        out.policies.extend(o.policies.iter().cloned());
-        out.peer_auths.extend(o.peer_auths.iter().cloned());
-        out.statuses.extend(o.statuses.iter().cloned());
-        out.services
-            .extend(o.services.iter().map(|(k, v)| (k.clone(), v.clone())));
-        out.endpoint_slices.extend(
-            o.endpoint_slices
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone())),
-        );
+        out.extend_from(o, false);
     }
     out
 }

@@ -33,6 +33,23 @@ pub enum End {
 }
 
 impl End {
+    /// The end of a relay that returned (bytes source → destination, destination → source) or
+    /// failed mid-way (the bytes of a failed relay are not known).
+    pub fn relayed(result: std::io::Result<(u64, u64)>) -> Self {
+        match result {
+            Ok((sent, recv)) => End::Complete {
+                sent,
+                recv,
+                error: None,
+            },
+            Err(e) => End::Complete {
+                sent: 0,
+                recv: 0,
+                error: Some(e.to_string()),
+            },
+        }
+    }
+
     fn message(&self) -> &'static str {
         match self {
             End::Complete { .. } => "connection complete",

@@ -208,18 +208,7 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
         }
     };
     // `sent` is client→app, the request direction either way.
-    record.end(match copied {
-        Ok((sent, recv)) => End::Complete {
-            sent,
-            recv,
-            error: None,
-        },
-        Err(e) => End::Complete {
-            sent: 0,
-            recv: 0,
-            error: Some(e.to_string()),
-        },
-    });
+    record.end(End::relayed(copied));
 }
 
 /// A Service VIP without an endpoint to serve it (or, with `--service-cidr`, an address in the
@@ -296,16 +285,5 @@ async fn outbound_hbone<'a>(
             Err(stopped())
         }
     };
-    record.end(match copied {
-        Ok((sent, recv)) => End::Complete {
-            sent,
-            recv,
-            error: None,
-        },
-        Err(e) => End::Complete {
-            sent: 0,
-            recv: 0,
-            error: Some(e.to_string()),
-        },
-    });
+    record.end(End::relayed(copied));
 }

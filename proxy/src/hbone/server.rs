@@ -360,17 +360,8 @@ async fn stream(
         }
         r = relay(&mut upstream, tunnel, pod.mesh.settings.copy_buffer) => r,
     };
-    record.end(match result {
-        // (sent = client to app, recv = app to client)
-        Ok((to_client, to_app)) => End::Complete {
-            sent: to_app,
-            recv: to_client,
-            error: None,
-        },
-        Err(e) => End::Complete {
-            sent: 0,
-            recv: 0,
-            error: Some(e.to_string()),
-        },
-    });
+    // The relay counts (upstream → stream, stream → upstream): client to app is the second.
+    record.end(End::relayed(
+        result.map(|(to_client, to_app)| (to_app, to_client)),
+    ));
 }
