@@ -1,6 +1,6 @@
 //! Pods at scale: what the cluster's pods cost the workload store every agent holds.
 //! - On the running agent: its RSS over the empty agent, and how long after a manifests file of
-//!   N remote pods (one `List`, ~560 bytes of JSON a pod) appears it serves them (its poll
+//!   N remote pods (one `List`, ~480 bytes of JSON a pod) appears it serves them (its poll
 //!   interval included), at each size of `--scale-pods`.
 //! - In process, through the Kubernetes source against the API server double: the first sync
 //!   of `--churn-pods` pods, then a steady churn of `--churn-rate` pod events a second: the
