@@ -20,7 +20,7 @@ use ambit_proxy::mesh::Directory;
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-/// Files the set is split into (a change to one reloads the whole directory today).
+/// Files the set is split into (a changed file is read again alone).
 const FILES: usize = 10;
 
 /// The VIP of Service `i` (10.96.0.0/16 holds 65,536).
