@@ -78,9 +78,10 @@ struct Args {
     /// Seconds of churn.
     #[arg(long, default_value_t = 60.0)]
     churn_seconds: f64,
-    /// Only the churn figure (in process: no node, no agent), printed as its Markdown row.
+    /// Only the in-process figures (the Services store figures and the pod churn: no node,
+    /// no agent), printed as their Markdown rows.
     #[arg(long)]
-    churn_only: bool,
+    store_only: bool,
     /// A short run that only checks the suite works (CI): tiny durations, one repetition.
     #[arg(long)]
     smoke: bool,
@@ -628,7 +629,11 @@ fn p50_p99_ms(mut v: Vec<f64>) -> (f64, f64) {
 
 fn main() -> Result<()> {
     let args = Args::parse().effective();
-    if args.churn_only {
+    if args.store_only {
+        let work = std::env::temp_dir().join(format!("ambit-bench-store-{}", std::process::id()));
+        let rows = services::store_figures(&work, args.services, args.endpoints_per_service);
+        let _ = std::fs::remove_dir_all(&work);
+        println!("{}", services::store_rows(&rows?));
         let churn = pods::churn_figures(args.churn_pods, args.churn_rate, args.churn_seconds)?;
         println!("{}", pods::rows(&[], &churn));
         return Ok(());

@@ -123,7 +123,7 @@ pub fn store_figures(work: &Path, services: usize, per: usize) -> Result<Vec<Val
         let t = Instant::now();
         let (objects, problems) = ambit_agent::manifests::load(&dir, "istio-system");
         let parsed = t.elapsed();
-        store.set_manifests(objects);
+        store.set_manifests(objects.clone());
         let loaded = t.elapsed();
         anyhow::ensure!(problems.is_empty(), "the set does not load: {problems:?}");
         anyhow::ensure!(
@@ -137,10 +137,37 @@ pub fn store_figures(work: &Path, services: usize, per: usize) -> Result<Vec<Val
         let (pods, pod_ips) = store_with_pods(n)?;
         let pod_ns = per_lookup(&pod_ips, rounds, |ip| pods.by_ip(ip).is_some());
         lookups.insert(n, (svc_ns, pod_ns));
+        // One EndpointSlice changes (an endpoint leaves, then comes back): the store's update
+        // with the rest of the set as it was.
+        let mut changes = Vec::new();
+        let first = objects
+            .endpoint_slices
+            .keys()
+            .next()
+            .cloned()
+            .context("a slice")?;
+        let full = objects.endpoint_slices[&first].clone();
+        let mut fewer = (*full).clone();
+        fewer.endpoints.pop();
+        for i in 0..20 {
+            let mut o = objects.clone();
+            let slice = if i % 2 == 0 {
+                fewer.clone()
+            } else {
+                (*full).clone()
+            };
+            o.endpoint_slices.insert(first.clone(), Arc::new(slice));
+            let t = Instant::now();
+            store.set_manifests(o);
+            changes.push(t.elapsed().as_secs_f64());
+        }
+        changes.sort_by(f64::total_cmp);
+        let slice_change_s = changes[changes.len() / 2];
         rows.push(json!({"services": n, "endpoints": n * per,
             "load_s": loaded.as_secs_f64(), "parse_s": parsed.as_secs_f64(),
             "index_s": (loaded - parsed).as_secs_f64(),
-            "vip_lookup_ns": svc_ns, "pod_lookup_ns": pod_ns, "pods_in_pod_store": n}));
+            "vip_lookup_ns": svc_ns, "pod_lookup_ns": pod_ns, "pods_in_pod_store": n,
+            "slice_change_s": slice_change_s}));
         std::fs::remove_dir_all(&dir)?;
     }
     Ok(rows)
@@ -159,6 +186,10 @@ pub fn store_rows(rows: &[Value]) -> String {
             r["load_s"].as_f64().unwrap_or(0.0),
             r["parse_s"].as_f64().unwrap_or(0.0),
             r["index_s"].as_f64().unwrap_or(0.0),
+        ));
+        md.push_str(&format!(
+            "| Services: one EndpointSlice changed at {s} Services, store update (median of 20) | – | {:.2} ms | – |\n",
+            r["slice_change_s"].as_f64().unwrap_or(0.0) * 1e3,
         ));
         md.push_str(&format!(
             "| Services: one VIP lookup at {s} Services; one pod lookup at {s} pods | – | {:.0} ns; {:.0} ns | – |\n",

@@ -205,112 +205,313 @@ impl Default for ServiceSettings {
     }
 }
 
-/// Services by VIP, and endpoints back to a Service (telemetry), built from records.
-#[derive(Default)]
+/// The Services claiming one address: nearly always one; two Services given the same VIP, or
+/// sharing an endpoint, make several.
+#[derive(Debug)]
+enum Claim<T> {
+    One(Arc<T>),
+    Many(Vec<Arc<T>>),
+}
+
+/// Something a Service owns in the index, known by the Service's (namespace, name).
+trait Owned {
+    fn owner(&self) -> (&str, &str);
+}
+
+impl Owned for Service {
+    fn owner(&self) -> (&str, &str) {
+        (&self.name.namespace, &self.name.name)
+    }
+}
+
+impl Owned for ServiceName {
+    fn owner(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
+}
+
+/// Addresses claimed by Services, changed one Service at a time.
+#[derive(Debug)]
+struct Claims<A, T> {
+    map: HashMap<A, Claim<T>>,
+    /// With several claimants: the last by (namespace, name) if true, else the first.
+    last_wins: bool,
+}
+
+impl<A: std::hash::Hash + Eq + Copy, T: Owned> Claims<A, T> {
+    fn new(last_wins: bool) -> Self {
+        Self {
+            map: HashMap::new(),
+            last_wins,
+        }
+    }
+
+    fn get(&self, a: &A) -> Option<&Arc<T>> {
+        match self.map.get(a)? {
+            Claim::One(t) => Some(t),
+            Claim::Many(v) => {
+                let by_owner = |x: &&Arc<T>, y: &&Arc<T>| x.owner().cmp(&y.owner());
+                if self.last_wins {
+                    v.iter().max_by(by_owner)
+                } else {
+                    v.iter().min_by(by_owner)
+                }
+            }
+        }
+    }
+
+    fn claim(&mut self, a: A, t: Arc<T>) {
+        match self.map.get_mut(&a) {
+            None => {
+                self.map.insert(a, Claim::One(t));
+            }
+            Some(Claim::One(x)) if x.owner() == t.owner() => *x = t,
+            Some(c @ Claim::One(_)) => {
+                let Claim::One(x) = std::mem::replace(c, Claim::Many(Vec::new())) else {
+                    unreachable!()
+                };
+                *c = Claim::Many(vec![x, t]);
+            }
+            Some(Claim::Many(v)) => {
+                v.retain(|x| x.owner() != t.owner());
+                v.push(t);
+            }
+        }
+    }
+
+    fn release(&mut self, a: &A, owner: (&str, &str)) {
+        let gone = match self.map.get_mut(a) {
+            Some(Claim::One(x)) => x.owner() == owner,
+            Some(c @ Claim::Many(_)) => {
+                let Claim::Many(v) = c else { unreachable!() };
+                v.retain(|x| x.owner() != owner);
+                if v.len() == 1 {
+                    *c = Claim::One(v.pop().expect("one left"));
+                }
+                false
+            }
+            None => false,
+        };
+        if gone {
+            self.map.remove(a);
+        }
+    }
+}
+
+/// Services by VIP, and endpoints back to a Service (telemetry), derived from records one
+/// Service at a time: a change to a Service or to one of its slices re-derives that Service
+/// only.
+#[derive(Debug)]
 pub struct Index {
-    pub by_vip: HashMap<IpAddr, Arc<Service>>,
-    pub by_endpoint: HashMap<SocketAddr, Arc<ServiceName>>,
+    by_vip: Claims<IpAddr, Service>,
+    by_endpoint: Claims<SocketAddr, ServiceName>,
     /// (namespace, name) → the Service, for the admin view.
     pub services: BTreeMap<(String, String), (Vec<IpAddr>, Arc<Service>)>,
+    /// (namespace, Service) → the keys of its slices.
+    slices_of: HashMap<Key, std::collections::BTreeSet<Key>>,
+    /// This node's zone as its local endpoints say it (when not configured).
+    zone: Option<String>,
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Self {
+            // As a full build always did: the last Service by name keeps a shared VIP, the
+            // first names a shared endpoint.
+            by_vip: Claims::new(true),
+            by_endpoint: Claims::new(false),
+            services: BTreeMap::new(),
+            slices_of: HashMap::new(),
+            zone: None,
+        }
+    }
 }
 
 type Key = (String, String);
 
+/// Keys whose value differs between two maps (added, removed or changed; `Arc`s that are the
+/// same allocation are not compared further).
+fn differing<'a, V: PartialEq>(
+    old: &'a BTreeMap<Key, Arc<V>>,
+    new: &'a BTreeMap<Key, Arc<V>>,
+) -> Vec<&'a Key> {
+    let mut out: Vec<&Key> = new
+        .iter()
+        .filter(|(k, v)| {
+            old.get(*k)
+                .is_none_or(|o| !Arc::ptr_eq(o, v) && **o != ***v)
+        })
+        .map(|(k, _)| k)
+        .collect();
+    out.extend(old.keys().filter(|k| !new.contains_key(*k)));
+    out
+}
+
 impl Index {
+    /// The index of `services` and their `slices`.
     pub fn build(
         services: &BTreeMap<Key, Arc<ServiceRecord>>,
         slices: &BTreeMap<Key, Arc<SliceRecord>>,
         loc: &ServiceSettings,
     ) -> Self {
-        let mut of_service: HashMap<(&str, &str), Vec<&SliceRecord>> = HashMap::new();
-        for ((ns, _), s) in slices {
-            of_service
-                .entry((ns.as_str(), s.service.as_str()))
-                .or_default()
-                .push(s);
+        let mut index = Index::default();
+        index.update(&BTreeMap::new(), &BTreeMap::new(), services, slices, loc);
+        index
+    }
+
+    /// Follows the records from `old_*` to `new_*`: only the Services whose record or slices
+    /// differ are derived again (all of them if this node's inferred zone changed).
+    pub fn update(
+        &mut self,
+        old_services: &BTreeMap<Key, Arc<ServiceRecord>>,
+        old_slices: &BTreeMap<Key, Arc<SliceRecord>>,
+        services: &BTreeMap<Key, Arc<ServiceRecord>>,
+        slices: &BTreeMap<Key, Arc<SliceRecord>>,
+        loc: &ServiceSettings,
+    ) {
+        let mut changed: std::collections::BTreeSet<Key> = differing(old_services, services)
+            .into_iter()
+            .cloned()
+            .collect();
+        let changed_slices = differing(old_slices, slices);
+        for key in &changed_slices {
+            let (ns, _) = key;
+            for rec in [old_slices.get(*key), slices.get(*key)]
+                .into_iter()
+                .flatten()
+            {
+                let owner = (ns.clone(), rec.service.clone());
+                if let Some(set) = self.slices_of.get_mut(&owner) {
+                    set.remove(*key);
+                    if set.is_empty() {
+                        self.slices_of.remove(&owner);
+                    }
+                }
+                changed.insert(owner);
+            }
+            if let Some(rec) = slices.get(*key) {
+                self.slices_of
+                    .entry((ns.clone(), rec.service.clone()))
+                    .or_default()
+                    .insert((*key).clone());
+            }
         }
-        let local = |e: &EndpointRecord| loc.node.is_some() && e.node == loc.node;
-        let zone = loc.zone.clone().or_else(|| {
-            slices
+        if !changed_slices.is_empty() && loc.zone.is_none() && loc.node.is_some() {
+            let zone = slices
                 .values()
                 .flat_map(|s| &s.endpoints)
-                .find(|e| local(e) && e.zone.is_some())
-                .and_then(|e| e.zone.clone())
+                .find(|e| e.node == loc.node && e.zone.is_some())
+                .and_then(|e| e.zone.clone());
+            if zone != self.zone {
+                self.zone = zone;
+                changed.extend(services.keys().cloned());
+            }
+        }
+        for key in changed {
+            self.derive(&key, services.get(&key), slices, loc);
+        }
+    }
+
+    /// Removes what Service `key` had in the index and derives it again from `record`.
+    fn derive(
+        &mut self,
+        key: &Key,
+        record: Option<&Arc<ServiceRecord>>,
+        slices: &BTreeMap<Key, Arc<SliceRecord>>,
+        loc: &ServiceSettings,
+    ) {
+        let (ns, name) = key;
+        let owner = (ns.as_str(), name.as_str());
+        if let Some((vips, old)) = self.services.remove(key) {
+            for vip in &vips {
+                self.by_vip.release(vip, owner);
+            }
+            for e in old.ports.iter().flat_map(|p| &p.endpoints) {
+                self.by_endpoint.release(&e.addr, owner);
+            }
+        }
+        let Some(svc) = record else { return };
+        let local = |e: &EndpointRecord| loc.node.is_some() && e.node == loc.node;
+        let zone = loc.zone.as_ref().or(self.zone.as_ref());
+        let close = |e: &EndpointRecord| match svc.distribution {
+            Distribution::Any => false,
+            Distribution::PreferSameNode => local(e),
+            Distribution::PreferSameZone => match (&e.hint_zones, zone) {
+                (Some(hints), Some(z)) => hints.contains(z),
+                (None, Some(z)) => e.zone.as_ref() == Some(z),
+                (_, None) => false,
+            },
+        };
+        let sname = Arc::new(ServiceName {
+            name: name.clone(),
+            namespace: ns.clone(),
+            hostname: format!("{name}.{ns}.svc.{}", loc.cluster_domain),
         });
-        let mut index = Index::default();
-        for ((ns, name), svc) in services {
-            let sname = Arc::new(ServiceName {
-                name: name.clone(),
-                namespace: ns.clone(),
-                hostname: format!("{name}.{ns}.svc.{}", loc.cluster_domain),
-            });
-            let close = |e: &EndpointRecord| match svc.distribution {
-                Distribution::Any => false,
-                Distribution::PreferSameNode => local(e),
-                Distribution::PreferSameZone => match (&e.hint_zones, &zone) {
-                    (Some(hints), Some(z)) => hints.contains(z),
-                    (None, Some(z)) => e.zone.as_ref() == Some(z),
-                    (_, None) => false,
-                },
-            };
-            let slices = of_service
-                .get(&(ns.as_str(), name.as_str()))
-                .map(Vec::as_slice)
-                .unwrap_or_default();
-            let mut ports = Vec::with_capacity(svc.ports.len());
-            for (port_name, port) in &svc.ports {
-                // One entry per address: an endpoint moving between slices is listed twice
-                // for a moment; the better readiness wins.
-                let mut endpoints: Vec<Endpoint> = Vec::new();
-                let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
-                for s in slices {
-                    let Some((_, target)) = s.ports.iter().find(|(n, _)| n == port_name) else {
-                        continue;
+        let of_service: Vec<&SliceRecord> = self
+            .slices_of
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| slices.get(k).map(|s| &**s))
+            .collect();
+        let mut ports = Vec::with_capacity(svc.ports.len());
+        for (port_name, port) in &svc.ports {
+            // One entry per address: an endpoint moving between slices is listed twice
+            // for a moment; the better readiness wins.
+            let mut endpoints: Vec<Endpoint> = Vec::new();
+            let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+            for s in &of_service {
+                let Some((_, target)) = s.ports.iter().find(|(n, _)| n == port_name) else {
+                    continue;
+                };
+                for e in &s.endpoints {
+                    let ep = Endpoint {
+                        addr: SocketAddr::new(e.ip, *target),
+                        readiness: e.readiness,
+                        local: local(e),
+                        close: close(e),
                     };
-                    for e in &s.endpoints {
-                        let ep = Endpoint {
-                            addr: SocketAddr::new(e.ip, *target),
-                            readiness: e.readiness,
-                            local: local(e),
-                            close: close(e),
-                        };
-                        match seen.get(&ep.addr) {
-                            Some(&i) if endpoints[i].readiness >= ep.readiness => {}
-                            Some(&i) => endpoints[i] = ep,
-                            None => {
-                                seen.insert(ep.addr, endpoints.len());
-                                endpoints.push(ep);
-                            }
+                    match seen.get(&ep.addr) {
+                        Some(&i) if endpoints[i].readiness >= ep.readiness => {}
+                        Some(&i) => endpoints[i] = ep,
+                        None => {
+                            seen.insert(ep.addr, endpoints.len());
+                            endpoints.push(ep);
                         }
                     }
                 }
-                endpoints.shrink_to_fit();
-                for e in &endpoints {
-                    index
-                        .by_endpoint
-                        .entry(e.addr)
-                        .or_insert_with(|| sname.clone());
-                }
-                ports.push(Port {
-                    port: *port,
-                    endpoints,
-                });
             }
-            let service = Arc::new(Service {
-                name: sname,
-                ports,
-                node_local: svc.node_local,
-                distribution: svc.distribution,
-                client_affinity: svc.client_affinity,
+            endpoints.shrink_to_fit();
+            for e in &endpoints {
+                self.by_endpoint.claim(e.addr, sname.clone());
+            }
+            ports.push(Port {
+                port: *port,
+                endpoints,
             });
-            for vip in &svc.vips {
-                index.by_vip.insert(*vip, service.clone());
-            }
-            index
-                .services
-                .insert((ns.clone(), name.clone()), (svc.vips.clone(), service));
         }
-        index
+        let service = Arc::new(Service {
+            name: sname,
+            ports,
+            node_local: svc.node_local,
+            distribution: svc.distribution,
+            client_affinity: svc.client_affinity,
+        });
+        for vip in &svc.vips {
+            self.by_vip.claim(*vip, service.clone());
+        }
+        self.services
+            .insert(key.clone(), (svc.vips.clone(), service));
+    }
+
+    /// The Service whose VIP is `ip`.
+    pub fn vip(&self, ip: &IpAddr) -> Option<&Arc<Service>> {
+        self.by_vip.get(ip)
+    }
+
+    /// A Service that has `addr` as an endpoint.
+    pub fn endpoint(&self, addr: &SocketAddr) -> Option<&Arc<ServiceName>> {
+        self.by_endpoint.get(addr)
     }
 
     /// (Services with a VIP, endpoints over all their ports).
@@ -485,7 +686,7 @@ mod tests {
             ..ServiceSettings::default()
         };
         let index = Index::build(&services, &slices, &loc);
-        let svc = index.by_vip.get(&"10.96.0.1".parse().unwrap()).unwrap();
+        let svc = index.vip(&"10.96.0.1".parse().unwrap()).unwrap();
         assert_eq!(svc.name.hostname, "s.d.svc.cluster.local");
         let http: Vec<(SocketAddr, Readiness, bool)> = svc.ports[0]
             .endpoints
@@ -503,11 +704,99 @@ mod tests {
         assert_eq!(svc.ports[1].endpoints.len(), 2);
         assert_eq!(
             index
-                .by_endpoint
-                .get(&"10.1.0.2:9000".parse().unwrap())
+                .endpoint(&"10.1.0.2:9000".parse().unwrap())
                 .map(|n| n.name.as_str()),
             Some("s")
         );
         assert_eq!(index.counts(), (1, 4));
+    }
+
+    /// Everything the index answers, comparable.
+    fn answers(i: &Index, vips: &[IpAddr], eps: &[SocketAddr]) -> String {
+        let v: Vec<_> = vips
+            .iter()
+            .map(|a| {
+                i.vip(a)
+                    .map(|s| format!("{}/{}", s.name.namespace, s.name.name))
+            })
+            .collect();
+        let e: Vec<_> = eps
+            .iter()
+            .map(|a| i.endpoint(a).map(|n| n.name.clone()))
+            .collect();
+        format!("{:?}\n{v:?}\n{e:?}\n{:?}", i.dump(), i.counts())
+    }
+
+    #[test]
+    fn updating_one_service_at_a_time_answers_as_a_full_build_does() {
+        // A small world where VIPs and endpoints are shared between Services, slices move
+        // between Services and endpoints come and go; after each random change the index
+        // that followed the changes answers exactly as one built from scratch.
+        let loc = ServiceSettings {
+            node: Some("n1".into()),
+            ..ServiceSettings::default()
+        };
+        let vips: Vec<IpAddr> = (1..=4)
+            .map(|i| format!("10.96.0.{i}").parse().unwrap())
+            .collect();
+        let eps: Vec<SocketAddr> = (1..=6)
+            .flat_map(|i| [80u16, 8080].map(move |p| format!("10.1.0.{i}:{p}").parse().unwrap()))
+            .collect();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let mut services: BTreeMap<Key, Arc<ServiceRecord>> = BTreeMap::new();
+        let mut slices: BTreeMap<Key, Arc<SliceRecord>> = BTreeMap::new();
+        let mut index = Index::default();
+        for step in 0..400 {
+            let (old_services, old_slices) = (services.clone(), slices.clone());
+            let name = format!("s{}", rnd(3));
+            match rnd(4) {
+                0 => {
+                    services.remove(&("d".into(), name));
+                }
+                1 => {
+                    let vip = vips[rnd(vips.len())];
+                    let dist = ["PreferClose", "PreferSameNode", "Other"][rnd(3)];
+                    let svc = service(serde_json::json!({"metadata": {"name": name, "namespace": "d"},
+                        "spec": {"clusterIP": vip.to_string(), "trafficDistribution": dist,
+                                 "ports": [{"name": "http", "port": 80}, {"name": "alt", "port": 81}]}}))
+                    .unwrap();
+                    services.insert(("d".into(), name), Arc::new(svc));
+                }
+                2 => {
+                    slices.remove(&("d".into(), format!("sl{}", rnd(4))));
+                }
+                _ => {
+                    let endpoints: Vec<serde_json::Value> = (0..rnd(4))
+                        .map(|_| {
+                            let i = 1 + rnd(6);
+                            serde_json::json!({"addresses": [format!("10.1.0.{i}")],
+                                "conditions": {"ready": rnd(2) == 0},
+                                "nodeName": format!("n{}", 1 + rnd(2)), "zone": format!("z{}", rnd(2))})
+                        })
+                        .collect();
+                    let target = [80, 8080][rnd(2)];
+                    let sl = slice(
+                        serde_json::json!({"metadata": {"name": "x", "namespace": "d",
+                            "labels": {SERVICE_NAME_LABEL: name}},
+                        "addressType": "IPv4", "ports": [{"name": "http", "port": target}, {"name": "alt", "port": 8080}],
+                        "endpoints": endpoints}),
+                    );
+                    slices.insert(("d".into(), format!("sl{}", rnd(4))), Arc::new(sl));
+                }
+            }
+            index.update(&old_services, &old_slices, &services, &slices, &loc);
+            let fresh = Index::build(&services, &slices, &loc);
+            assert_eq!(
+                answers(&index, &vips, &eps),
+                answers(&fresh, &vips, &eps),
+                "step {step}"
+            );
+        }
     }
 }

@@ -175,7 +175,7 @@ struct Inner {
     local_keys: HashMap<(String, String), usize>,
     /// What this node captured is authoritative for its own addresses (over `by_ip`).
     local_by_ip: HashMap<IpAddr, Arc<Workload>>,
-    /// Services by VIP, built from `merged` whenever its Services or EndpointSlices change.
+    /// Services by VIP, following `merged`'s Services and EndpointSlices one Service at a time.
     services: Index,
 }
 
@@ -406,16 +406,16 @@ impl Store {
                 {
                     changed.policies = true;
                 }
-                let services_changed = inner.merged.services != merged.services
-                    || inner.merged.endpoint_slices != merged.endpoint_slices;
+                // Only the Services whose record or slices changed are derived again.
+                let inner = &mut *inner;
+                inner.services.update(
+                    &inner.merged.services,
+                    &inner.merged.endpoint_slices,
+                    &merged.services,
+                    &merged.endpoint_slices,
+                    &self.services,
+                );
                 inner.merged = merged;
-                if services_changed {
-                    inner.services = Index::build(
-                        &inner.merged.services,
-                        &inner.merged.endpoint_slices,
-                        &self.services,
-                    );
-                }
             }
             // Whether pods are declared at all decides how unknown pods are treated.
             if (inner.pod_count > 0) != had_pods {
@@ -677,7 +677,7 @@ impl Directory for Store {
     }
 
     fn service(&self, ip: IpAddr) -> Option<Arc<Service>> {
-        self.read().services.by_vip.get(&ip.to_canonical()).cloned()
+        self.read().services.vip(&ip.to_canonical()).cloned()
     }
 
     fn in_service_range(&self, ip: IpAddr) -> bool {
@@ -687,7 +687,7 @@ impl Directory for Store {
 
     fn service_of_endpoint(&self, addr: SocketAddr) -> Option<Arc<ServiceName>> {
         let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
-        self.read().services.by_endpoint.get(&addr).cloned()
+        self.read().services.endpoint(&addr).cloned()
     }
 
     fn identity_of(&self, namespace: &str, name: &str) -> Identity {
