@@ -53,10 +53,36 @@ enum Kind {
     PeerAuthentication,
 }
 
+/// A full list being received (the first, or a re-list after an expired watch), until the
+/// watcher says it is complete.
+struct Listing<V>(Option<BTreeMap<(String, String), V>>);
+
+impl<V> Default for Listing<V> {
+    fn default() -> Self {
+        Self(None)
+    }
+}
+
+impl<V> Listing<V> {
+    fn start(&mut self) {
+        self.0 = Some(BTreeMap::new());
+    }
+
+    fn add(&mut self, key: (String, String), v: Option<V>) {
+        if let Some(v) = v {
+            self.0.get_or_insert_with(BTreeMap::new).insert(key, v);
+        }
+    }
+
+    fn done(&mut self) -> BTreeMap<(String, String), V> {
+        self.0.take().unwrap_or_default()
+    }
+}
+
 /// One kind's objects, converted as the watcher reported them.
 struct Cache<V> {
     items: BTreeMap<(String, String), V>,
-    building: Option<BTreeMap<(String, String), V>>,
+    building: Listing<V>,
     synced: bool,
 }
 
@@ -64,7 +90,7 @@ impl<V> Default for Cache<V> {
     fn default() -> Self {
         Self {
             items: BTreeMap::new(),
-            building: None,
+            building: Listing::default(),
             synced: false,
         }
     }
@@ -81,19 +107,15 @@ impl<V> Cache<V> {
     fn apply<K: Resource>(&mut self, ev: Event<K>, convert: impl Fn(&K) -> Option<V>) -> bool {
         match ev {
             Event::Init => {
-                self.building = Some(BTreeMap::new());
+                self.building.start();
                 false
             }
             Event::InitApply(o) => {
-                if let Some(v) = convert(&o) {
-                    self.building
-                        .get_or_insert_with(BTreeMap::new)
-                        .insert(key(&o), v);
-                }
+                self.building.add(key(&o), convert(&o));
                 false
             }
             Event::InitDone => {
-                self.items = self.building.take().unwrap_or_default();
+                self.items = self.building.done();
                 self.synced = true;
                 true
             }
@@ -116,7 +138,7 @@ impl<V> Cache<V> {
     fn absent(&mut self) -> bool {
         let changed = !self.synced || !self.items.is_empty();
         self.items.clear();
-        self.building = None;
+        self.building = Listing::default();
         self.synced = true;
         changed
     }
@@ -126,8 +148,7 @@ impl<V> Cache<V> {
 /// not been given yet.
 #[derive(Default)]
 struct PodCache {
-    /// A full list being received (the first, or a re-list after an expired watch).
-    building: Option<BTreeMap<(String, String), Arc<PodRecord>>>,
+    building: Listing<Arc<PodRecord>>,
     /// A full list received and not given to the store yet: it replaces the source's pods
     /// (pods deleted while the watch was down disappear); later events amend it.
     listed: Option<BTreeMap<(String, String), Arc<PodRecord>>>,
@@ -141,19 +162,15 @@ impl PodCache {
         let record = |p: &Pod| crate::records::pod_record(p).map(Arc::new);
         match ev {
             Event::Init => {
-                self.building = Some(BTreeMap::new());
+                self.building.start();
                 false
             }
             Event::InitApply(p) => {
-                if let Some(r) = record(&p) {
-                    self.building
-                        .get_or_insert_with(BTreeMap::new)
-                        .insert(key(&p), r);
-                }
+                self.building.add(key(&p), record(&p));
                 false
             }
             Event::InitDone => {
-                self.listed = Some(self.building.take().unwrap_or_default());
+                self.listed = Some(self.building.done());
                 self.changes.clear();
                 self.synced = true;
                 true
