@@ -423,7 +423,14 @@ pub async fn run(client: Client, store: Arc<Store>, root_ns: String, stop: Cance
         } else if let Pods::Changes(c) = &pods {
             debug!(pod_changes = c.len(), "Kubernetes update");
         }
-        store.update(Source::Kubernetes, pods, rest);
+        // Off the runtime threads, which carry the pods' traffic: a first list of 100,000 pods
+        // is ~1 s of store work (each change takes the store's lock alone, so lookups go on).
+        let s = store.clone();
+        let done =
+            tokio::task::spawn_blocking(move || s.update(Source::Kubernetes, pods, rest)).await;
+        if let Err(e) = done {
+            warn!("the workload store update failed: {e}");
+        }
         if let Some(statuses) = statuses {
             reported = crate::manifests::report_statuses(&statuses, &reported);
         }
