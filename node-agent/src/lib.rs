@@ -19,6 +19,7 @@ pub mod admin;
 pub mod ca;
 pub mod certs;
 pub mod cgroup;
+pub mod claims;
 pub mod cni_server;
 pub mod config;
 pub mod k8s;

@@ -60,12 +60,7 @@ fn namespaced(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     kind: &str,
 ) -> Result<(String, String), String> {
-    let name = meta
-        .name
-        .clone()
-        .ok_or_else(|| format!("{kind} without metadata.name"))?;
-    let ns = meta.namespace.clone().unwrap_or_else(|| "default".into());
-    Ok((ns, name))
+    crate::records::key_of(meta).ok_or_else(|| format!("{kind} without metadata.name"))
 }
 
 /// One document of a manifest file: a YAML value, or the text of a JSON object (deserialized

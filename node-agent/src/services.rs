@@ -19,6 +19,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use crate::claims::{Claims, Owned};
+
 use ambit_proxy::service::{Distribution, Endpoint, Port, Readiness, Service, ServiceName};
 use k8s_openapi::api::core::v1::Service as KubeService;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -205,19 +207,6 @@ impl Default for ServiceSettings {
     }
 }
 
-/// The Services claiming one address: nearly always one; two Services given the same VIP, or
-/// sharing an endpoint, make several.
-#[derive(Debug)]
-enum Claim<T> {
-    One(Arc<T>),
-    Many(Vec<Arc<T>>),
-}
-
-/// Something a Service owns in the index, known by the Service's (namespace, name).
-trait Owned {
-    fn owner(&self) -> (&str, &str);
-}
-
 impl Owned for Service {
     fn owner(&self) -> (&str, &str) {
         (&self.name.namespace, &self.name.name)
@@ -227,74 +216,6 @@ impl Owned for Service {
 impl Owned for ServiceName {
     fn owner(&self) -> (&str, &str) {
         (&self.namespace, &self.name)
-    }
-}
-
-/// Addresses claimed by Services, changed one Service at a time.
-#[derive(Debug)]
-struct Claims<A, T> {
-    map: HashMap<A, Claim<T>>,
-    /// With several claimants: the last by (namespace, name) if true, else the first.
-    last_wins: bool,
-}
-
-impl<A: std::hash::Hash + Eq + Copy, T: Owned> Claims<A, T> {
-    fn new(last_wins: bool) -> Self {
-        Self {
-            map: HashMap::new(),
-            last_wins,
-        }
-    }
-
-    fn get(&self, a: &A) -> Option<&Arc<T>> {
-        match self.map.get(a)? {
-            Claim::One(t) => Some(t),
-            Claim::Many(v) => {
-                let by_owner = |x: &&Arc<T>, y: &&Arc<T>| x.owner().cmp(&y.owner());
-                if self.last_wins {
-                    v.iter().max_by(by_owner)
-                } else {
-                    v.iter().min_by(by_owner)
-                }
-            }
-        }
-    }
-
-    fn claim(&mut self, a: A, t: Arc<T>) {
-        match self.map.get_mut(&a) {
-            None => {
-                self.map.insert(a, Claim::One(t));
-            }
-            Some(Claim::One(x)) if x.owner() == t.owner() => *x = t,
-            Some(c @ Claim::One(_)) => {
-                let Claim::One(x) = std::mem::replace(c, Claim::Many(Vec::new())) else {
-                    unreachable!()
-                };
-                *c = Claim::Many(vec![x, t]);
-            }
-            Some(Claim::Many(v)) => {
-                v.retain(|x| x.owner() != t.owner());
-                v.push(t);
-            }
-        }
-    }
-
-    fn release(&mut self, a: &A, owner: (&str, &str)) {
-        let gone = match self.map.get_mut(a) {
-            Some(Claim::One(x)) => x.owner() == owner,
-            Some(c @ Claim::Many(_)) => {
-                let Claim::Many(v) = c else { unreachable!() };
-                v.retain(|x| x.owner() != owner);
-                if v.len() == 1 {
-                    *c = Claim::One(v.pop().expect("one left"));
-                }
-                false
-            }
-            None => false,
-        };
-        if gone {
-            self.map.remove(a);
-        }
     }
 }
 

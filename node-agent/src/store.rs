@@ -26,6 +26,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::claims::{Claims, Owned};
 use crate::policy::Status;
 use crate::records::{Labels, PodRecord};
 use crate::services::{Index, ServiceRecord, ServiceSettings, SliceRecord};
@@ -129,31 +130,12 @@ impl PodEntry {
     }
 }
 
-/// The workloads whose records claim an address: nearly always one; a finished pod whose
-/// address was reused, or two sources disagreeing, can make several.
-enum Owners {
-    One(Arc<Workload>),
-    Many(Vec<Arc<Workload>>),
-}
-
-impl Owners {
-    /// The owner: with several, the last by (namespace, name), as the store always chose.
-    fn get(&self) -> &Arc<Workload> {
-        match self {
-            Owners::One(w) => w,
-            Owners::Many(v) => v
-                .iter()
-                .max_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
-                .expect("Many is never empty"),
-        }
+impl Owned for Workload {
+    fn owner(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
     }
 }
 
-fn same_pod(a: &Workload, b: &Workload) -> bool {
-    a.namespace == b.namespace && a.name == b.name
-}
-
-#[derive(Default)]
 struct Inner {
     /// Sources that delivered their first snapshot.
     delivered: BTreeSet<Source>,
@@ -167,8 +149,9 @@ struct Inner {
     /// Pods by namespace, then name.
     pods: HashMap<Arc<str>, HashMap<Arc<str>, PodEntry>>,
     pod_count: usize,
-    /// The Pod objects claiming each address.
-    by_ip: HashMap<IpAddr, Owners>,
+    /// The Pod objects claiming each address (with several, the last by namespace and name,
+    /// as the store always chose).
+    by_ip: Claims<IpAddr, Workload>,
     /// Pods captured on this node, by container id.
     local: HashMap<String, PodInfo>,
     /// (namespace, name) of the local pods, with how many captures carry it.
@@ -183,45 +166,22 @@ impl Inner {
     fn record(&self, namespace: &str, name: &str) -> Option<&Arc<PodRecord>> {
         self.pods.get(namespace)?.get(name)?.record()
     }
+}
 
-    fn index(&mut self, w: &Arc<Workload>, ips: &[IpAddr]) {
-        for ip in ips {
-            match self.by_ip.get_mut(ip) {
-                None => {
-                    self.by_ip.insert(*ip, Owners::One(w.clone()));
-                }
-                Some(Owners::One(x)) if same_pod(x, w) => *x = w.clone(),
-                Some(o @ Owners::One(_)) => {
-                    let Owners::One(x) = std::mem::replace(o, Owners::Many(Vec::new())) else {
-                        unreachable!()
-                    };
-                    *o = Owners::Many(vec![x, w.clone()]);
-                }
-                Some(Owners::Many(v)) => {
-                    v.retain(|x| !same_pod(x, w));
-                    v.push(w.clone());
-                }
-            }
-        }
-    }
-
-    fn unindex(&mut self, w: &Workload, ips: &[IpAddr]) {
-        for ip in ips {
-            let gone = match self.by_ip.get_mut(ip) {
-                Some(Owners::One(x)) => same_pod(x, w),
-                Some(o @ Owners::Many(_)) => {
-                    let Owners::Many(v) = o else { unreachable!() };
-                    v.retain(|x| !same_pod(x, w));
-                    if v.len() == 1 {
-                        *o = Owners::One(v.pop().expect("one left"));
-                    }
-                    false
-                }
-                None => false,
-            };
-            if gone {
-                self.by_ip.remove(ip);
-            }
+impl Default for Inner {
+    fn default() -> Self {
+        Self {
+            delivered: BTreeSet::new(),
+            pending: HashSet::new(),
+            rest: BTreeMap::new(),
+            merged: Objects::default(),
+            pods: HashMap::new(),
+            pod_count: 0,
+            by_ip: Claims::new(true),
+            local: HashMap::new(),
+            local_keys: HashMap::new(),
+            local_by_ip: HashMap::new(),
+            services: Index::default(),
         }
     }
 }
@@ -484,7 +444,9 @@ impl Store {
             let old = inner.pods[namespace.as_str()][name.as_str()]
                 .workload
                 .clone();
-            inner.unindex(&old, &b.ips);
+            for ip in b.ips.iter() {
+                inner.by_ip.release(ip, old.owner());
+            }
         }
         match &after {
             Some(a) => {
@@ -499,7 +461,9 @@ impl Store {
                 {
                     e.workload = w.clone();
                 }
-                inner.index(&w, &a.ips);
+                for ip in a.ips.iter() {
+                    inner.by_ip.claim(*ip, w.clone());
+                }
             }
             None => {
                 if let Some(m) = inner.pods.get_mut(namespace.as_str()) {
@@ -672,7 +636,7 @@ impl Directory for Store {
         inner
             .local_by_ip
             .get(&ip)
-            .or_else(|| inner.by_ip.get(&ip).map(Owners::get))
+            .or_else(|| inner.by_ip.get(&ip))
             .cloned()
     }
 
@@ -709,7 +673,6 @@ impl Directory for Store {
             let w = inner
                 .by_ip
                 .get(&conn.dst_ip.to_canonical())
-                .map(Owners::get)
                 .filter(|w| w.namespace == namespace)?;
             inner.record(&w.namespace, &w.name)
         });
