@@ -192,7 +192,11 @@ pub fn churn_figures(pods: usize, rate: usize, seconds: f64) -> Result<Value> {
         tokio::spawn(ambit_agent::k8s::run(
             d.client(),
             store.clone(),
-            "istio-system".into(),
+            // One node of the 500 the pods are spread over: its pods keep their labels.
+            ambit_agent::records::Context {
+                root_namespace: "istio-system".into(),
+                node: Some("node-0".into()),
+            },
             stop.clone(),
         ));
         while store.counts().0 < pods || d.watching(double::PODS) == 0 {
@@ -248,11 +252,13 @@ pub fn churn_figures(pods: usize, rate: usize, seconds: f64) -> Result<Value> {
         let mut last = pod(0, 3 + events);
         last["metadata"]["labels"]["marker"] = json!("end");
         d.event(double::PODS, "MODIFIED", last);
+        // A pod of this agent's node (node-0): it keeps its labels.
         let (ns0, name0) = ("ns-0", "web-0-0");
         let t = Instant::now();
         let applied = |s: &Store| {
             s.pod(ns0, name0)
-                .is_some_and(|p| p.labels.get("marker").is_some_and(|m| m == "end"))
+                .and_then(|p| p.labels.clone())
+                .is_some_and(|l| l.get("marker").is_some_and(|m| m == "end"))
         };
         while !applied(&store) {
             anyhow::ensure!(t.elapsed() < Duration::from_secs(60), "the churn was not applied");

@@ -235,6 +235,9 @@ pub fn enrollment(
         let (capture, reason) = match answer {
             Enrollment::Capture(r) => (true, r),
             Enrollment::Skip(r) => (false, r),
+            Enrollment::Undecided if let Some(why) = store.elsewhere(namespace, name, uid) => {
+                return Response::error(why);
+            }
             Enrollment::Undecided if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(25));
                 continue;

@@ -97,7 +97,9 @@ pub struct Config {
     pub root_namespace: String,
     /// This node's name, as Kubernetes knows it (EndpointSlice `nodeName`): Services with
     /// `internalTrafficPolicy: Local` or `trafficDistribution: PreferSameNode` use the
-    /// endpoints on this node. The DaemonSet sets it from `spec.nodeName`.
+    /// endpoints on this node; only this node's pods keep their labels (enrollment and
+    /// policy selectors are decided on the pod's node). The DaemonSet sets it from
+    /// `spec.nodeName`.
     #[arg(long, env = "AMBIT_NODE_NAME")]
     pub node_name: Option<String>,
     /// This node's zone, for `trafficDistribution: PreferClose`; when unset, the zone of an

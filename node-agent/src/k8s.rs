@@ -34,9 +34,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::records::{Labels, PodRecord};
+use crate::records::{Context, Labels, PodRecord};
 use crate::services::{ServiceRecord, SliceRecord};
-use crate::store::{Objects, PodChange, Pods, Source, Store};
+use crate::store::{Change, Key, Keyed, Objects, Source, Store, Update};
 use ambit_common::enrollment::REDIRECTION_ANNOTATION;
 
 /// The Istio security API group and the version watched.
@@ -144,75 +144,83 @@ impl<V> Cache<V> {
     }
 }
 
-/// Pods, converted to records on arrival; the store holds them, this keeps only what it has
-/// not been given yet.
-#[derive(Default)]
-struct PodCache {
-    building: Listing<Arc<PodRecord>>,
-    /// A full list received and not given to the store yet: it replaces the source's pods
-    /// (pods deleted while the watch was down disappear); later events amend it.
-    listed: Option<BTreeMap<(String, String), Arc<PodRecord>>>,
+/// A kind the store keeps as records (Pods, Services, EndpointSlices): each object is
+/// converted on arrival, and this keeps only what the store has not been given yet.
+struct Records<V> {
+    building: Listing<Arc<V>>,
+    /// A full list received and not given to the store yet: it replaces the source's set
+    /// (objects deleted while the watch was down disappear); later events amend it.
+    listed: Option<BTreeMap<Key, Arc<V>>>,
     /// Changes since the last update of the store.
-    changes: Vec<PodChange>,
+    changes: Vec<Change<V>>,
     synced: bool,
 }
 
-impl PodCache {
-    fn apply(&mut self, ev: Event<Pod>) -> bool {
-        let record = |p: &Pod| crate::records::pod_record(p).map(Arc::new);
-        match ev {
+impl<V> Default for Records<V> {
+    fn default() -> Self {
+        Self {
+            building: Listing::default(),
+            listed: None,
+            changes: Vec::new(),
+            synced: false,
+        }
+    }
+}
+
+impl<V> Records<V> {
+    /// Applies one event, keeping what `convert` makes of the object (nothing, if `None`: an
+    /// object the agent has no use for, as a Service without a VIP, which deletes the record
+    /// it had); returns whether the store has something new to learn.
+    fn apply<K: Resource>(&mut self, ev: Event<K>, convert: impl Fn(&K) -> Option<V>) -> bool {
+        let change = match ev {
             Event::Init => {
                 self.building.start();
-                false
+                return false;
             }
-            Event::InitApply(p) => {
-                self.building.add(key(&p), record(&p));
-                false
+            Event::InitApply(o) => {
+                self.building.add(key(&o), convert(&o).map(Arc::new));
+                return false;
             }
             Event::InitDone => {
                 self.listed = Some(self.building.done());
                 self.changes.clear();
                 self.synced = true;
+                return true;
+            }
+            Event::Apply(o) => match convert(&o) {
+                Some(v) => Change::Upsert(key(&o), Arc::new(v)),
+                None => Change::Delete(key(&o)),
+            },
+            Event::Delete(o) => Change::Delete(key(&o)),
+        };
+        match (&mut self.listed, change) {
+            (Some(all), Change::Upsert(k, v)) => {
+                all.insert(k, v);
                 true
             }
-            Event::Apply(p) => {
-                let Some(r) = record(&p) else { return false };
-                match &mut self.listed {
-                    Some(all) => {
-                        all.insert(key(&p), r);
-                    }
-                    None => self.changes.push(PodChange::Upsert(r)),
-                }
+            (Some(all), Change::Delete(k)) => all.remove(&k).is_some(),
+            (None, c) => {
+                self.changes.push(c);
                 true
-            }
-            Event::Delete(p) => {
-                let (namespace, name) = key(&p);
-                match &mut self.listed {
-                    Some(all) => all.remove(&(namespace, name)).is_some(),
-                    None => {
-                        self.changes.push(PodChange::Delete { namespace, name });
-                        true
-                    }
-                }
             }
         }
     }
 
     /// What the store has not been given yet.
-    fn take(&mut self) -> Pods {
+    fn take(&mut self) -> Keyed<V> {
         match self.listed.take() {
-            Some(all) => Pods::Replace(all),
-            None => Pods::Changes(std::mem::take(&mut self.changes)),
+            Some(all) => Keyed::Replace(all),
+            None => Keyed::Changes(std::mem::take(&mut self.changes)),
         }
     }
 }
 
 #[derive(Default)]
 struct Caches {
-    pods: PodCache,
+    pods: Records<PodRecord>,
     namespaces: Cache<Arc<Labels>>,
-    services: Cache<Arc<ServiceRecord>>,
-    slices: Cache<Arc<SliceRecord>>,
+    services: Records<ServiceRecord>,
+    slices: Records<SliceRecord>,
     policies: Cache<DynamicObject>,
     peer_auths: Cache<DynamicObject>,
 }
@@ -236,14 +244,12 @@ impl Caches {
             && self.peer_auths.synced
     }
 
-    /// Everything but the pods, for the store, converted exactly as manifests are.
+    /// Namespaces and policies, for the store, converted exactly as manifests are.
     fn rest(&self, root_ns: &str) -> Objects {
         let mut o = Objects::default();
         for ((_, name), labels) in &self.namespaces.items {
             o.namespaces.insert(name.clone(), labels.clone());
         }
-        o.services = self.services.items.clone();
-        o.endpoint_slices = self.slices.items.clone();
         for (kind, cache) in [
             ("AuthorizationPolicy", &self.policies),
             ("PeerAuthentication", &self.peer_auths),
@@ -277,9 +283,9 @@ impl Caches {
     }
 }
 
-fn service(svc: &Service) -> Option<Arc<ServiceRecord>> {
+fn service(svc: &Service) -> Option<ServiceRecord> {
     match crate::services::service_record(svc) {
-        Ok(r) => r.map(Arc::new),
+        Ok(r) => r,
         Err(e) => {
             warn!(service = %format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any()), "Service skipped: {e}");
             None
@@ -287,9 +293,9 @@ fn service(svc: &Service) -> Option<Arc<ServiceRecord>> {
     }
 }
 
-fn slice(s: &EndpointSlice) -> Option<Arc<SliceRecord>> {
+fn slice(s: &EndpointSlice) -> Option<SliceRecord> {
     match crate::services::slice_record(s) {
-        Ok(r) => r.map(Arc::new),
+        Ok(r) => r,
         Err(e) => {
             warn!(slice = %format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()), "EndpointSlice skipped: {e}");
             None
@@ -297,7 +303,8 @@ fn slice(s: &EndpointSlice) -> Option<Arc<SliceRecord>> {
     }
 }
 
-enum Update {
+/// One item of the merged watch streams.
+enum Watched {
     Pod(Box<Event<Pod>>),
     Namespace(Event<Namespace>),
     Service(Box<Event<Service>>),
@@ -319,35 +326,35 @@ fn is_not_found(e: &watcher::Error) -> bool {
 
 /// Feeds `store` from the API server until `stop`. Declares itself to the store first, so
 /// the agent is not ready (and refuses inbound connections) until the first full snapshot.
-pub async fn run(client: Client, store: Arc<Store>, root_ns: String, stop: CancellationToken) {
+pub async fn run(client: Client, store: Arc<Store>, cx: Context, stop: CancellationToken) {
     store.expect(Source::Kubernetes);
     let cfg = watcher::Config::default;
     let pods = watcher::watcher(Api::<Pod>::all(client.clone()), cfg())
         .default_backoff()
         .map(|r| match r {
-            Ok(ev) => Update::Pod(Box::new(ev)),
-            Err(e) => Update::Failed(Kind::Pod, e),
+            Ok(ev) => Watched::Pod(Box::new(ev)),
+            Err(e) => Watched::Failed(Kind::Pod, e),
         })
         .boxed();
     let namespaces = watcher::watcher(Api::<Namespace>::all(client.clone()), cfg())
         .default_backoff()
         .map(|r| match r {
-            Ok(ev) => Update::Namespace(ev),
-            Err(e) => Update::Failed(Kind::Namespace, e),
+            Ok(ev) => Watched::Namespace(ev),
+            Err(e) => Watched::Failed(Kind::Namespace, e),
         })
         .boxed();
     let services = watcher::watcher(Api::<Service>::all(client.clone()), cfg())
         .default_backoff()
         .map(|r| match r {
-            Ok(ev) => Update::Service(Box::new(ev)),
-            Err(e) => Update::Failed(Kind::Service, e),
+            Ok(ev) => Watched::Service(Box::new(ev)),
+            Err(e) => Watched::Failed(Kind::Service, e),
         })
         .boxed();
     let slices = watcher::watcher(Api::<EndpointSlice>::all(client.clone()), cfg())
         .default_backoff()
         .map(|r| match r {
-            Ok(ev) => Update::Slice(ev),
-            Err(e) => Update::Failed(Kind::EndpointSlice, e),
+            Ok(ev) => Watched::Slice(ev),
+            Err(e) => Watched::Failed(Kind::EndpointSlice, e),
         })
         .boxed();
     let policy_stream = |kind: Kind, name: &str| {
@@ -355,8 +362,8 @@ pub async fn run(client: Client, store: Arc<Store>, root_ns: String, stop: Cance
         watcher::watcher(Api::<DynamicObject>::all_with(client.clone(), &ar), cfg())
             .default_backoff()
             .map(move |r| match r {
-                Ok(ev) => Update::Policy(kind, ev),
-                Err(e) => Update::Failed(kind, e),
+                Ok(ev) => Watched::Policy(kind, ev),
+                Err(e) => Watched::Failed(kind, e),
             })
             .boxed()
     };
@@ -372,8 +379,9 @@ pub async fn run(client: Client, store: Arc<Store>, root_ns: String, stop: Cance
     let mut reported = HashSet::new();
     let mut failing: HashSet<Kind> = HashSet::new();
     let annotator = tokio::spawn(annotate(client, store.clone(), stop.clone()));
-    // What changed since the store was last updated (kept until every kind has listed).
-    let (mut pods_changed, mut rest_changed) = (false, false);
+    // What changed since the store was last updated (kept until every kind has listed):
+    // records (pods, Services, slices) go as changes, the rest as a whole.
+    let (mut records_changed, mut rest_changed) = (false, false);
     let mut first = true;
     loop {
         let next = tokio::select! {
@@ -389,69 +397,79 @@ pub async fn run(client: Client, store: Arc<Store>, root_ns: String, stop: Cance
             batch.push(u);
         }
         for u in batch {
-            let (kind, changed) = apply(&mut caches, u, &mut failing);
-            if kind == Kind::Pod {
-                pods_changed |= changed;
+            let (kind, changed) = apply(&mut caches, u, &cx, &mut failing);
+            if matches!(kind, Kind::Pod | Kind::Service | Kind::EndpointSlice) {
+                records_changed |= changed;
             } else {
                 rest_changed |= changed;
             }
         }
-        if !(pods_changed || rest_changed) || !caches.synced() {
+        if !(records_changed || rest_changed) || !caches.synced() {
             continue;
         }
-        let rest = (rest_changed || first).then(|| caches.rest(&root_ns));
-        let pods = caches.pods.take();
-        let full = matches!(pods, Pods::Replace(_));
-        let statuses = rest.as_ref().map(|r| r.statuses.clone());
-        if first || full || rest.is_some() {
-            let (namespaces, services, slices) = (
-                caches.namespaces.items.len(),
-                caches.services.items.len(),
-                caches.slices.items.len(),
-            );
+        let update = Update {
+            pods: caches.pods.take(),
+            services: caches.services.take(),
+            slices: caches.slices.take(),
+            rest: (rest_changed || first).then(|| caches.rest(&cx.root_namespace)),
+        };
+        let full = matches!(update.pods, Keyed::Replace(_));
+        let statuses = update.rest.as_ref().map(|r| r.statuses.clone());
+        if first || full || update.rest.is_some() {
             info!(
-                pods = match &pods {
-                    Pods::Replace(all) => all.len(),
-                    Pods::Changes(c) => c.len(),
-                },
+                pods = update.pods.len(),
                 full,
-                namespaces,
-                services,
-                endpoint_slices = slices,
+                namespaces = caches.namespaces.items.len(),
+                services = update.services.len(),
+                endpoint_slices = update.slices.len(),
                 "Kubernetes update"
             );
-        } else if let Pods::Changes(c) = &pods {
-            debug!(pod_changes = c.len(), "Kubernetes update");
+        } else {
+            debug!(
+                pod_changes = update.pods.len(),
+                service_changes = update.services.len(),
+                slice_changes = update.slices.len(),
+                "Kubernetes update"
+            );
         }
         // Off the runtime threads, which carry the pods' traffic: a first list of 100,000 pods
         // is ~1 s of store work (each change takes the store's lock alone, so lookups go on).
         let s = store.clone();
-        let done =
-            tokio::task::spawn_blocking(move || s.update(Source::Kubernetes, pods, rest)).await;
+        let done = tokio::task::spawn_blocking(move || s.update(Source::Kubernetes, update)).await;
         if let Err(e) = done {
             warn!("the workload store update failed: {e}");
         }
         if let Some(statuses) = statuses {
             reported = crate::manifests::report_statuses(&statuses, &reported);
         }
-        (pods_changed, rest_changed, first) = (false, false, false);
+        (records_changed, rest_changed, first) = (false, false, false);
     }
     annotator.abort();
 }
 
-fn apply(caches: &mut Caches, u: Update, failing: &mut HashSet<Kind>) -> (Kind, bool) {
+fn apply(
+    caches: &mut Caches,
+    u: Watched,
+    cx: &Context,
+    failing: &mut HashSet<Kind>,
+) -> (Kind, bool) {
     let (kind, changed) = match u {
-        Update::Pod(ev) => (Kind::Pod, caches.pods.apply(*ev)),
-        Update::Namespace(ev) => (
+        Watched::Pod(ev) => (
+            Kind::Pod,
+            caches
+                .pods
+                .apply(*ev, |p| crate::records::pod_record(p, cx.node.as_deref())),
+        ),
+        Watched::Namespace(ev) => (
             Kind::Namespace,
             caches
                 .namespaces
                 .apply(ev, |n| crate::records::namespace_record(n).map(|(_, l)| l)),
         ),
-        Update::Service(ev) => (Kind::Service, caches.services.apply(*ev, service)),
-        Update::Slice(ev) => (Kind::EndpointSlice, caches.slices.apply(ev, slice)),
-        Update::Policy(k, ev) => (k, caches.policy_cache(k).apply(ev, |o| Some(o.clone()))),
-        Update::Failed(kind, e) => {
+        Watched::Service(ev) => (Kind::Service, caches.services.apply(*ev, service)),
+        Watched::Slice(ev) => (Kind::EndpointSlice, caches.slices.apply(ev, slice)),
+        Watched::Policy(k, ev) => (k, caches.policy_cache(k).apply(ev, |o| Some(o.clone()))),
+        Watched::Failed(kind, e) => {
             if matches!(kind, Kind::AuthorizationPolicy | Kind::PeerAuthentication)
                 && is_not_found(&e)
             {

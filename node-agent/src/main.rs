@@ -203,8 +203,12 @@ async fn start_sources(
     stop: &CancellationToken,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let mut tasks = Vec::new();
+    let cx = ambit_agent::records::Context {
+        root_namespace: config.root_namespace.clone(),
+        node: config.node_name.clone(),
+    };
     if let Some(dir) = &config.manifests_dir {
-        let loaded = manifests::Directory::read(dir, &config.root_namespace);
+        let loaded = manifests::Directory::read(dir, cx.clone());
         let (objects, problems) = loaded.objects();
         manifests::log_loaded(dir, &objects, &problems, loaded.len());
         manifests::report_statuses(&objects.statuses, &Default::default());
@@ -226,7 +230,7 @@ async fn start_sources(
         tasks.push(tokio::spawn(ambit_agent::k8s::run(
             client,
             store.clone(),
-            config.root_namespace.clone(),
+            cx,
             stop.clone(),
         )));
     }

@@ -17,6 +17,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::records::Context;
 use crate::store::{Objects, Store};
 
 /// One problem in one file.
@@ -123,13 +124,14 @@ impl Doc<'_> {
     }
 }
 
-fn add_object(doc: Doc, objects: &mut Objects, root_ns: &str, depth: usize) -> Result<(), String> {
+fn add_object(doc: Doc, objects: &mut Objects, cx: &Context, depth: usize) -> Result<(), String> {
     let kind = doc.kind()?;
     match kind.as_str() {
         "Pod" => {
             // Converted at once: only the record stays (see crate::records).
             let pod: Pod = doc.typed("Pod")?;
-            let record = crate::records::pod_record(&pod).ok_or("Pod without metadata.name")?;
+            let record = crate::records::pod_record(&pod, cx.node.as_deref())
+                .ok_or("Pod without metadata.name")?;
             objects.add_pod(record);
         }
         "Namespace" => {
@@ -140,18 +142,18 @@ fn add_object(doc: Doc, objects: &mut Objects, root_ns: &str, depth: usize) -> R
         }
         k if k.ends_with("List") && depth == 0 => {
             for item in doc.items()? {
-                add_object(item, objects, root_ns, depth + 1)?;
+                add_object(item, objects, cx, depth + 1)?;
             }
         }
         "AuthorizationPolicy" => {
             let value: serde_yaml_ng::Value = doc.typed(&kind)?;
-            let (policy, status) = crate::policy::authorization_policy(&value, root_ns);
+            let (policy, status) = crate::policy::authorization_policy(&value, &cx.root_namespace);
             objects.policies.extend(policy.map(Arc::new));
             objects.statuses.push(status);
         }
         "PeerAuthentication" => {
             let value: serde_yaml_ng::Value = doc.typed(&kind)?;
-            let (pa, status) = crate::policy::peer_authentication(&value, root_ns);
+            let (pa, status) = crate::policy::peer_authentication(&value, &cx.root_namespace);
             objects.peer_auths.push(pa);
             objects.statuses.push(status);
         }
@@ -180,7 +182,7 @@ fn add_object(doc: Doc, objects: &mut Objects, root_ns: &str, depth: usize) -> R
 }
 
 /// Reads one manifest file: what parsed and what did not.
-fn load_file(file: &Path, root_ns: &str) -> (Objects, Vec<Problem>) {
+fn load_file(file: &Path, cx: &Context) -> (Objects, Vec<Problem>) {
     let mut objects = Objects::default();
     let mut problems = Vec::new();
     let text = match std::fs::read_to_string(file) {
@@ -195,7 +197,7 @@ fn load_file(file: &Path, root_ns: &str) -> (Objects, Vec<Problem>) {
     };
     if file.extension().is_some_and(|e| e == "json") {
         // One JSON document per file.
-        if let Err(message) = add_object(Doc::Json(&text), &mut objects, root_ns, 0) {
+        if let Err(message) = add_object(Doc::Json(&text), &mut objects, cx, 0) {
             problems.push(Problem {
                 file: file.to_owned(),
                 message,
@@ -217,7 +219,7 @@ fn load_file(file: &Path, root_ns: &str) -> (Objects, Vec<Problem>) {
             }
         };
         if !value.is_null()
-            && let Err(message) = add_object(Doc::Yaml(value), &mut objects, root_ns, 0)
+            && let Err(message) = add_object(Doc::Yaml(value), &mut objects, cx, 0)
         {
             problems.push(problem(message));
         }
@@ -235,17 +237,16 @@ struct File {
 /// A manifests directory as last read, file by file.
 pub struct Directory {
     dir: PathBuf,
-    root_ns: String,
+    cx: Context,
     files: BTreeMap<PathBuf, File>,
 }
 
 impl Directory {
-    /// Reads every manifest of `dir`. `root_ns` is the namespace whose selector-less policies
-    /// apply mesh-wide.
-    pub fn read(dir: &Path, root_ns: &str) -> Self {
+    /// Reads every manifest of `dir`.
+    pub fn read(dir: &Path, cx: Context) -> Self {
         let mut d = Self {
             dir: dir.to_owned(),
-            root_ns: root_ns.to_owned(),
+            cx,
             files: BTreeMap::new(),
         };
         d.refresh();
@@ -265,7 +266,7 @@ impl Directory {
             if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }
-            let (objects, problems) = load_file(&path, &self.root_ns);
+            let (objects, problems) = load_file(&path, &self.cx);
             self.files.insert(
                 path,
                 File {
@@ -301,10 +302,9 @@ impl Directory {
     }
 }
 
-/// Reads every manifest of `dir`; returns what parsed and what did not. `root_ns` is the
-/// namespace whose selector-less policies apply mesh-wide.
-pub fn load(dir: &Path, root_ns: &str) -> (Objects, Vec<Problem>) {
-    Directory::read(dir, root_ns).objects()
+/// Reads every manifest of `dir`; returns what parsed and what did not.
+pub fn load(dir: &Path, cx: Context) -> (Objects, Vec<Problem>) {
+    Directory::read(dir, cx).objects()
 }
 
 /// Loads changed files of `loaded` into `store` whenever a file changes, until `stop`.
@@ -415,7 +415,13 @@ mod tests {
         .unwrap();
         std::fs::write(dir.path().join("c.yaml"), "kind: Pod\nmetadata: [1, 2\n").unwrap();
         std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
-        let (objects, problems) = load(dir.path(), "istio-system");
+        let (objects, problems) = load(
+            dir.path(),
+            Context {
+                root_namespace: "istio-system".into(),
+                node: None,
+            },
+        );
         assert_eq!(objects.namespaces.len(), 1);
         let keys: Vec<_> = objects.pods.keys().cloned().collect();
         assert_eq!(
@@ -461,7 +467,13 @@ mod tests {
             r#"{"kind":"List","items":[{"kind":"Service","metadata":{"name":"x"},"spec":{"clusterIP":"nope"}}]}"#,
         )
         .unwrap();
-        let (objects, problems) = load(dir.path(), "istio-system");
+        let (objects, problems) = load(
+            dir.path(),
+            Context {
+                root_namespace: "istio-system".into(),
+                node: None,
+            },
+        );
         let services: Vec<_> = objects.services.keys().cloned().collect();
         assert_eq!(
             services,

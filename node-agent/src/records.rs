@@ -21,6 +21,15 @@ use std::sync::{Arc, Mutex, OnceLock};
 use ambit_common::enrollment::REDIRECTION_ANNOTATION;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
+/// What converting objects depends on, for every source alike.
+#[derive(Clone, Debug, Default)]
+pub struct Context {
+    /// The namespace whose selector-less policies apply mesh-wide.
+    pub root_namespace: String,
+    /// This agent's node (`--node-name`): a pod scheduled on another keeps no labels.
+    pub node: Option<String>,
+}
+
 /// A pod's or namespace's labels.
 pub type Labels = BTreeMap<String, String>;
 
@@ -35,7 +44,14 @@ pub struct PodRecord {
     pub service_account: Arc<str>,
     /// The pod's own addresses while it runs; none for host-network or finished pods.
     pub ips: Box<[IpAddr]>,
-    pub labels: Arc<Labels>,
+    /// `spec.nodeName`, once scheduled.
+    pub node: Option<Arc<str>>,
+    /// The pod's labels; `None` for a pod scheduled on another node than this agent's:
+    /// labels are read for enrollment and by policy selectors, both decided on the pod's own
+    /// node, so a remote pod's would only cost memory.
+    pub labels: Option<Arc<Labels>>,
+    /// The `app` label (metrics), kept for every pod.
+    pub app: Option<Arc<str>>,
     /// Carries `ambit.dev/redirection: enabled`: captured by an agent, serves HBONE.
     pub hbone: bool,
 }
@@ -43,7 +59,7 @@ pub struct PodRecord {
 impl PodRecord {
     /// The `app` label (metrics).
     pub fn app(&self) -> Option<&str> {
-        self.labels.get("app").map(String::as_str)
+        self.app.as_deref()
     }
 }
 
@@ -58,8 +74,9 @@ pub fn key_of(
     ))
 }
 
-/// The record of a Pod object; `None` without a name.
-pub fn pod_record(pod: &Pod) -> Option<PodRecord> {
+/// The record of a Pod object; `None` without a name. `this_node` is the agent's node name:
+/// a pod scheduled on another node keeps no labels (unknown, every pod keeps them).
+pub fn pod_record(pod: &Pod, this_node: Option<&str>) -> Option<PodRecord> {
     let meta = &pod.metadata;
     let (namespace, name) = key_of(meta)?;
     let service_account = pod
@@ -73,13 +90,21 @@ pub fn pod_record(pod: &Pod) -> Option<PodRecord> {
         .as_ref()
         .and_then(|a| a.get(REDIRECTION_ANNOTATION))
         .is_some_and(|v| v == "enabled");
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+    let labels = meta.labels.as_ref();
+    let here = match (node, this_node) {
+        (Some(node), Some(this)) => node == this,
+        _ => true,
+    };
     Some(PodRecord {
         namespace: shared_str(&namespace),
         name: name.into(),
         uid: meta.uid.as_deref().unwrap_or_default().into(),
         service_account: shared_str(service_account),
         ips: pod_ips(pod).into(),
-        labels: shared_labels(meta.labels.clone().unwrap_or_default()),
+        node: node.map(shared_str),
+        labels: here.then(|| shared_labels(labels.cloned().unwrap_or_default())),
+        app: labels.and_then(|l| l.get("app")).map(|a| shared_str(a)),
         hbone,
     })
 }
@@ -202,12 +227,12 @@ mod tests {
                 "metadata": {"name": name, "namespace": "shop", "uid": format!("u-{name}"),
                     "labels": {"app": "web", "pod-template-hash": "abc"},
                     "annotations": {REDIRECTION_ANNOTATION: "enabled", "other": "x"}},
-                "spec": {"serviceAccountName": "web-sa", "containers": []},
+                "spec": {"serviceAccountName": "web-sa", "nodeName": "node-a", "containers": []},
                 "status": {"phase": "Running", "podIPs": [{"ip": ip}, {"ip": "fd00::1"}]},
             }))
         };
-        let a = pod_record(&p("web-1", "10.0.0.1")).unwrap();
-        let b = pod_record(&p("web-2", "10.0.0.2")).unwrap();
+        let a = pod_record(&p("web-1", "10.0.0.1"), Some("node-a")).unwrap();
+        let b = pod_record(&p("web-2", "10.0.0.2"), Some("node-a")).unwrap();
         assert_eq!(&*a.namespace, "shop");
         assert_eq!(&*a.name, "web-1");
         assert_eq!(&*a.uid, "u-web-1");
@@ -221,9 +246,26 @@ mod tests {
         );
         assert!(a.hbone);
         assert_eq!(a.app(), Some("web"));
+        assert_eq!(a.node.as_deref(), Some("node-a"));
+        assert_eq!(a.labels.as_ref().unwrap()["pod-template-hash"], "abc");
         assert!(
-            Arc::ptr_eq(&a.labels, &b.labels),
+            Arc::ptr_eq(a.labels.as_ref().unwrap(), b.labels.as_ref().unwrap()),
             "one label set for the ReplicaSet"
+        );
+        // Seen from another node: no labels but the app's, shared.
+        let remote = pod_record(&p("web-3", "10.0.0.3"), Some("node-b")).unwrap();
+        assert!(remote.labels.is_none());
+        assert_eq!(remote.app(), Some("web"));
+        assert!(Arc::ptr_eq(
+            remote.app.as_ref().unwrap(),
+            a.app.as_ref().unwrap()
+        ));
+        // The agent's node unknown (a hand-built node): labels kept.
+        assert!(
+            pod_record(&p("web-4", "10.0.0.4"), None)
+                .unwrap()
+                .labels
+                .is_some()
         );
         assert!(Arc::ptr_eq(&a.namespace, &b.namespace));
         assert!(Arc::ptr_eq(&a.service_account, &b.service_account));
@@ -235,7 +277,7 @@ mod tests {
             "metadata": {"name": "job"},
             "status": {"phase": "Succeeded", "podIP": "10.0.0.3"},
         }));
-        let r = pod_record(&finished).unwrap();
+        let r = pod_record(&finished, None).unwrap();
         assert!(r.ips.is_empty());
         assert_eq!(&*r.namespace, "default");
         assert_eq!(&*r.service_account, "default");
@@ -245,16 +287,16 @@ mod tests {
             "spec": {"hostNetwork": true, "containers": []},
             "status": {"phase": "Running", "podIP": "192.168.1.5"},
         }));
-        assert!(pod_record(&host).unwrap().ips.is_empty());
+        assert!(pod_record(&host, None).unwrap().ips.is_empty());
         let single = pod(serde_json::json!({
             "metadata": {"name": "s"},
             "status": {"phase": "Pending", "podIP": "::ffff:10.0.0.4"},
         }));
         assert_eq!(
-            &*pod_record(&single).unwrap().ips,
+            &*pod_record(&single, None).unwrap().ips,
             &["10.0.0.4".parse::<IpAddr>().unwrap()]
         );
-        assert!(pod_record(&pod(serde_json::json!({"metadata": {}}))).is_none());
+        assert!(pod_record(&pod(serde_json::json!({"metadata": {}})), None).is_none());
     }
 
     #[test]

@@ -290,34 +290,52 @@ impl Index {
         slices: &BTreeMap<Key, Arc<SliceRecord>>,
         loc: &ServiceSettings,
     ) {
-        let mut changed: std::collections::BTreeSet<Key> = differing(old_services, services)
+        let changed_services = differing(old_services, services).into_iter().cloned();
+        let changed_slices = differing(old_slices, slices)
             .into_iter()
-            .cloned()
-            .collect();
-        let changed_slices = differing(old_slices, slices);
-        for key in &changed_slices {
-            let (ns, _) = key;
-            for rec in [old_slices.get(*key), slices.get(*key)]
-                .into_iter()
-                .flatten()
-            {
+            .map(|k| (k.clone(), old_slices.get(k).cloned()));
+        self.apply(changed_services, changed_slices, services, slices, loc);
+    }
+
+    /// Follows changes to the records: `services` and `slices` are the records now,
+    /// `changed_services` the Services whose record changed, `changed_slices` the slices that
+    /// changed, each with its record before. Only the Services concerned are derived again
+    /// (all of them if this node's inferred zone changed).
+    pub fn apply(
+        &mut self,
+        changed_services: impl IntoIterator<Item = Key>,
+        changed_slices: impl IntoIterator<Item = (Key, Option<Arc<SliceRecord>>)>,
+        services: &BTreeMap<Key, Arc<ServiceRecord>>,
+        slices: &BTreeMap<Key, Arc<SliceRecord>>,
+        loc: &ServiceSettings,
+    ) {
+        let mut changed: std::collections::BTreeSet<Key> = changed_services.into_iter().collect();
+        let on_this_node =
+            |s: &SliceRecord| loc.node.is_some() && s.endpoints.iter().any(|e| e.node == loc.node);
+        let mut zone_may_change = false;
+        for (key, before) in changed_slices {
+            let (ns, _) = &key;
+            let now = slices.get(&key);
+            for rec in [before.as_ref(), now].into_iter().flatten() {
+                zone_may_change |= on_this_node(rec);
                 let owner = (ns.clone(), rec.service.clone());
                 if let Some(set) = self.slices_of.get_mut(&owner) {
-                    set.remove(*key);
+                    set.remove(&key);
                     if set.is_empty() {
                         self.slices_of.remove(&owner);
                     }
                 }
                 changed.insert(owner);
             }
-            if let Some(rec) = slices.get(*key) {
+            if let Some(rec) = now {
                 self.slices_of
                     .entry((ns.clone(), rec.service.clone()))
                     .or_default()
-                    .insert((*key).clone());
+                    .insert(key.clone());
             }
         }
-        if !changed_slices.is_empty() && loc.zone.is_none() && loc.node.is_some() {
+        // Learned from this node's endpoints: only a slice that has (or had) one can change it.
+        if zone_may_change && loc.zone.is_none() {
             let zone = slices
                 .values()
                 .flat_map(|s| &s.endpoints)

@@ -98,23 +98,116 @@ impl Source {
     }
 }
 
-/// One change to a source's pods.
+/// (namespace, name) of an object.
+pub type Key = (String, String);
+
+/// One change to a source's objects of one kind.
 #[derive(Clone, Debug)]
-pub enum PodChange {
+pub enum Change<V> {
     /// Added or changed.
-    Upsert(Arc<PodRecord>),
-    Delete {
-        namespace: String,
-        name: String,
-    },
+    Upsert(Key, Arc<V>),
+    Delete(Key),
 }
 
-/// What an update says about a source's pods.
-pub enum Pods {
-    /// The source's whole set: pods it had before and not listed are deleted.
-    Replace(BTreeMap<(String, String), Arc<PodRecord>>),
-    /// Changes to what it had.
-    Changes(Vec<PodChange>),
+/// What an update says about a source's objects of one kind.
+#[derive(Debug)]
+pub enum Keyed<V> {
+    /// The source's whole set: what it had before and does not list is deleted.
+    Replace(BTreeMap<Key, Arc<V>>),
+    /// Changes to what it had (none: nothing changed).
+    Changes(Vec<Change<V>>),
+}
+
+impl<V> Default for Keyed<V> {
+    fn default() -> Self {
+        Keyed::Changes(Vec::new())
+    }
+}
+
+impl<V> Keyed<V> {
+    /// The changes to make to a source that now has the keys `had` returns (asked only for
+    /// a whole set).
+    fn into_changes(self, had: impl FnOnce() -> Vec<Key>) -> Vec<Change<V>> {
+        match self {
+            Keyed::Changes(c) => c,
+            Keyed::Replace(all) => {
+                let mut changes: Vec<Change<V>> = had()
+                    .into_iter()
+                    .filter(|k| !all.contains_key(k))
+                    .map(Change::Delete)
+                    .collect();
+                changes.extend(all.into_iter().map(|(k, v)| Change::Upsert(k, v)));
+                changes
+            }
+        }
+    }
+
+    /// How many objects (a whole set) or changes it carries.
+    pub fn len(&self) -> usize {
+        match self {
+            Keyed::Replace(all) => all.len(),
+            Keyed::Changes(c) => c.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What one source says now. Applied by [`Store::update`], published once.
+#[derive(Debug, Default)]
+pub struct Update {
+    pub pods: Keyed<PodRecord>,
+    pub services: Keyed<ServiceRecord>,
+    pub slices: Keyed<SliceRecord>,
+    /// Everything else the source has (Namespaces, policies), when that changed; its pods,
+    /// Services and EndpointSlices are ignored.
+    pub rest: Option<Objects>,
+}
+
+/// One kind's records from each source, and the records in force (the later source's).
+struct Layered<V> {
+    layers: [BTreeMap<Key, Arc<V>>; 2],
+    merged: BTreeMap<Key, Arc<V>>,
+}
+
+impl<V> Default for Layered<V> {
+    fn default() -> Self {
+        Self {
+            layers: [BTreeMap::new(), BTreeMap::new()],
+            merged: BTreeMap::new(),
+        }
+    }
+}
+
+impl<V: PartialEq> Layered<V> {
+    fn keys(&self, source: Source) -> Vec<Key> {
+        self.layers[source.layer()].keys().cloned().collect()
+    }
+
+    /// Applies one change of `source`; if the record in force changed, returns its key and
+    /// the record in force before.
+    fn apply(&mut self, source: Source, change: Change<V>) -> Option<(Key, Option<Arc<V>>)> {
+        let (key, value) = match change {
+            Change::Upsert(k, v) => (k, Some(v)),
+            Change::Delete(k) => (k, None),
+        };
+        let layer = &mut self.layers[source.layer()];
+        if layer.get(&key) == value.as_ref() {
+            return None;
+        }
+        match value {
+            Some(v) => layer.insert(key.clone(), v),
+            None => layer.remove(&key),
+        };
+        let now = self.layers.iter().rev().find_map(|l| l.get(&key)).cloned();
+        let before = match &now {
+            Some(v) => self.merged.insert(key.clone(), v.clone()),
+            None => self.merged.remove(&key),
+        };
+        (before != now).then_some((key, before))
+    }
 }
 
 /// A pod's records from each source, and the workload the data path sees for the one in
@@ -142,10 +235,12 @@ struct Inner {
     /// Sources the agent runs but that have not delivered their first snapshot: until they
     /// do, policy is unknown and inbound connections are refused.
     pending: HashSet<Source>,
-    /// Per source, everything but its pods.
+    /// Per source, everything but its pods, Services and EndpointSlices.
     rest: BTreeMap<Source, Objects>,
-    /// The union of `rest` (pods empty): what lookups of those kinds read.
+    /// The union of `rest`: what lookups of those kinds read.
     merged: Objects,
+    services: Layered<ServiceRecord>,
+    slices: Layered<SliceRecord>,
     /// Pods by namespace, then name.
     pods: HashMap<Arc<str>, HashMap<Arc<str>, PodEntry>>,
     pod_count: usize,
@@ -158,8 +253,9 @@ struct Inner {
     local_keys: HashMap<(String, String), usize>,
     /// What this node captured is authoritative for its own addresses (over `by_ip`).
     local_by_ip: HashMap<IpAddr, Arc<Workload>>,
-    /// Services by VIP, following `merged`'s Services and EndpointSlices one Service at a time.
-    services: Index,
+    /// Services by VIP, following the Services and EndpointSlices in force one change at a
+    /// time.
+    index: Index,
 }
 
 impl Inner {
@@ -181,7 +277,9 @@ impl Default for Inner {
             local: HashMap::new(),
             local_keys: HashMap::new(),
             local_by_ip: HashMap::new(),
-            services: Index::default(),
+            services: Layered::default(),
+            slices: Layered::default(),
+            index: Index::default(),
         }
     }
 }
@@ -312,45 +410,59 @@ impl Store {
 
     /// Replaces everything one source said.
     pub fn set_source(&self, source: Source, mut objects: Objects) {
-        let pods = std::mem::take(&mut objects.pods);
-        self.update(source, Pods::Replace(pods), Some(objects));
+        self.update(
+            source,
+            Update {
+                pods: Keyed::Replace(std::mem::take(&mut objects.pods)),
+                services: Keyed::Replace(std::mem::take(&mut objects.services)),
+                slices: Keyed::Replace(std::mem::take(&mut objects.endpoint_slices)),
+                rest: Some(objects),
+            },
+        );
     }
 
-    /// Applies what one source says now: its pods (all of them, or changes), and, if given,
-    /// everything else it has (its `pods` field is ignored). Publishes once.
-    pub fn update(&self, source: Source, pods: Pods, rest: Option<Objects>) {
+    /// Applies what one source says now, one change per write lock (readers never wait
+    /// behind a batch), and publishes once.
+    pub fn update(&self, source: Source, update: Update) {
         let mut changed = Changed::default();
         let had_pods = self.read().pod_count > 0;
-        match pods {
-            Pods::Changes(changes) => {
-                for c in changes {
-                    // One change per write lock: readers never wait behind a batch.
-                    self.apply_pod(source, c, &mut changed);
-                }
+        let Update {
+            pods,
+            services,
+            slices,
+            rest,
+        } = update;
+        let pods = pods.into_changes(|| {
+            let inner = self.read();
+            inner
+                .pods
+                .values()
+                .flat_map(|m| m.values())
+                .filter_map(|e| e.layers[source.layer()].as_ref())
+                .map(|r| (r.namespace.to_string(), r.name.to_string()))
+                .collect()
+        });
+        for c in pods {
+            self.apply_pod(source, c, &mut changed);
+        }
+        for c in services.into_changes(|| self.read().services.keys(source)) {
+            let mut guard = self.write();
+            let inner = &mut *guard;
+            if let Some((key, _)) = inner.services.apply(source, c) {
+                let (services, slices) = (&inner.services.merged, &inner.slices.merged);
+                inner
+                    .index
+                    .apply([key], [], services, slices, &self.services);
             }
-            Pods::Replace(all) => {
-                let stale: Vec<PodChange> = {
-                    let inner = self.read();
-                    inner
-                        .pods
-                        .values()
-                        .flat_map(|m| m.values())
-                        .filter_map(|e| e.layers[source.layer()].as_ref())
-                        .filter(|r| {
-                            !all.contains_key(&(r.namespace.to_string(), r.name.to_string()))
-                        })
-                        .map(|r| PodChange::Delete {
-                            namespace: r.namespace.to_string(),
-                            name: r.name.to_string(),
-                        })
-                        .collect()
-                };
-                for c in stale
-                    .into_iter()
-                    .chain(all.into_values().map(PodChange::Upsert))
-                {
-                    self.apply_pod(source, c, &mut changed);
-                }
+        }
+        for c in slices.into_changes(|| self.read().slices.keys(source)) {
+            let mut guard = self.write();
+            let inner = &mut *guard;
+            if let Some(change) = inner.slices.apply(source, c) {
+                let (services, slices) = (&inner.services.merged, &inner.slices.merged);
+                inner
+                    .index
+                    .apply([], [change], services, slices, &self.services);
             }
         }
         {
@@ -358,7 +470,8 @@ impl Store {
             if inner.pending.remove(&source) | inner.delivered.insert(source) {
                 changed.policies = true;
             }
-            if let Some(rest) = rest {
+            if let Some(mut rest) = rest {
+                (rest.pods, rest.services, rest.endpoint_slices) = Default::default();
                 inner.rest.insert(source, rest);
                 let merged = merge(inner.rest.values());
                 if inner.merged.policies != merged.policies
@@ -366,15 +479,6 @@ impl Store {
                 {
                     changed.policies = true;
                 }
-                // Only the Services whose record or slices changed are derived again.
-                let inner = &mut *inner;
-                inner.services.update(
-                    &inner.merged.services,
-                    &inner.merged.endpoint_slices,
-                    &merged.services,
-                    &merged.endpoint_slices,
-                    &self.services,
-                );
                 inner.merged = merged;
             }
             // Whether pods are declared at all decides how unknown pods are treated.
@@ -393,17 +497,17 @@ impl Store {
     }
 
     /// One pod change, under one write lock.
-    fn apply_pod(&self, source: Source, change: PodChange, changed: &mut Changed) {
+    fn apply_pod(&self, source: Source, change: Change<PodRecord>, changed: &mut Changed) {
         let started = std::time::Instant::now();
         self.change_pod(source, change, changed);
         self.pod_change_seconds
             .observe(started.elapsed().as_secs_f64());
     }
 
-    fn change_pod(&self, source: Source, change: PodChange, changed: &mut Changed) {
-        let (namespace, name, record) = match change {
-            PodChange::Upsert(r) => (r.namespace.to_string(), r.name.to_string(), Some(r)),
-            PodChange::Delete { namespace, name } => (namespace, name, None),
+    fn change_pod(&self, source: Source, change: Change<PodRecord>, changed: &mut Changed) {
+        let ((namespace, name), record) = match change {
+            Change::Upsert(k, r) => (k, Some(r)),
+            Change::Delete(k) => (k, None),
         };
         let layer = source.layer();
         // Built before the lock: the allocations of the change.
@@ -524,8 +628,39 @@ impl Store {
             // An older pod of the same name: the new one is not known yet.
             return Enrollment::Undecided;
         }
+        let Some(labels) = &pod.labels else {
+            // Its object says another node, so its labels were not kept: never guessed
+            // (see [`Store::elsewhere`]).
+            return Enrollment::Undecided;
+        };
         let ns = inner.merged.namespaces.get(namespace);
-        enrollment::by_labels(Some(&pod.labels), ns.map(|l| &**l))
+        enrollment::by_labels(Some(labels), ns.map(|l| &**l))
+    }
+
+    /// Why the pod `namespace/name` (with `uid`, if known), though known, has no labels
+    /// here: its object says it runs on another node than this agent's `--node-name` (`None`
+    /// if it has its labels, or the object is an older pod of that name). Conclusive (a pod
+    /// never changes node): on the node that runs it, `--node-name` is not the kubelet's.
+    pub fn elsewhere(&self, namespace: &str, name: &str, uid: &str) -> Option<String> {
+        let inner = self.read();
+        let pod = inner.record(namespace, name)?;
+        let same = uid.is_empty() || pod.uid.is_empty() || *pod.uid == *uid;
+        (same && pod.labels.is_none()).then(|| self.not_here(pod))
+    }
+
+    fn not_here(&self, pod: &PodRecord) -> String {
+        format!(
+            "pod {}/{} is scheduled on node {:?} by its object, not on this agent's node {:?}, so its labels were not kept: --node-name must be the kubelet's node name (spec.nodeName)",
+            pod.namespace,
+            pod.name,
+            pod.node.as_deref().unwrap_or_default(),
+            self.node_name().unwrap_or_default()
+        )
+    }
+
+    /// This agent's node (`--node-name`), if known.
+    pub fn node_name(&self) -> Option<&str> {
+        self.services.node.as_deref()
     }
 
     /// Does any source provide Pod objects (so [`Store::enrollment`] can ever answer)?
@@ -610,12 +745,12 @@ impl Store {
 
     /// (Services with a VIP, their endpoints over all ports).
     pub fn service_counts(&self) -> (usize, usize) {
-        self.read().services.counts()
+        self.read().index.counts()
     }
 
     /// Services and endpoints known, for the admin view.
     pub fn services_dump(&self) -> Vec<serde_json::Value> {
-        self.read().services.dump()
+        self.read().index.dump()
     }
 }
 
@@ -641,7 +776,7 @@ impl Directory for Store {
     }
 
     fn service(&self, ip: IpAddr) -> Option<Arc<Service>> {
-        self.read().services.vip(&ip.to_canonical()).cloned()
+        self.read().index.vip(&ip.to_canonical()).cloned()
     }
 
     fn in_service_range(&self, ip: IpAddr) -> bool {
@@ -651,7 +786,7 @@ impl Directory for Store {
 
     fn service_of_endpoint(&self, addr: SocketAddr) -> Option<Arc<ServiceName>> {
         let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
-        self.read().services.endpoint(&addr).cloned()
+        self.read().index.endpoint(&addr).cloned()
     }
 
     fn identity_of(&self, namespace: &str, name: &str) -> Identity {
@@ -699,8 +834,11 @@ impl Directory for Store {
                 inner.delivered
             ));
         }
+        if let Some(p) = pod.filter(|p| p.labels.is_none()) {
+            return Decision::Deny(self.not_here(p));
+        }
         let none = Labels::new();
-        let labels = pod.map_or(&none, |p| &*p.labels);
+        let labels = pod.and_then(|p| p.labels.as_deref()).unwrap_or(&none);
         authz::evaluate(
             &inner.merged.policies,
             &inner.merged.peer_auths,
@@ -740,7 +878,7 @@ mod tests {
     fn objects(pods: Vec<Pod>) -> Objects {
         let mut o = Objects::default();
         for p in pods {
-            o.add_pod(crate::records::pod_record(&p).unwrap());
+            o.add_pod(crate::records::pod_record(&p, None).unwrap());
         }
         o
     }
@@ -859,7 +997,22 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         );
-        Arc::new(crate::records::pod_record(&p).unwrap())
+        Arc::new(crate::records::pod_record(&p, None).unwrap())
+    }
+
+    fn upsert(r: Arc<PodRecord>) -> Change<PodRecord> {
+        Change::Upsert((r.namespace.to_string(), r.name.to_string()), r)
+    }
+
+    fn delete(namespace: &str, name: &str) -> Change<PodRecord> {
+        Change::Delete((namespace.into(), name.into()))
+    }
+
+    fn changes(pods: Vec<Change<PodRecord>>) -> Update {
+        Update {
+            pods: Keyed::Changes(pods),
+            ..Update::default()
+        }
     }
 
     fn owner(s: &Store, ip: &str) -> Option<String> {
@@ -873,19 +1026,17 @@ mod tests {
         let k8s = Source::Kubernetes;
         s.update(
             k8s,
-            Pods::Changes(vec![
-                PodChange::Upsert(record("a", "web", "10.0.0.1", &[])),
-                PodChange::Upsert(record("a", "db", "10.0.0.2", &[])),
+            changes(vec![
+                upsert(record("a", "web", "10.0.0.1", &[])),
+                upsert(record("a", "db", "10.0.0.2", &[])),
             ]),
-            None,
         );
         assert_eq!(s.counts().0, 2);
         assert_eq!(owner(&s, "10.0.0.1").as_deref(), Some("a/web"));
         // web moves to a new address: the old one is free.
         s.update(
             k8s,
-            Pods::Changes(vec![PodChange::Upsert(record("a", "web", "10.0.0.9", &[]))]),
-            None,
+            changes(vec![upsert(record("a", "web", "10.0.0.9", &[]))]),
         );
         assert_eq!(owner(&s, "10.0.0.1"), None);
         assert_eq!(owner(&s, "10.0.0.9").as_deref(), Some("a/web"));
@@ -893,18 +1044,10 @@ mod tests {
         // the last by namespace and name, and the other again once it lets go.
         s.update(
             k8s,
-            Pods::Changes(vec![PodChange::Upsert(record("a", "zz", "10.0.0.2", &[]))]),
-            None,
+            changes(vec![upsert(record("a", "zz", "10.0.0.2", &[]))]),
         );
         assert_eq!(owner(&s, "10.0.0.2").as_deref(), Some("a/zz"));
-        s.update(
-            k8s,
-            Pods::Changes(vec![PodChange::Delete {
-                namespace: "a".into(),
-                name: "zz".into(),
-            }]),
-            None,
-        );
+        s.update(k8s, changes(vec![delete("a", "zz")]));
         assert_eq!(owner(&s, "10.0.0.2").as_deref(), Some("a/db"));
         // The manifests say something else about db: the API server's record stays in force
         // until it goes.
@@ -917,21 +1060,20 @@ mod tests {
         )]));
         assert_eq!(owner(&s, "10.0.0.2").as_deref(), Some("a/db"));
         assert_eq!(owner(&s, "10.0.0.3"), None);
-        s.update(
-            k8s,
-            Pods::Changes(vec![PodChange::Delete {
-                namespace: "a".into(),
-                name: "db".into(),
-            }]),
-            None,
-        );
+        s.update(k8s, changes(vec![delete("a", "db")]));
         assert_eq!(owner(&s, "10.0.0.2"), None);
         let w = s.by_ip("10.0.0.3".parse().unwrap()).unwrap();
         assert_eq!(w.identity.service_account, "from-file");
         assert_eq!(s.counts().0, 2, "web and the manifests' db");
         // A full list from the API server: what it no longer has is gone, the manifests'
         // pods stay.
-        s.update(k8s, Pods::Replace(BTreeMap::new()), None);
+        s.update(
+            k8s,
+            Update {
+                pods: Keyed::Replace(BTreeMap::new()),
+                ..Update::default()
+            },
+        );
         assert_eq!(owner(&s, "10.0.0.9"), None);
         assert_eq!(owner(&s, "10.0.0.3").as_deref(), Some("a/db"));
         assert_eq!(s.counts().0, 1);
@@ -949,13 +1091,7 @@ mod tests {
         };
         s.update(
             k8s,
-            Pods::Changes(vec![PodChange::Upsert(record(
-                "a",
-                "remote",
-                "10.0.1.1",
-                &[],
-            ))]),
-            None,
+            changes(vec![upsert(record("a", "remote", "10.0.1.1", &[]))]),
         );
         assert!(
             changed(),
@@ -968,13 +1104,7 @@ mod tests {
         let relabel = |name: &str, ip: &str, v: &str| {
             s.update(
                 k8s,
-                Pods::Changes(vec![PodChange::Upsert(record(
-                    "a",
-                    name,
-                    ip,
-                    &[("app", v)],
-                ))]),
-                None,
+                changes(vec![upsert(record("a", name, ip, &[("app", v)]))]),
             )
         };
         relabel("remote", "10.0.1.1", "x");
@@ -995,7 +1125,166 @@ mod tests {
             scope: authz::Scope::Namespace("a".into()),
             rules: vec![authz::Rule::default()],
         }));
-        s.update(k8s, Pods::Changes(Vec::new()), Some(o));
+        s.update(
+            k8s,
+            Update {
+                rest: Some(o),
+                ..Update::default()
+            },
+        );
         assert!(changed(), "a policy object");
+    }
+
+    fn svc(vip: &str) -> Arc<ServiceRecord> {
+        Arc::new(ServiceRecord {
+            vips: vec![vip.parse().unwrap()],
+            ports: vec![("http".into(), 80)],
+            node_local: false,
+            distribution: ambit_proxy::service::Distribution::Any,
+            client_affinity: false,
+        })
+    }
+
+    fn slice_of(service: &str, ip: &str) -> Arc<SliceRecord> {
+        Arc::new(SliceRecord {
+            service: service.into(),
+            ports: vec![("http".into(), 8080)],
+            endpoints: vec![crate::services::EndpointRecord {
+                ip: ip.parse().unwrap(),
+                readiness: ambit_proxy::service::Readiness::Ready,
+                node: None,
+                zone: None,
+                hint_zones: None,
+            }],
+        })
+    }
+
+    fn endpoints_of(s: &Store, vip: &str) -> Vec<String> {
+        s.service(vip.parse().unwrap()).map_or(Vec::new(), |svc| {
+            svc.ports
+                .iter()
+                .flat_map(|p| &p.endpoints)
+                .map(|e| e.addr.to_string())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn services_and_slices_change_one_at_a_time_and_the_later_source_wins() {
+        let s = Store::new("td");
+        let k8s = Source::Kubernetes;
+        let key = |n: &str| ("shop".to_string(), n.to_string());
+        let mut o = Objects::default();
+        o.services.insert(key("web"), svc("10.96.0.1"));
+        o.endpoint_slices
+            .insert(key("web-1"), slice_of("web", "10.1.0.1"));
+        s.set_manifests(o);
+        assert_eq!(endpoints_of(&s, "10.96.0.1"), ["10.1.0.1:8080"]);
+        // The API server says the Service has another VIP and adds a slice: its record is in
+        // force, the manifests' slice still counts (slices are merged by their own key).
+        s.update(
+            k8s,
+            Update {
+                services: Keyed::Changes(vec![Change::Upsert(key("web"), svc("10.96.0.2"))]),
+                slices: Keyed::Changes(vec![Change::Upsert(
+                    key("web-2"),
+                    slice_of("web", "10.1.0.2"),
+                )]),
+                ..Update::default()
+            },
+        );
+        assert!(s.service("10.96.0.1".parse().unwrap()).is_none());
+        assert_eq!(
+            endpoints_of(&s, "10.96.0.2"),
+            ["10.1.0.1:8080", "10.1.0.2:8080"]
+        );
+        // A slice moves to another Service: both are derived again.
+        let mut other = Objects::default();
+        other.services.insert(key("web"), svc("10.96.0.1"));
+        other.services.insert(key("api"), svc("10.96.0.3"));
+        other
+            .endpoint_slices
+            .insert(key("web-1"), slice_of("api", "10.1.0.1"));
+        s.set_manifests(other);
+        assert_eq!(endpoints_of(&s, "10.96.0.2"), ["10.1.0.2:8080"]);
+        assert_eq!(endpoints_of(&s, "10.96.0.3"), ["10.1.0.1:8080"]);
+        // The API server's record goes: the manifests' is in force again.
+        s.update(
+            k8s,
+            Update {
+                services: Keyed::Changes(vec![Change::Delete(key("web"))]),
+                ..Update::default()
+            },
+        );
+        assert_eq!(endpoints_of(&s, "10.96.0.1"), ["10.1.0.2:8080"]);
+        assert!(s.service("10.96.0.2".parse().unwrap()).is_none());
+        // A whole list from the API server without its slice: only its own records go.
+        s.update(
+            k8s,
+            Update {
+                slices: Keyed::Replace(BTreeMap::new()),
+                ..Update::default()
+            },
+        );
+        assert!(endpoints_of(&s, "10.96.0.1").is_empty());
+        assert_eq!(endpoints_of(&s, "10.96.0.3"), ["10.1.0.1:8080"]);
+        assert_eq!(s.service_counts(), (2, 1));
+    }
+
+    #[test]
+    fn pods_of_other_nodes_keep_no_labels_and_are_never_decided_by_missing_ones() {
+        use ambit_common::enrollment::ENROLLMENT_LABEL;
+        let s = Store::with_services(
+            "td",
+            ServiceSettings {
+                node: Some("node-a".into()),
+                ..ServiceSettings::default()
+            },
+        );
+        let on = |name: &str, ip: &str, node: &str| {
+            let mut p = pod("a", name, None, ip, false);
+            p.metadata.uid = Some(format!("u-{name}"));
+            p.metadata.labels =
+                Some([(ENROLLMENT_LABEL.to_string(), "enabled".to_string())].into());
+            p.spec.as_mut().unwrap().node_name = Some(node.into());
+            crate::records::pod_record(&p, s.node_name()).unwrap()
+        };
+        let mut o = Objects::default();
+        o.add_pod(on("here", "10.0.2.1", "node-a"));
+        o.add_pod(on("there", "10.0.2.2", "node-b"));
+        s.set_manifests(o);
+        assert!(matches!(
+            s.enrollment("a", "here", "u-here"),
+            Enrollment::Capture(_)
+        ));
+        assert!(s.elsewhere("a", "here", "u-here").is_none());
+        // A pod of another node: its identity and HBONE decision stand, its labels are not
+        // here, so enrollment is not decided from their absence and the CNI plugin is told why.
+        assert_eq!(s.pod("a", "there").unwrap().labels, None);
+        assert_eq!(s.enrollment("a", "there", "u-there"), Enrollment::Undecided);
+        let answer =
+            crate::cni_server::enrollment(&s, "a", "there", "u-there", std::time::Duration::ZERO);
+        let error = answer.error.unwrap_or_default();
+        assert!(
+            !answer.ok && error.contains("node \"node-b\"") && error.contains("--node-name"),
+            "{error}"
+        );
+        assert!(
+            s.elsewhere("a", "there", "u-new").is_none(),
+            "a new pod of that name is not the object seen"
+        );
+        // Were it served here all the same (a wrong --node-name), inbound is refused, not
+        // judged as if it had no labels.
+        let conn = Connection {
+            src_identity: None,
+            src_ip: "10.0.9.9".parse().unwrap(),
+            dst_ip: "10.0.2.2".parse().unwrap(),
+            dst_port: 80,
+        };
+        match s.authorize("a", "there", &conn) {
+            Decision::Deny(why) => assert!(why.contains("--node-name"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(s.authorize("a", "here", &conn), Decision::Allow));
     }
 }

@@ -74,7 +74,10 @@ fn start_with(double: Arc<Double>) -> Running {
     tokio::spawn(run(
         double.client(),
         store.clone(),
-        "istio-system".into(),
+        crate::records::Context {
+            root_namespace: "istio-system".into(),
+            node: None,
+        },
         stop.clone(),
     ));
     Running {
@@ -349,8 +352,29 @@ async fn services_and_endpoint_slices_follow_the_watch_as_endpoints_scale() {
     })
     .await;
 
-    // The Service goes: its VIP is no longer resolved.
+    // Made headless, the Service has no VIP: its record goes (one change, not a new list);
+    // given its VIP back, it resolves to the same endpoints again.
     let web = recorded("services.json")["items"][0].clone();
+    let mut headless = web.clone();
+    headless["spec"]["clusterIP"] = "None".into();
+    headless["spec"]["clusterIPs"] = serde_json::json!(["None"]);
+    headless["metadata"]["resourceVersion"] = "26".into();
+    d.event(SERVICES, "MODIFIED", headless);
+    eventually("headless: no VIP", || {
+        s.service("10.96.0.20".parse().unwrap()).is_none()
+    })
+    .await;
+    assert_eq!(s.service_counts(), (0, 0));
+    let mut back = web.clone();
+    back["metadata"]["resourceVersion"] = "27".into();
+    d.event(SERVICES, "MODIFIED", back);
+    eventually("VIP back with its endpoints", || {
+        endpoints_chosen(s, "10.96.0.20:80")
+            == ["10.9.0.31:8080".to_string(), "10.9.0.32:8080".to_string()].into()
+    })
+    .await;
+
+    // The Service goes: its VIP is no longer resolved.
     d.event(SERVICES, "DELETED", web);
     eventually("Service gone", || {
         s.service("10.96.0.20".parse().unwrap()).is_none()

@@ -1302,7 +1302,7 @@ mod fuzz {
         fn fuzz_manifest_files_load_or_report(text in "\\PC{0,300}") {
             let dir = tempfile::tempdir().unwrap();
             std::fs::write(dir.path().join("f.yaml"), &text).unwrap();
-            let _ = crate::manifests::load(dir.path(), ROOT);
+            let _ = crate::manifests::load(dir.path(), crate::records::Context { root_namespace: ROOT.into(), node: None });
         }
     }
 }
