@@ -7,7 +7,9 @@
 //! gives medians and ratios to direct, as a Markdown table and JSON. Also: CNI ADD latency of
 //! the whole chain through libcni, the agent's RSS with 0, 100 and 250 captured pods and
 //! during the throughput test, and Services at scale ([`services`]: load time, VIP lookup
-//! cost, RSS growth with `--services`, and the data path by VIP next to by pod IP). A
+//! cost, RSS growth with `--services`, and the data path by VIP next to by pod IP). With
+//! `--baseline-agent PATH` (an agent built from another commit), the same figures are measured
+//! through that agent too, on the same pods in the same run, and reported side by side. A
 //! measurement, not a test: nothing here asserts a speed.
 //!
 //!     bash bench/run.sh                              # installs what it needs, builds release
@@ -89,6 +91,11 @@ struct Args {
     /// measure a lever against the default in the same conditions.
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     agent_args: Vec<String>,
+    /// An ambit-agent binary to compare with (built from the commit before a change): the
+    /// data-path figures are measured through it too, after this build's, on the same pods,
+    /// and reported as this build ÷ baseline.
+    #[arg(long)]
+    baseline_agent: Option<PathBuf>,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -138,6 +145,9 @@ struct Figures {
     rtt1k: (f64, f64),
     connect: (f64, f64),
     agent_cores: f64,
+    /// The agent's context switches (all threads, voluntary + involuntary) per GB relayed
+    /// during the single-stream figure.
+    ctx_per_gb: f64,
     /// Agent RSS peak during the single-stream figure.
     rss_peak_kib: u64,
     /// Agent RSS when the single-stream figure started: what earlier figures left.
@@ -500,6 +510,27 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
+/// Context switches (voluntary + involuntary) of every live thread of `pid` so far.
+fn ctx_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .map(|t| {
+            std::fs::read_to_string(t.path().join("status"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| {
+                    l.strip_prefix("voluntary_ctxt_switches:")
+                        .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                })
+                .filter_map(|v| v.trim().parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
 /// One run of every data-path figure. `agent`: the agent's pid (CPU and RSS are read).
 fn measure(
     args: &Args,
@@ -523,12 +554,18 @@ fn measure(
     let sampler = agent.map(RssPeak::start);
     let rss_before_kib = sampler.as_ref().map_or(0, |s| s.before);
     let cpu0 = agent.map(cpu_seconds);
+    let cs0 = agent.map(ctx_switches);
     let t0 = Instant::now();
     let gbps = throughput(client, sink_dst, args.seconds).context("throughput")?;
     let wall = t0.elapsed().as_secs_f64();
     let rss_peak_kib = sampler.map_or(0, RssPeak::stop);
     let agent_cores = match (agent, cpu0) {
         (Some(pid), Some(c0)) => (cpu_seconds(pid) - c0) / wall,
+        _ => 0.0,
+    };
+    let gigabytes = gbps * wall / 8.0;
+    let ctx_per_gb = match (agent, cs0) {
+        (Some(pid), Some(c0)) => ctx_switches(pid).saturating_sub(c0) as f64 / gigabytes.max(1e-9),
         _ => 0.0,
     };
     let many_dst = SocketAddr::new(ip, MANY_SINK_PORT);
@@ -552,6 +589,7 @@ fn measure(
         rtt1k,
         connect,
         agent_cores,
+        ctx_per_gb,
         rss_peak_kib,
         rss_before_kib,
         rss_many_peak_kib,
@@ -582,6 +620,87 @@ fn runs(
         .join()
         .expect("measurement thread")
     })
+}
+
+/// The agent's CPU per Gbit/s relayed in the single-stream figure.
+fn core_per_gbit(f: &Figures) -> f64 {
+    f.agent_cores / f.gbps.max(1e-9)
+}
+
+/// The data-path figures through the agent binary `bin` (after this build's were taken), on
+/// the same pods; then this build's agent runs again. Returns one set of runs per variant.
+fn baseline_runs(
+    args: &Args,
+    node: &mut Node,
+    bin: &std::path::Path,
+    variants: &[bool],
+    (client, server): (&Netns, &Netns),
+    ip: std::net::IpAddr,
+) -> Result<Vec<Vec<Figures>>> {
+    eprintln!("baseline agent {}...", bin.display());
+    node.restart_agent(Some(bin.to_owned()))?;
+    let pid = node.agent_pid().context("baseline agent pid")?;
+    let mut out = Vec::new();
+    for &pinned in variants {
+        eprintln!(
+            "through the baseline agent{}...",
+            if pinned { ", pinned to CPU 0" } else { "" }
+        );
+        pin_process(pid, pinned)?;
+        out.push(runs(args, client, server, ip, Some(pid), pinned)?);
+    }
+    node.restart_agent(None)?;
+    Ok(out)
+}
+
+/// This build against the baseline agent: a Markdown table and its JSON rows.
+fn baseline_table(
+    args: &Args,
+    bin: &std::path::Path,
+    variants: &[bool],
+    ambit: &[Vec<Figures>],
+    baseline: &[Vec<Figures>],
+) -> (String, Vec<Value>) {
+    let mut md = format!(
+        "\n| figure (same pods, same run; baseline {}) | baseline agent | this build | this ÷ baseline |\n|---|---|---|---|\n",
+        bin.display()
+    );
+    let mut rows = Vec::new();
+    let mut row = |name: String, unit: &str, b: f64, x: f64, b_all: Vec<f64>, x_all: Vec<f64>| {
+        md.push_str(&format!(
+            "| {name} | {b:.3} {unit} | {x:.3} {unit} | {:.2}x |\n",
+            x / b.max(1e-12)
+        ));
+        rows.push(
+            json!({"figure": name, "unit": unit, "baseline": b, "this": x,
+            "ratio": x / b.max(1e-12), "baseline_runs": b_all, "this_runs": x_all}),
+        );
+    };
+    for (i, &pinned) in variants.iter().enumerate() {
+        let tag = if pinned { " (pinned, 1 vCPU)" } else { "" };
+        for ((name, unit, b, b_all), (_, _, x, x_all)) in summarize(args, &baseline[i])
+            .into_iter()
+            .zip(summarize(args, &ambit[i]))
+        {
+            row(format!("{name}{tag}"), unit, b, x, b_all, x_all);
+        }
+        let extra: [Row; 3] = [
+            ("agent CPU per Gbit/s, 1 stream", "core", core_per_gbit),
+            ("agent context switches per GB, 1 stream", "", |f| {
+                f.ctx_per_gb
+            }),
+            ("agent RSS peak, 1 stream", "MB", |f| {
+                f.rss_peak_kib as f64 / 1024.0
+            }),
+        ];
+        for (name, unit, f) in extra {
+            let all = |runs: &[Figures]| runs.iter().map(f).collect::<Vec<f64>>();
+            let (b_all, x_all) = (all(&baseline[i]), all(&ambit[i]));
+            let (b, x) = (median(b_all.clone()), median(x_all.clone()));
+            row(format!("{name}{tag}"), unit, b, x, b_all, x_all);
+        }
+    }
+    (md, rows)
 }
 
 /// A reported figure: name, unit, and how to read it off one run.
@@ -668,7 +787,7 @@ fn main() -> Result<()> {
     ambit_tests::mesh::write_pod_manifest(&manifests, &b, "bench-server", true);
     ambit_tests::mesh::wait_manifest_pods(&node, 2);
     let (ca, cb) = (a.ns.open(), b.ns.open());
-    let pid = node.agent_pid().context("agent pid")?;
+    let mut pid = node.agent_pid().context("agent pid")?;
     eprintln!("pods: client {} -> server {}", a.ip, b.ip);
     let variants: Vec<bool> = if args.no_pinned {
         vec![false]
@@ -757,6 +876,17 @@ fn main() -> Result<()> {
     );
     std::thread::sleep(SETTLE);
     let rss_after = rss_kib(pid);
+
+    // The baseline agent on the same pods (it re-adopts them), then this build's again for
+    // the figures that follow.
+    let baseline = match &args.baseline_agent {
+        Some(bin) => {
+            let b_runs = baseline_runs(&args, &mut node, bin, &variants, (&ca, &cb), b.ip)?;
+            pid = node.agent_pid().context("agent pid")?;
+            Some(b_runs)
+        }
+        None => None,
+    };
 
     // Services at scale: in process, then on this agent (the set loaded), then the server
     // called by its Service VIP next to its pod IP with the whole set loaded.
@@ -853,14 +983,16 @@ fn main() -> Result<()> {
         }
         let med = |runs: &[Figures], f: fn(&Figures) -> f64| median(runs.iter().map(f).collect());
         let cores = med(&ambit[i], |f| f.agent_cores);
-        let gbps = med(&ambit[i], |f| f.gbps);
+        let (per_gbit, ctx) = (
+            med(&ambit[i], core_per_gbit),
+            med(&ambit[i], |f| f.ctx_per_gb),
+        );
         md.push_str(&format!(
-            "| agent CPU during throughput{tag} | – | {cores:.2} cores ({:.3} core per Gbit/s) | – |\n",
-            cores / gbps.max(1e-9)
+            "| agent CPU during throughput{tag} | – | {cores:.2} cores ({per_gbit:.3} core per Gbit/s); {ctx:.0} context switches per GB | – |\n",
         ));
         json_rows.push(
             json!({"figure": format!("agent cores during throughput{tag}"), "ambit": cores,
-                              "core_per_gbps": cores / gbps.max(1e-9), "pinned": pinned}),
+                   "core_per_gbps": per_gbit, "ctx_switches_per_gb": ctx, "pinned": pinned}),
         );
         // Scaling: does throughput grow with parallel streams and connections?
         for (what, pick) in [
@@ -950,6 +1082,12 @@ fn main() -> Result<()> {
         ));
     }
     md.push_str(&pods::rows(&agent_pods, &churn));
+    let mut baseline_json = Vec::new();
+    if let (Some(b), Some(bin)) = (&baseline, &args.baseline_agent) {
+        let (table, rows) = baseline_table(&args, bin, &variants, &ambit, b);
+        md.push_str(&table);
+        baseline_json = rows;
+    }
     println!("\n{md}");
     if let Some(path) = &args.markdown {
         std::fs::write(path, &md)?;
@@ -960,6 +1098,7 @@ fn main() -> Result<()> {
                          "connections": args.connections, "repeat": args.repeat,
                          "agent_args": args.agent_args, "smoke": args.smoke},
             "figures": json_rows,
+            "baseline": baseline_json,
             "agent_rss_kib": {"idle": rss_idle, "peak_during_throughput": rss_peak,
                               "peak_during_first_throughput": first_peak,
                               "rise_during_throughput_median": rise,

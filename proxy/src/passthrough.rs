@@ -265,7 +265,7 @@ async fn outbound_hbone<'a>(
         TrafficLabels::new("source", &me, &dst_peer, true, flags).with_service(service)
     };
     let metrics = &shared.mesh.metrics;
-    let (tunnel, _guard) = match shared.pool.connect(&req).await {
+    let (tunnel, _guard, early) = match shared.pool.connect(&req, &mut client).await {
         Ok(t) => t,
         Err(e) => {
             record.count(metrics, labels("CONNECT"), &shared.series);
@@ -285,5 +285,8 @@ async fn outbound_hbone<'a>(
             Err(stopped())
         }
     };
-    record.end(End::relayed(copied));
+    // The app's bytes sent ahead of the CONNECT answer count as sent.
+    record.end(End::relayed(
+        copied.map(|(sent, received)| (sent + early, received)),
+    ));
 }

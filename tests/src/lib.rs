@@ -250,6 +250,8 @@ pub struct Node {
     pub cni_version: String,
     /// Extra arguments for every agent start (CA, trust domain, manifests...).
     pub agent_args: Vec<String>,
+    /// The agent binary to run instead of the one built (the bench's baseline build).
+    pub agent_binary: Option<PathBuf>,
     agent: Option<Child>,
     pods: Vec<String>,
     /// The agents' cgroups: the first for [`Node::start_agent`], one more per second agent.
@@ -367,6 +369,7 @@ impl Node {
             subnet6,
             cni_version: cni_version.into(),
             agent_args: Vec::new(),
+            agent_binary: None,
             agent: None,
             pods: Vec::new(),
             cgroups: Mutex::new(Vec::new()),
@@ -400,7 +403,7 @@ impl Node {
         Ok(cgroups[cgroup]
             .command("ip")
             .args(["netns", "exec", &self.ns.name])
-            .arg(&bins().agent)
+            .arg(self.agent_binary.as_ref().unwrap_or(&bins().agent))
             .arg("--socket")
             .arg(self.socket())
             .arg("--state-dir")
@@ -891,8 +894,6 @@ pub fn echo_named(ns: &Netns, port: u16, name: &str) {
 }
 
 impl Node {
-    /// GET `path` from one of the agent's HTTP endpoints (`port` on the node's loopback:
-    /// 15020 metrics, 15021 readiness, 15000 admin); the body, which must come with 200.
     /// The agent's readiness answer (status, body) on its default address.
     pub fn readiness(&self) -> (u16, String) {
         http(
@@ -904,6 +905,22 @@ impl Node {
         .unwrap_or_else(|e| panic!("GET /healthz/ready: {e}"))
     }
 
+    /// Replaces the running agent (SIGKILL, as a crash) by `binary` (`None`: the one built)
+    /// and waits until the new one is ready, its captured pods re-adopted.
+    pub fn restart_agent(&mut self, binary: Option<PathBuf>) -> Result<()> {
+        self.kill_agent();
+        self.agent_binary = binary;
+        self.start_agent()?;
+        let (ns, ready) = (self.ns.open(), SocketAddr::from(([127, 0, 0, 1], 15021)));
+        wait_for(Duration::from_secs(30), || {
+            http(&ns, ready, "GET", "/healthz/ready").is_ok_and(|(status, _)| status == 200)
+        })
+        .context("the restarted agent did not become ready")?;
+        Ok(())
+    }
+
+    /// GET `path` from one of the agent's HTTP endpoints (`port` on the node's loopback:
+    /// 15020 metrics, 15021 readiness, 15000 admin); the body, which must come with 200.
     pub fn scrape(&self, path: &str, port: u16) -> String {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let (status, body) = http(&self.ns.open(), addr, "GET", path)

@@ -154,6 +154,54 @@ fn the_mission_policy_lets_productpage_reach_ratings_and_refuses_reviews() {
     );
 }
 
+/// The client's agent sends the app's first bytes right behind the CONNECT, before the answer:
+/// when the destination refuses (401) they are discarded there, and the app never sees the
+/// connection, let alone a byte.
+#[test]
+fn early_bytes_of_a_refused_stream_never_reach_the_app() {
+    let mut m = mesh();
+    let _productpage = pod(&mut m, "default", "productpage");
+    let reviews = pod(&mut m, "default", "reviews");
+    let ratings = pod(&mut m, "default", "ratings");
+    wait_manifest_pods(&m.node, 3);
+    apply(
+        &m,
+        "ratings-viewer.yaml",
+        RATINGS_VIEWER,
+        "default/ratings-viewer",
+    );
+    // The app: a listener nobody accepts from, so any connection the agent made to it would
+    // wait in its queue.
+    let app = ratings
+        .ns
+        .open()
+        .run(|| std::net::TcpListener::bind(("0.0.0.0", 9081)))
+        .unwrap()
+        .unwrap();
+    app.set_nonblocking(true).unwrap();
+    let (rv, dst) = (reviews.ns.open(), SocketAddr::new(ratings.ip, 9081));
+    for _ in 0..3 {
+        assert_eq!(
+            attempt(&rv, dst, b"GET /secret HTTP/1.1\r\n\r\n"),
+            Outcome::Reset
+        );
+    }
+    let log = m.node.agent_log();
+    let early = log
+        .lines()
+        .filter(|l| {
+            l.contains("app bytes sent ahead of the CONNECT answer") && l.contains("ok=false")
+        })
+        .count();
+    assert!(early >= 1, "the refused bytes were sent early:\n{log}");
+    assert_eq!(log.matches("answered CONNECT with 401").count(), 3, "{log}");
+    // The 401 came before the reset the client saw: the destination had decided by then.
+    match app.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the app got a connection: {other:?}"),
+    }
+}
+
 #[test]
 fn a_policy_applied_during_a_connection_cuts_it_and_bad_policies_fail_closed() {
     let mut m = mesh();

@@ -454,6 +454,61 @@ fn a_stream_refused_by_goaway_is_retried_on_a_new_connection() {
     );
 }
 
+/// The app's first bytes travel right behind the CONNECT, before its answer (one round trip
+/// less): once accepted, the app gets them exactly once and in order, then the rest.
+#[test]
+fn early_bytes_reach_the_app_once_and_in_order() {
+    let _shared = beside_captures();
+    let mut node = Node::new("1.0.0").unwrap();
+    node.start_agent().unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    let app =
+        b.ns.open()
+            .run(|| std::net::TcpListener::bind(("0.0.0.0", 7310)))
+            .unwrap()
+            .unwrap();
+    // The app reads everything to EOF, then answers with what it got.
+    let server = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+        let (mut c, _) = app.accept()?;
+        c.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut got = Vec::new();
+        c.read_to_end(&mut got)?;
+        c.write_all(&got)?;
+        Ok(got)
+    });
+    let mut s = connect_in(&a.ns.open(), SocketAddr::new(b.ip, 7310)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // Written at once, before any answer can have come back: the first bytes go ahead of
+    // it, the 100 kB behind them through the relay.
+    let parts: Vec<String> = (0..8).map(|i| format!("part-{i};")).collect();
+    for p in &parts {
+        s.write_all(p.as_bytes()).unwrap();
+    }
+    let tail = vec![b'z'; 100_000];
+    s.write_all(&tail).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).unwrap();
+    let mut want = parts.concat().into_bytes();
+    want.extend_from_slice(&tail);
+    let got = server.join().unwrap().unwrap();
+    assert!(
+        got == want,
+        "the app got {} bytes, not the {} sent in order",
+        got.len(),
+        want.len()
+    );
+    assert!(reply == want, "echo: {} bytes", reply.len());
+    let log = node.agent_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("app bytes sent ahead of the CONNECT answer")
+                && l.contains("ok=true")),
+        "{log}"
+    );
+}
+
 #[test]
 fn streams_share_a_pooled_connection_resets_propagate_and_idle_connections_close() {
     let _shared = beside_captures();

@@ -5,6 +5,11 @@
 //! carries at most `max_streams_per_connection` streams (or fewer if the peer says so); a
 //! full one makes the pool open another. Connecting happens under the key's lock, so a burst
 //! of new connections to one destination shares one handshake instead of racing many.
+//!
+//! Early data: the app's first bytes go right behind the CONNECT request, without waiting for
+//! the answer, so a client-speaks-first protocol saves one round trip per connection. The
+//! destination holds them until its connection to the app exists and discards them when it
+//! refuses (401, 503): they reach the app only behind a 200, once, in order.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,9 +17,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use h2::client::SendRequest;
 use rustls::pki_types::ServerName;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 use tokio::sync::Mutex as AsyncMutex;
 use tracing::{debug, info};
 
@@ -66,6 +73,27 @@ type Slot = Arc<AsyncMutex<Vec<Arc<Conn>>>>;
 /// How many connections one CONNECT may try when streams are refused unprocessed.
 const ATTEMPTS: usize = 3;
 
+/// The most of the app's bytes sent ahead of the CONNECT answer (and kept until it, to be sent
+/// again on a retry); beyond, reading the app waits for the answer. Below HTTP/2's default
+/// stream window, so the destination can always take it.
+const EARLY_LIMIT: usize = 32 << 10;
+
+/// The app's bytes sent ahead of the CONNECT answer.
+#[derive(Default)]
+struct Early {
+    sent: Vec<Bytes>,
+    len: usize,
+    /// The app closed its side (or its connection failed) before the answer: reading it again
+    /// is the relay's business.
+    done: bool,
+}
+
+impl Early {
+    fn wants_more(&self) -> bool {
+        !self.done && self.len < EARLY_LIMIT
+    }
+}
+
 /// The outcome of one CONNECT attempt that did not succeed.
 enum Attempt {
     /// The peer provably did not process the stream: safe to try another connection.
@@ -110,13 +138,18 @@ impl Pool {
     }
 
     /// Opens a CONNECT stream to `req.target` through the destination pod's 15008. Succeeds
-    /// only on a 200 answer.
+    /// only on a 200 answer. What `app` sends meanwhile goes ahead of the answer (see the
+    /// module's notes); returns how many of its bytes were sent so.
     ///
     /// A stream the peer provably did not process — refused because the pooled connection got
     /// a GOAWAY (the destination's agent is draining, e.g. during an upgrade) or with
     /// REFUSED_STREAM, or never sent because the connection had just ended — is retried on
     /// another connection, up to [`ATTEMPTS`] times: a drain must not fail new connections.
-    pub async fn connect(&self, req: &Request) -> Result<(Tunnel, StreamGuard), Error> {
+    pub async fn connect(
+        &self,
+        req: &Request,
+        app: &mut TcpStream,
+    ) -> Result<(Tunnel, StreamGuard, u64), Error> {
         let addr = SocketAddr::new(req.target.ip(), ambit_common::INBOUND_HBONE_PORT);
         let key = Key {
             src: req.src_identity.clone(),
@@ -124,10 +157,15 @@ impl Pool {
             addr,
         };
         let mut attempt = 1;
+        let mut early = Early::default();
         loop {
             let guard = self.checkout(&key).await?;
-            match self.exchange(&guard, req, addr).await {
-                Ok(tunnel) => return Ok((tunnel, guard)),
+            let answer = self.exchange(&guard, req, addr, app, &mut early).await;
+            if early.len > 0 {
+                debug!(%addr, attempt, bytes = early.len, ok = answer.is_ok(), "app bytes sent ahead of the CONNECT answer");
+            }
+            match answer {
+                Ok(tunnel) => return Ok((tunnel, guard, early.len as u64)),
                 Err(Attempt::Retry(e)) if attempt < ATTEMPTS => {
                     // This connection takes no more streams; the next attempt opens or picks
                     // another.
@@ -167,12 +205,15 @@ impl Pool {
         Ok(StreamGuard(conn, GaugeGuard::new(gauge)))
     }
 
-    /// One CONNECT on `guard`'s connection.
+    /// One CONNECT on `guard`'s connection: the request, the app's bytes of earlier attempts,
+    /// then whatever the app sends until the answer.
     async fn exchange(
         &self,
         guard: &StreamGuard,
         req: &Request,
         addr: SocketAddr,
+        app: &mut TcpStream,
+        early: &mut Early,
     ) -> Result<Tunnel, Attempt> {
         let request = http::Request::builder()
             .method(http::Method::CONNECT)
@@ -197,8 +238,29 @@ impl Pool {
         };
         let exchange = async {
             let mut send = guard.0.send.clone().ready().await.map_err(unsent)?;
-            let (response, stream) = send.send_request(request, false).map_err(unsent)?;
-            let response = response.await.map_err(sent)?;
+            let (mut response, mut stream) = send.send_request(request, false).map_err(unsent)?;
+            // Queued by h2 whatever the stream's send window (bounded by EARLY_LIMIT). A send
+            // error means the stream is gone, which the answer reports.
+            for b in &early.sent {
+                let _ = stream.send_data(b.clone(), false);
+            }
+            let mut buf = BytesMut::with_capacity(4 << 10);
+            let response = loop {
+                tokio::select! {
+                    biased;
+                    r = &mut response => break r.map_err(sent)?,
+                    n = app.read_buf(&mut buf), if early.wants_more() => match n {
+                        Ok(0) | Err(_) => early.done = true,
+                        Ok(n) => {
+                            let b = buf.split().freeze();
+                            early.len += n;
+                            early.sent.push(b.clone());
+                            let _ = stream.send_data(b, false);
+                            buf.reserve(4 << 10);
+                        }
+                    },
+                }
+            };
             Ok::<_, Attempt>((response, stream))
         };
         let (response, stream) = tokio::time::timeout(self.mesh.settings.connect_timeout, exchange)
