@@ -776,6 +776,11 @@ fn main() -> Result<()> {
             "0.1".into(),
             "--manifests-dir".into(),
             manifests.display().to_string(),
+            // A node none of the pods-at-scale runs on (they are spread over node-0..499):
+            // remote pods, as a cluster's are to every agent but one. The bench's own pods
+            // name no node and keep their labels.
+            "--node-name".into(),
+            "bench-node".into(),
         ])
         .chain(args.agent_args.iter().cloned())
         .collect();

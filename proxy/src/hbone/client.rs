@@ -83,8 +83,7 @@ const EARLY_LIMIT: usize = 32 << 10;
 struct Early {
     sent: Vec<Bytes>,
     len: usize,
-    /// The app closed its side (or its connection failed) before the answer: reading it again
-    /// is the relay's business.
+    /// The app closed its side before the answer: the relay sends the end of the stream.
     done: bool,
 }
 
@@ -250,7 +249,10 @@ impl Pool {
                     biased;
                     r = &mut response => break r.map_err(sent)?,
                     n = app.read_buf(&mut buf), if early.wants_more() => match n {
-                        Ok(0) | Err(_) => early.done = true,
+                        Ok(0) => early.done = true,
+                        // The app's connection failed: the stream is dropped unanswered (a
+                        // reset), and the destination resets its app connection in turn.
+                        Err(e) => return Err(Attempt::Fail(Error::App(e))),
                         Ok(n) => {
                             let b = buf.split().freeze();
                             early.len += n;

@@ -32,6 +32,8 @@ pub enum Error {
         addr: SocketAddr,
         what: &'static str,
     },
+    #[error("the app's connection failed before the CONNECT answer: {0}")]
+    App(io::Error),
     #[error("no certificate for {identity}: {reason}")]
     Certificate { identity: String, reason: String },
     #[error("TLS configuration: {0}")]

@@ -332,7 +332,9 @@ async fn stream(
     let send = match respond.send_response(ok, false) {
         Ok(s) => s,
         Err(e) => {
+            // The client reset the stream (its app's connection failed): so is the app's.
             debug!(%peer, %dst, "HBONE stream gone before 200: {e}");
+            super::abort(&upstream);
             return;
         }
     };
