@@ -627,30 +627,46 @@ fn core_per_gbit(f: &Figures) -> f64 {
     f.agent_cores / f.gbps.max(1e-9)
 }
 
-/// The data-path figures through the agent binary `bin` (after this build's were taken), on
-/// the same pods; then this build's agent runs again. Returns one set of runs per variant.
-fn baseline_runs(
+/// Runs of the data-path figures, one set per variant (unpinned, pinned).
+type PerVariant = Vec<Vec<Figures>>;
+
+/// The data-path figures through the agent binary `bin` and through this build's, alternated
+/// run by run, each run on a freshly started agent that re-adopted the same pods: neither gets
+/// the machine's better moments or what earlier figures left in an agent. Returns (this
+/// build's, the baseline's) runs per variant; this build's agent, which ran last, keeps
+/// running.
+fn alternated(
     args: &Args,
     node: &mut Node,
     bin: &std::path::Path,
     variants: &[bool],
     (client, server): (&Netns, &Netns),
     ip: std::net::IpAddr,
-) -> Result<Vec<Vec<Figures>>> {
-    eprintln!("baseline agent {}...", bin.display());
-    node.restart_agent(Some(bin.to_owned()))?;
-    let pid = node.agent_pid().context("baseline agent pid")?;
-    let mut out = Vec::new();
+) -> Result<(PerVariant, PerVariant)> {
+    let once = Args {
+        repeat: 1,
+        ..args.clone()
+    };
+    let (mut this, mut base) = (Vec::new(), Vec::new());
     for &pinned in variants {
-        eprintln!(
-            "through the baseline agent{}...",
-            if pinned { ", pinned to CPU 0" } else { "" }
-        );
-        pin_process(pid, pinned)?;
-        out.push(runs(args, client, server, ip, Some(pid), pinned)?);
+        let tag = if pinned { ", pinned to CPU 0" } else { "" };
+        let (mut t, mut b) = (Vec::new(), Vec::new());
+        for i in 0..args.repeat {
+            for (agent, out) in [(Some(bin.to_owned()), &mut b), (None, &mut t)] {
+                let name = agent
+                    .as_ref()
+                    .map_or("this build".into(), |p| p.display().to_string());
+                eprintln!("  run {}/{} through {name}{tag}", i + 1, args.repeat);
+                node.restart_agent(agent)?;
+                let pid = node.agent_pid().context("agent pid")?;
+                pin_process(pid, pinned)?;
+                out.extend(runs(&once, client, server, ip, Some(pid), pinned)?);
+            }
+        }
+        this.push(t);
+        base.push(b);
     }
-    node.restart_agent(None)?;
-    Ok(out)
+    Ok((this, base))
 }
 
 /// This build against the baseline agent: a Markdown table and its JSON rows.
@@ -848,7 +864,18 @@ fn main() -> Result<()> {
 
     let rss_idle = rss_kib(pid);
     let mut ambit = Vec::new();
-    for &pinned in &variants {
+    // With a baseline, the two agents alternate run by run.
+    let baseline = match &args.baseline_agent {
+        Some(bin) => {
+            eprintln!("through Ambit and through the baseline agent, alternated...");
+            let (this, base) = alternated(&args, &mut node, bin, &variants, (&ca, &cb), b.ip)?;
+            ambit = this;
+            pid = node.agent_pid().context("agent pid")?;
+            Some(base)
+        }
+        None => None,
+    };
+    for &pinned in variants.iter().filter(|_| baseline.is_none()) {
         eprintln!(
             "through Ambit (HBONE, same node){}...",
             if pinned { ", pinned to CPU 0" } else { "" }
@@ -881,17 +908,6 @@ fn main() -> Result<()> {
     );
     std::thread::sleep(SETTLE);
     let rss_after = rss_kib(pid);
-
-    // The baseline agent on the same pods (it re-adopts them), then this build's again for
-    // the figures that follow.
-    let baseline = match &args.baseline_agent {
-        Some(bin) => {
-            let b_runs = baseline_runs(&args, &mut node, bin, &variants, (&ca, &cb), b.ip)?;
-            pid = node.agent_pid().context("agent pid")?;
-            Some(b_runs)
-        }
-        None => None,
-    };
 
     // Services at scale: in process, then on this agent (the set loaded), then the server
     // called by its Service VIP next to its pod IP with the whole set loaded.
