@@ -12,6 +12,7 @@ use ambit_agent::{
 };
 use ambit_proxy::mesh::{Mesh, Settings};
 use ambit_proxy::metrics::ProxyMetrics;
+use ambit_proxy::workers::Workers;
 use anyhow::Context;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -47,8 +48,11 @@ fn main() -> std::process::ExitCode {
         "the pods' rules recognise the agent's sockets by this cgroup");
     // Before any thread allocates. Freed memory goes back on each reconcile pass instead.
     ambit_common::sys::tune_heap(HEAP_TRIM_THRESHOLD, HEAP_MMAP_THRESHOLD);
+    // The control plane (sources, CNI server, endpoints, listeners' accept loops) needs little:
+    // proxied connections run on the data-path threads (`--worker-threads`, see
+    // ambit_proxy::workers).
     let result = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads())
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("building the runtime")
@@ -135,7 +139,9 @@ async fn run(
     proxy_metrics.register(&mut registry);
     agent_metrics.register(&mut registry);
     store.register_metrics(&mut registry);
-    let mesh = mesh(&config, &store, &certs, proxy_metrics);
+    let workers =
+        Workers::start(config.worker_threads()).context("starting the data-path threads")?;
+    let mesh = mesh(&config, &store, &certs, proxy_metrics, workers);
     let mgr = Manager::new(state, exemption, mesh, store.clone(), agent_metrics.clone());
 
     // Endpoints first: readiness answers "not ready" while pods are re-adopted.
@@ -243,6 +249,7 @@ fn mesh(
     store: &Arc<Store>,
     certs: &Arc<CertManager>,
     metrics: Arc<ProxyMetrics>,
+    workers: Workers,
 ) -> Arc<Mesh> {
     Arc::new(Mesh {
         directory: store.clone(),
@@ -256,6 +263,7 @@ fn mesh(
             ..Settings::default()
         },
         metrics,
+        workers,
     })
 }
 

@@ -13,6 +13,7 @@
 //! - [`identity`], [`tls`]: SPIFFE identities and the rustls configurations that check them.
 //! - [`mesh`]: what the data path asks of the node (workload store, certificates).
 //! - [`service`]: Services by VIP and the choice of an endpoint.
+//! - [`workers`]: the threads connections run on (one connection, one thread).
 
 #![forbid(unsafe_code)]
 
@@ -28,3 +29,4 @@ pub mod pod;
 pub mod service;
 pub mod socket;
 pub mod tls;
+pub mod workers;

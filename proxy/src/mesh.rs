@@ -102,4 +102,6 @@ pub struct Mesh {
     pub trust_domain: String,
     pub settings: Settings,
     pub metrics: Arc<crate::metrics::ProxyMetrics>,
+    /// Where accepted connections run.
+    pub workers: crate::workers::Workers,
 }

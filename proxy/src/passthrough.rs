@@ -35,7 +35,8 @@ impl Direction {
     }
 }
 
-/// Accepts until `stop` fires; every connection runs in its own task, also bound to `stop`.
+/// Accepts until `stop` fires; every connection runs in its own task on one of the data-path
+/// workers ([`crate::workers`]), also bound to `stop`.
 pub async fn serve(
     dir: Direction,
     listener: TcpListener,
@@ -54,15 +55,15 @@ pub async fn serve(
                 }
             },
         };
-        let (pod, stop) = (pod.clone(), stop.clone());
         let active = pod.active_guard();
-        tokio::spawn(async move {
+        let (shared, stop) = (pod.clone(), stop.clone());
+        pod.mesh.workers.run(stream, move |stream| async move {
             let _active = active;
             // Biased: a connection being relayed ends itself on `stop` (with a reset, see
             // `forward`); one still being set up is dropped.
             tokio::select! {
                 biased;
-                _ = forward(dir, stream, canonical(peer), pod) => {}
+                _ = forward(dir, stream, canonical(peer), shared) => {}
                 _ = stop.cancelled() => {}
             }
         });

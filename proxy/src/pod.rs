@@ -23,7 +23,9 @@ pub struct PodProxy {
 
 impl PodProxy {
     /// Binds all three listeners (synchronously, so the caller can ack the plugin only once
-    /// they exist) and starts serving them. Must be called inside a tokio runtime.
+    /// they exist: connections arriving before their accept loop runs wait in the backlog)
+    /// and starts serving them, each on a data-path worker ([`crate::workers`]). Must be
+    /// called inside a tokio runtime (the pod's upkeep tasks run on it).
     pub fn start(
         factory: Arc<dyn SocketFactory>,
         ctx: PodContext,
@@ -32,24 +34,27 @@ impl PodProxy {
         let out = factory.listener(OUTBOUND_PORT)?;
         // Every connection to 15001 comes from the pod's own apps.
         crate::socket::limit_receive_buffer((&out).into(), mesh.settings.app_receive_buffer)?;
-        let out = TcpListener::from_std(out)?;
-        let inb = TcpListener::from_std(factory.listener(INBOUND_PLAINTEXT_PORT)?)?;
-        let hbone = TcpListener::from_std(factory.listener(INBOUND_HBONE_PORT)?)?;
+        let inb = factory.listener(INBOUND_PLAINTEXT_PORT)?;
+        let hbone = factory.listener(INBOUND_HBONE_PORT)?;
         let stop = CancellationToken::new();
         let shared = Arc::new(PodShared::new(ctx, factory, mesh, &stop));
-        tokio::spawn(passthrough::serve(
-            Direction::Outbound,
-            out,
-            shared.clone(),
-            stop.clone(),
-        ));
-        tokio::spawn(passthrough::serve(
-            Direction::Inbound,
-            inb,
-            shared.clone(),
-            stop.clone(),
-        ));
-        tokio::spawn(hbone::server::serve(hbone, shared.clone(), stop.clone()));
+        let workers = &shared.mesh.workers;
+        for (dir, listener) in [(Direction::Outbound, out), (Direction::Inbound, inb)] {
+            let (shared, stop) = (shared.clone(), stop.clone());
+            workers.spawn(move || async move {
+                if let Some(l) = register(listener, &shared) {
+                    passthrough::serve(dir, l, shared, stop).await;
+                }
+            });
+        }
+        {
+            let (shared, stop) = (shared.clone(), stop.clone());
+            workers.spawn(move || async move {
+                if let Some(l) = register(hbone, &shared) {
+                    hbone::server::serve(l, shared, stop).await;
+                }
+            });
+        }
         tokio::spawn(reap_idle(shared.clone(), stop.clone()));
         tokio::spawn(watch_policies(shared.clone(), stop.clone()));
         Ok(Self { stop, shared })
@@ -75,6 +80,18 @@ impl Drop for PodProxy {
         let series =
             std::mem::take(&mut *self.shared.series.lock().unwrap_or_else(|p| p.into_inner()));
         self.shared.mesh.metrics.forget(&series);
+    }
+}
+
+/// The listener registered with the running worker's runtime. Cannot fail for a listening
+/// socket the factory made (non-blocking); logged and closed if it does.
+fn register(l: std::net::TcpListener, pod: &PodShared) -> Option<TcpListener> {
+    match TcpListener::from_std(l) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::error!(pod = %pod.ctx.name, "registering a listener failed: {e}");
+            None
+        }
     }
 }
 

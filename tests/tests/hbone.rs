@@ -294,7 +294,11 @@ fn certificates_rotate_during_a_long_transfer_that_continues_unbroken() {
     // Renewed at half-life (5 s): the transfer crosses a renewal, and ends before the
     // certificate its HBONE connection was opened with expires (the server ends a
     // connection then: `hostile.rs`).
-    node.agent_args = ["--cert-lifetime", "10s"].map(String::from).to_vec();
+    // One data-path thread: one pool (pools are per thread), so a second HBONE connection
+    // can only come from the first one's certificates expiring.
+    node.agent_args = ["--cert-lifetime", "10s", "--worker-threads", "1"]
+        .map(String::from)
+        .to_vec();
     node.start_agent().unwrap();
     let a = node.add_pod("a").unwrap();
     let b = node.add_pod("b").unwrap();
@@ -513,12 +517,19 @@ fn early_bytes_reach_the_app_once_and_in_order() {
 fn streams_share_a_pooled_connection_resets_propagate_and_idle_connections_close() {
     let _shared = beside_captures();
     let mut node = Node::new("1.0.0").unwrap();
-    node.agent_args = ["--pool-idle-timeout", "1s"].map(String::from).to_vec();
+    // Connections are spread over the data-path threads in turn, and each thread pools its
+    // own HBONE connections (ambit_proxy::workers).
+    let threads = 2;
+    node.agent_args = ["--pool-idle-timeout", "1s", "--worker-threads", "2"]
+        .map(String::from)
+        .to_vec();
     node.start_agent().unwrap();
     let a = node.add_pod("a").unwrap();
     let b = node.add_pod("b").unwrap();
 
-    // 20 concurrent connections: one HBONE connection carries them all.
+    // 20 concurrent connections: one HBONE connection per data-path thread carries them all
+    // (both threads get some: only the destination's accepts of those HBONE connections
+    // come between them in the turn).
     let conns = 20;
     let server = echo_server(&b.ns.open(), 7300, conns);
     let dst = SocketAddr::new(b.ip, 7300);
@@ -535,12 +546,12 @@ fn streams_share_a_pooled_connection_resets_propagate_and_idle_connections_close
     let log = node.agent_log();
     assert_eq!(
         log.matches("HBONE connection established").count(),
-        1,
-        "streams must share the pooled connection:\n{log}"
+        threads,
+        "streams must share the pooled connection of their thread:\n{log}"
     );
     // Idle for longer than --pool-idle-timeout: released.
     wait_for(Duration::from_secs(10), || {
-        node.agent_log().contains("HBONE connection closed")
+        node.agent_log().matches("HBONE connection closed").count() == threads
     })
     .unwrap_or_else(|_| panic!("idle connection not released:\n{}", node.agent_log()));
 
@@ -602,11 +613,14 @@ fn streams_share_a_pooled_connection_resets_propagate_and_idle_connections_close
 fn a_burst_s_extra_pooled_connections_close_soon_and_the_first_stays_warm() {
     let _shared = beside_captures();
     let mut node = Node::new("1.0.0").unwrap();
+    // One data-path thread: one pool, whose surplus this is (pools are per thread).
     node.agent_args = [
         "--pool-idle-timeout",
         "1h",
         "--pool-surplus-idle-timeout",
         "1s",
+        "--worker-threads",
+        "1",
     ]
     .map(String::from)
     .to_vec();

@@ -1,7 +1,8 @@
 //! The HBONE client of one pod: pooled mutual-TLS HTTP/2 connections to destination pods,
 //! one CONNECT stream per proxied TCP connection.
 //!
-//! Pool key: (source identity, destination identity, destination `ip:15008`). A connection
+//! Pool key: (source identity, destination identity, destination `ip:15008`, data-path
+//! worker: a connection serves the streams of its own worker thread only). A connection
 //! carries at most `max_streams_per_connection` streams (or fewer if the peer says so); a
 //! full one makes the pool open another. Connecting happens under the key's lock, so a burst
 //! of new connections to one destination shares one handshake instead of racing many.
@@ -36,6 +37,9 @@ struct Key {
     src: Identity,
     dst: Identity,
     addr: SocketAddr,
+    /// The data-path worker using the connection: its driver runs on that worker's thread,
+    /// with the relays of its streams (see [`crate::workers`]).
+    worker: Option<usize>,
 }
 
 struct Conn {
@@ -154,6 +158,7 @@ impl Pool {
             src: req.src_identity.clone(),
             dst: req.dst_identity.clone(),
             addr,
+            worker: crate::workers::current(),
         };
         let mut attempt = 1;
         let mut early = Early::default();

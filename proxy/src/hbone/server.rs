@@ -67,11 +67,12 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodShared>, stop: Cancellatio
                 }
             },
         };
-        let (acceptor, pod, stop) = (acceptor.clone(), pod.clone(), stop.clone());
-        tokio::spawn(async move {
+        let (acceptor, shared, stop) = (acceptor.clone(), pod.clone(), stop.clone());
+        // The connection and its streams' tasks run on one worker thread.
+        pod.mesh.workers.run(tcp, move |tcp| async move {
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = connection(tcp, canonical(peer), acceptor, pod) => {}
+                _ = connection(tcp, canonical(peer), acceptor, shared) => {}
             }
         });
     }

@@ -1,0 +1,229 @@
+//! Data-path workers: each proxied connection lives, from accept to close, on one thread.
+//!
+//! Why not tokio's multi-threaded runtime for the data path: there an HBONE connection's
+//! driver task and the relay tasks of its streams land on different workers, and every chunk
+//! relayed wakes a task on the other thread (a futex wake, a context switch, and the h2
+//! streams mutex taken from both sides); idle workers are also woken to steal whatever was
+//! just scheduled. Here every worker is a single-threaded runtime on its own thread. A
+//! connection accepted by a listener is handed to the next worker in turn; everything it
+//! spawns (the HBONE connection it opens, an inbound connection's streams) runs on that same
+//! worker, and the HBONE client pool keeps separate connections per worker
+//! ([`current`]), so a chunk crosses no thread boundary between the app's socket and the TLS
+//! socket. Connections are spread over the workers, so several connections still use every
+//! core; one connection uses one.
+//!
+//! Listeners and everything of the control plane stay on the agent's main runtime.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::net::TcpStream;
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+thread_local! {
+    /// (the `Workers`' id, the worker's index) on a worker thread.
+    static WORKER: Cell<Option<(usize, usize)>> = const { Cell::new(None) };
+}
+
+/// Tells the `Workers` of one process apart (tests run several).
+static IDS: AtomicUsize = AtomicUsize::new(0);
+
+/// The index of the data-path worker running the caller, if any.
+pub fn current() -> Option<usize> {
+    WORKER.with(Cell::get).map(|(_, i)| i)
+}
+
+/// Where proxied connections run.
+pub struct Workers {
+    /// Empty: on the caller's runtime (tests, tools embedding a proxy).
+    handles: Vec<Handle>,
+    id: usize,
+    next: AtomicUsize,
+    stop: CancellationToken,
+}
+
+impl Workers {
+    /// `n` worker threads named `ambit-data-<i>`, each running a single-threaded runtime until
+    /// the returned value is dropped.
+    pub fn start(n: usize) -> io::Result<Self> {
+        let stop = CancellationToken::new();
+        let id = IDS.fetch_add(1, Ordering::Relaxed);
+        let mut handles = Vec::with_capacity(n);
+        for i in 0..n.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(rt.handle().clone());
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name(format!("ambit-data-{i}"))
+                .spawn(move || {
+                    WORKER.with(|w| w.set(Some((id, i))));
+                    rt.block_on(stop.cancelled());
+                    // Dropping the runtime cancels what still runs on it (the process is
+                    // ending: the agent drained its connections before).
+                })?;
+        }
+        Ok(Self {
+            handles,
+            id,
+            next: AtomicUsize::new(0),
+            stop,
+        })
+    }
+
+    /// Connections run on the caller's runtime, as spawned tasks.
+    pub fn inline() -> Self {
+        Self {
+            handles: Vec::new(),
+            id: IDS.fetch_add(1, Ordering::Relaxed),
+            next: AtomicUsize::new(0),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// How many worker threads (0: inline).
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// The next worker in turn.
+    fn next(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()
+    }
+
+    /// Runs the future `make` returns as a task of the next worker in turn (created on that
+    /// worker, so the sockets it registers belong to that worker's runtime).
+    pub fn spawn<F, Fut>(&self, make: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if self.handles.is_empty() {
+            tokio::spawn(make());
+            return;
+        }
+        self.handles[self.next()].spawn(async move { make().await });
+    }
+
+    /// Runs `serve(tcp)` on the next worker in turn. A socket accepted on another thread is
+    /// taken off that thread's runtime and registered with the worker's; one that cannot move
+    /// is closed (the error is logged): its peer sees the connection end, as for a failed
+    /// accept.
+    pub fn run<F, Fut>(&self, tcp: TcpStream, serve: F)
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if self.handles.is_empty() {
+            tokio::spawn(serve(tcp));
+            return;
+        }
+        let i = self.next();
+        if WORKER.with(Cell::get) == Some((self.id, i)) {
+            tokio::spawn(serve(tcp));
+            return;
+        }
+        let std = match tcp.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                debug!("handing a connection to a worker failed: {e}");
+                return;
+            }
+        };
+        self.handles[i].spawn(async move {
+            match TcpStream::from_std(std) {
+                Ok(tcp) => serve(tcp).await,
+                Err(e) => debug!("registering a connection with its worker failed: {e}"),
+            }
+        });
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Every connection runs on one worker thread from start to end, including what it spawns,
+    /// and successive connections go to successive workers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_and_what_it_spawns_stay_on_one_worker() {
+        let workers = Workers::start(3).unwrap();
+        assert_eq!(workers.len(), 3);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..6 {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tx = tx.clone();
+            workers.run(tcp, move |mut tcp| async move {
+                let accepted_on = (current(), std::thread::current().id());
+                // A task the connection spawns, as an HBONE connection spawns its driver.
+                let spawned = tokio::spawn(async { (current(), std::thread::current().id()) })
+                    .await
+                    .unwrap();
+                let mut b = [0u8; 1];
+                tcp.read_exact(&mut b).await.unwrap();
+                let ended_on = (current(), std::thread::current().id());
+                // Before the echo: the client starts the next connection only after it.
+                tx.send((accepted_on, spawned, ended_on)).unwrap();
+                tcp.write_all(&b).await.unwrap();
+            });
+            client.write_all(b"x").await.unwrap();
+            let mut b = [0u8; 1];
+            client.read_exact(&mut b).await.unwrap();
+            assert_eq!(&b, b"x", "the connection works on its worker");
+        }
+        drop(tx);
+        let mut order = Vec::new();
+        let mut threads = HashSet::new();
+        while let Some((a, s, e)) = rx.recv().await {
+            assert!(a.0.is_some(), "ran on a worker, not the caller's runtime");
+            assert_eq!(a, s, "a spawned task runs on its connection's worker");
+            assert_eq!(a, e, "a connection never moves to another thread");
+            order.push(a.0.unwrap());
+            threads.insert(a.1);
+        }
+        assert_eq!(
+            order,
+            [0, 1, 2, 0, 1, 2],
+            "connections go to the workers in turn"
+        );
+        assert_eq!(threads.len(), 3);
+        assert_eq!(current(), None, "the caller is not a worker");
+    }
+
+    #[tokio::test]
+    async fn inline_runs_on_the_callers_runtime() {
+        let workers = Workers::inline();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let caller = std::thread::current().id();
+        workers.run(tcp, move |_tcp| async move {
+            let _ = tx.send((current(), std::thread::current().id()));
+        });
+        assert_eq!(rx.await.unwrap(), (None, caller));
+    }
+}
