@@ -57,8 +57,16 @@ fn metrics_count_real_traffic_with_istio_labels_and_a_pods_series_leave_with_it(
             ("response_flags", "-"),
         ]
     };
+    // The plaintext one: reported by the destination only, without identity.
+    let plain = [
+        ("reporter", "destination"),
+        ("destination_workload", "ratings"),
+        ("source_principal", "unknown"),
+        ("connection_security_policy", "unknown"),
+    ];
     let mut text = String::new();
-    // Counters are final once each side logged the close; bounded wait for both reporters.
+    // Counters are final once each side recorded the close (the apps may be done before the
+    // agent is); bounded wait for both reporters and the plaintext connection.
     wait_for(Duration::from_secs(5), || {
         text = node.scrape("/metrics", 15020);
         metric(
@@ -67,6 +75,7 @@ fn metrics_count_real_traffic_with_istio_labels_and_a_pods_series_leave_with_it(
             &want("destination"),
         ) == Some(3.0)
             && metric(&text, "istio_tcp_connections_closed_total", &want("source")) == Some(3.0)
+            && metric(&text, "istio_tcp_connections_closed_total", &plain) == Some(1.0)
     })
     .unwrap_or_else(|_| panic!("closed counters:\n{text}"));
     for reporter in ["source", "destination"] {
@@ -97,13 +106,6 @@ fn metrics_count_real_traffic_with_istio_labels_and_a_pods_series_leave_with_it(
         })
         .count();
     assert_eq!(lines, 6, "3 connections, logged by each side:\n{log}");
-    // The plaintext one: reported by the destination only, without identity.
-    let plain = [
-        ("reporter", "destination"),
-        ("destination_workload", "ratings"),
-        ("source_principal", "unknown"),
-        ("connection_security_policy", "unknown"),
-    ];
     assert_eq!(
         metric(&text, "istio_tcp_connections_opened_total", &plain),
         Some(1.0),
