@@ -48,9 +48,9 @@ fn main() -> std::process::ExitCode {
         "the pods' rules recognise the agent's sockets by this cgroup");
     // Before any thread allocates. Freed memory goes back on each reconcile pass instead.
     ambit_common::sys::tune_heap(HEAP_TRIM_THRESHOLD, HEAP_MMAP_THRESHOLD);
-    // The control plane (sources, CNI server, endpoints, listeners' accept loops) needs little:
-    // proxied connections run on the data-path threads (`--worker-threads`, see
-    // ambit_proxy::workers).
+    // The control plane (sources, CNI server, endpoints, reconcile and certificate loops) needs
+    // little: the pods' listeners and proxied connections run on the data-path threads
+    // (`--worker-threads`, see ambit_proxy::workers).
     let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

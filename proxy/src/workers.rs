@@ -12,7 +12,8 @@
 //! socket. Connections are spread over the workers, so several connections still use every
 //! core; one connection uses one.
 //!
-//! Listeners and everything of the control plane stay on the agent's main runtime.
+//! A pod's listeners are spread over the workers too (their accept loops are never held up by
+//! the control plane); the control plane stays on the agent's main runtime.
 
 use std::cell::Cell;
 use std::future::Future;
