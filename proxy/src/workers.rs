@@ -40,7 +40,7 @@ pub fn current() -> Option<usize> {
 
 /// Where proxied connections run.
 pub struct Workers {
-    /// Empty: on the caller's runtime (tests, tools embedding a proxy).
+    /// At least one.
     handles: Vec<Handle>,
     id: usize,
     next: AtomicUsize,
@@ -48,8 +48,8 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// `n` worker threads named `ambit-data-<i>`, each running a single-threaded runtime until
-    /// the returned value is dropped.
+    /// `n` (at least one) worker threads named `ambit-data-<i>`, each running a single-threaded
+    /// runtime until the returned value is dropped.
     pub fn start(n: usize) -> io::Result<Self> {
         let stop = CancellationToken::new();
         let id = IDS.fetch_add(1, Ordering::Relaxed);
@@ -77,25 +77,6 @@ impl Workers {
         })
     }
 
-    /// Connections run on the caller's runtime, as spawned tasks.
-    pub fn inline() -> Self {
-        Self {
-            handles: Vec::new(),
-            id: IDS.fetch_add(1, Ordering::Relaxed),
-            next: AtomicUsize::new(0),
-            stop: CancellationToken::new(),
-        }
-    }
-
-    /// How many worker threads (0: inline).
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
-
     /// The next worker in turn.
     fn next(&self) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()
@@ -108,10 +89,6 @@ impl Workers {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        if self.handles.is_empty() {
-            tokio::spawn(make());
-            return;
-        }
         self.handles[self.next()].spawn(async move { make().await });
     }
 
@@ -124,10 +101,6 @@ impl Workers {
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        if self.handles.is_empty() {
-            tokio::spawn(serve(tcp));
-            return;
-        }
         let i = self.next();
         if WORKER.with(Cell::get) == Some((self.id, i)) {
             tokio::spawn(serve(tcp));
@@ -167,7 +140,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_connection_and_what_it_spawns_stay_on_one_worker() {
         let workers = Workers::start(3).unwrap();
-        assert_eq!(workers.len(), 3);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -210,21 +182,5 @@ mod tests {
         );
         assert_eq!(threads.len(), 3);
         assert_eq!(current(), None, "the caller is not a worker");
-    }
-
-    #[tokio::test]
-    async fn inline_runs_on_the_callers_runtime() {
-        let workers = Workers::inline();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (tcp, _) = listener.accept().await.unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let caller = std::thread::current().id();
-        workers.run(tcp, move |_tcp| async move {
-            let _ = tx.send((current(), std::thread::current().id()));
-        });
-        assert_eq!(rx.await.unwrap(), (None, caller));
     }
 }
