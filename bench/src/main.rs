@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 mod pods;
 mod services;
+mod sockmap;
+mod sys;
 
 use ambit_common::netns::Netns;
 use ambit_tests::{Node, require_root};
@@ -84,6 +86,10 @@ struct Args {
     /// no agent), printed as their Markdown rows.
     #[arg(long)]
     store_only: bool,
+    /// Only the sockmap spike (issue 20): one same-host TCP pair with and without sk_msg
+    /// redirection, `--repeat` alternated runs of `--seconds` and `--iterations`; no node.
+    #[arg(long)]
+    sockmap_spike: bool,
     /// A short run that only checks the suite works (CI): tiny durations, one repetition.
     #[arg(long)]
     smoke: bool,
@@ -774,6 +780,18 @@ fn main() -> Result<()> {
         return Ok(());
     }
     require_root();
+    if args.sockmap_spike {
+        let spike = sockmap::spike(args.seconds, args.iterations, args.repeat)?;
+        let table = sockmap::table(&spike);
+        println!("{table}");
+        if let Some(p) = &args.markdown {
+            std::fs::write(p, &table)?;
+        }
+        if let Some(p) = &args.json {
+            std::fs::write(p, serde_json::to_vec_pretty(&sockmap::json(&spike))?)?;
+        }
+        return Ok(());
+    }
     if std::env::var("AMBIT_PROFILE").as_deref() != Ok("release") {
         eprintln!(
             "note: AMBIT_PROFILE is not 'release': the agent is a debug build (bench/run.sh sets it)"

@@ -84,3 +84,55 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
         assert!(table.contains(row), "{row} missing:\n{table}");
     }
 }
+
+/// The sockmap spike's program really moves a same-host pair's bytes socket to socket, on
+/// both kinds of leg: with both sockets in its map the leg's device (loopback, veth) carries
+/// (almost) none of them, without it all of them. Checks where the bytes went, never how
+/// fast.
+#[test]
+fn the_sockmap_spike_takes_a_pairs_bytes_off_the_device() {
+    ambit_tests::require_root();
+    let dir = ambit_tests::TempDir::new("bench-spike");
+    let json = dir.0.join("spike.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_ambit-bench"))
+        .args([
+            "--sockmap-spike",
+            "--seconds",
+            "0.3",
+            "--iterations",
+            "200",
+            "--repeat",
+            "1",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for leg in ["loopback", "veth"] {
+        let runs = &v["legs"][leg];
+        let dev = |mode: &str| runs[mode][0]["device_bytes_per_byte"].as_f64().unwrap();
+        assert!(
+            dev("tcp") > 0.9,
+            "{leg}: plain TCP crosses the device: {v:#}"
+        );
+        assert!(
+            dev("sk_msg_redirect") < 0.05,
+            "{leg}: redirected, the bytes skip it: {v:#}"
+        );
+        for mode in ["tcp", "sk_msg_redirect"] {
+            assert!(runs[mode][0]["gbps"].as_f64().unwrap() > 0.0, "{v:#}");
+            assert!(runs[mode][0]["rtt_p50_us"].as_f64().unwrap() > 0.0, "{v:#}");
+        }
+    }
+    assert!(
+        v["ktls"].as_str().unwrap().starts_with("kernel TLS: "),
+        "{v:#}"
+    );
+}
