@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 mod pods;
 mod services;
 mod sockmap;
-mod sys;
 
 use ambit_common::netns::Netns;
 use ambit_tests::{Node, require_root};

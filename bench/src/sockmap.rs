@@ -17,120 +17,21 @@
 //! on the pods' cgroups to enrol it — see ARCHITECTURE.md for what each would take.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::sys::{self, Insn};
 use ambit_common::netns::Netns;
+use ambit_common::sockmap::Redirect;
 
-/// Offsets in `struct sk_msg_md`.
-const MD_REMOTE_IP4: i16 = 20;
-const MD_LOCAL_IP4: i16 = 24;
-const MD_REMOTE_PORT: i16 = 60;
-const MD_LOCAL_PORT: i16 = 64;
-/// `BPF_FUNC_msg_redirect_hash`.
-const FUNC_MSG_REDIRECT_HASH: i32 = 71;
-const BPF_F_INGRESS: i32 = 1;
-const BPF_PSEUDO_MAP_FD: u8 = 1;
-const KEY_SIZE: u32 = 16;
-
-fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
-    Insn {
-        code,
-        regs: dst | (src << 4),
-        off,
-        imm,
-    }
-}
-
-/// The verdict program: the key of the peer socket, as [`key`] builds it for that socket, is
-/// (our remote ip, our local ip, our remote port as the kernel stores it, our local port);
-/// redirect the message into that socket's receive queue, or let it take TCP when the peer is
-/// not in the map (`SK_DROP` from the helper becomes `SK_PASS`).
-fn program(map: &OwnedFd) -> Vec<Insn> {
-    const LDXW: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
-    const STXW: u8 = 0x63; // BPF_STX | BPF_MEM | BPF_W
-    const MOV_X: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
-    const MOV_K: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
-    const ADD_K: u8 = 0x07; // BPF_ALU64 | BPF_ADD | BPF_K
-    const LD_DW: u8 = 0x18; // BPF_LD | BPF_IMM | BPF_DW
-    const CALL: u8 = 0x85; // BPF_JMP | BPF_CALL
-    const JNE_K: u8 = 0x55; // BPF_JMP | BPF_JNE | BPF_K
-    const EXIT: u8 = 0x95; // BPF_JMP | BPF_EXIT
-    const FP: u8 = 10;
-    const JLE_K: u8 = 0xb5; // BPF_JMP | BPF_JLE | BPF_K
-    const RSH_K: u8 = 0x77; // BPF_ALU64 | BPF_RSH | BPF_K
-    let mut p = vec![insn(MOV_X, 6, 1, 0, 0)];
-    for (i, field) in [MD_REMOTE_IP4, MD_LOCAL_IP4, MD_REMOTE_PORT, MD_LOCAL_PORT]
-        .into_iter()
-        .enumerate()
-    {
-        p.push(insn(LDXW, 2, 6, field, 0));
-        if field == MD_REMOTE_PORT {
-            // Little-endian kernels hand the remote port shifted into the high 16 bits (a
-            // long-standing quirk of this context field); normalise to the low 16.
-            p.push(insn(JLE_K, 2, 0, 1, 0xffff));
-            p.push(insn(RSH_K, 2, 0, 0, 16));
-        }
-        p.push(insn(STXW, FP, 2, -16 + 4 * i as i16, 0));
-    }
-    p.extend([
-        insn(MOV_X, 1, 6, 0, 0),
-        insn(LD_DW, 2, BPF_PSEUDO_MAP_FD, 0, map.as_raw_fd()),
-        insn(0, 0, 0, 0, 0),
-        insn(MOV_X, 3, FP, 0, 0),
-        insn(ADD_K, 3, 0, 0, -16),
-        insn(MOV_K, 4, 0, 0, BPF_F_INGRESS),
-        insn(CALL, 0, 0, 0, FUNC_MSG_REDIRECT_HASH),
-        insn(JNE_K, 0, 0, 1, 0),
-        insn(MOV_K, 0, 0, 0, 1),
-        insn(EXIT, 0, 0, 0, 0),
-    ]);
-    p
-}
-
-/// The key under which a socket is found by its peer's program (IPv4 only: the spike's pair).
-fn key(local: SocketAddr, remote: SocketAddr) -> Result<[u8; KEY_SIZE as usize]> {
-    let (IpAddr::V4(l), IpAddr::V4(r)) = (local.ip(), remote.ip()) else {
-        anyhow::bail!("the spike's key is IPv4 only");
-    };
-    let mut k = [0u8; KEY_SIZE as usize];
-    k[0..4].copy_from_slice(&l.octets());
-    k[4..8].copy_from_slice(&r.octets());
-    // The peer reads its remote port as the kernel keeps it (network order in the low 16
-    // bits) and its local port in host order.
-    k[8..12]
-        .copy_from_slice(&(u16::from_ne_bytes(local.port().to_be_bytes()) as u32).to_ne_bytes());
-    k[12..16].copy_from_slice(&(remote.port() as u32).to_ne_bytes());
-    Ok(k)
-}
-
-/// A sockhash with the redirect program attached; sockets added to it talk to each other
-/// through it. Dropping it detaches everything.
-pub struct Redirect {
-    map: OwnedFd,
-    _prog: OwnedFd,
-}
-
-impl Redirect {
-    pub fn new() -> Result<Self> {
-        let map = sys::map_create(sys::MAP_TYPE_SOCKHASH, KEY_SIZE, 4, 64)
-            .context("creating a sockhash (needs CONFIG_BPF_STREAM_PARSER)")?;
-        let prog = sys::prog_load(sys::PROG_TYPE_SK_MSG, &program(&map), c"Apache-2.0")
-            .context("loading the sk_msg program")?;
-        sys::prog_attach(&map, &prog, sys::ATTACH_SK_MSG_VERDICT)
-            .context("attaching the sk_msg program")?;
-        Ok(Self { map, _prog: prog })
-    }
-
-    pub fn add(&self, s: &TcpStream) -> Result<()> {
-        let k = key(s.local_addr()?, s.peer_addr()?)?;
-        sys::map_update(&self.map, &k, &(s.as_raw_fd() as u32).to_ne_bytes())
-            .context("adding a socket to the sockhash")
-    }
+/// Adds both sockets of a pair to `redirect`.
+fn add(redirect: &Redirect, s: &TcpStream) -> Result<()> {
+    anyhow::ensure!(
+        redirect.add(s, s.local_addr()?, s.peer_addr()?)?,
+        "the spike's pairs are IPv4"
+    );
+    Ok(())
 }
 
 /// Figures of one run of one mode.
@@ -182,8 +83,8 @@ fn pair(leg: &Leg, redirect: Option<&Redirect>) -> Result<(TcpStream, TcpStream)
         x.set_read_timeout(Some(Duration::from_secs(10)))?;
     }
     if let Some(r) = redirect {
-        r.add(&c)?;
-        r.add(&s)?;
+        add(r, &c)?;
+        add(r, &s)?;
     }
     Ok((c, s))
 }

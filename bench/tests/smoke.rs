@@ -4,18 +4,18 @@
 
 use std::process::Command;
 
-#[test]
-fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
+/// Runs ambit-bench with `args` plus `--json` and `--markdown` into a scratch directory (kept
+/// with the returned guard; the report is `report.md` there); returns its JSON.
+fn run_bench(tag: &str, args: &[&str]) -> (serde_json::Value, ambit_tests::TempDir) {
     ambit_tests::require_root();
-    let dir = ambit_tests::TempDir::new("bench-smoke");
-    let json = dir.0.join("bench.json");
-    let md = dir.0.join("bench.md");
+    let dir = ambit_tests::TempDir::new(tag);
+    let json = dir.0.join("report.json");
     let out = Command::new(env!("CARGO_BIN_EXE_ambit-bench"))
-        .arg("--smoke")
+        .args(args)
         .arg("--json")
         .arg(&json)
         .arg("--markdown")
-        .arg(&md)
+        .arg(dir.0.join("report.md"))
         .output()
         .unwrap();
     assert!(
@@ -24,7 +24,14 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let v = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    (v, dir)
+}
+
+#[test]
+fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
+    let (v, dir) = run_bench("bench-smoke", &["--smoke"]);
+    let md = dir.0.join("report.md");
     let figures = v["figures"].as_array().unwrap();
     // 9 data-path figures + agent CPU + 2 scaling rows, unpinned and pinned.
     assert_eq!(figures.len(), 24, "{v:#}");
@@ -91,11 +98,9 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
 /// fast.
 #[test]
 fn the_sockmap_spike_takes_a_pairs_bytes_off_the_device() {
-    ambit_tests::require_root();
-    let dir = ambit_tests::TempDir::new("bench-spike");
-    let json = dir.0.join("spike.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_ambit-bench"))
-        .args([
+    let (v, _dir) = run_bench(
+        "bench-spike",
+        &[
             "--sockmap-spike",
             "--seconds",
             "0.3",
@@ -103,18 +108,8 @@ fn the_sockmap_spike_takes_a_pairs_bytes_off_the_device() {
             "200",
             "--repeat",
             "1",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     for leg in ["loopback", "veth"] {
         let runs = &v["legs"][leg];
         let dev = |mode: &str| runs[mode][0]["device_bytes_per_byte"].as_f64().unwrap();

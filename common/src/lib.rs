@@ -17,6 +17,7 @@ pub mod protocol;
 pub mod redirect;
 pub mod report;
 pub mod route;
+pub mod sockmap;
 pub mod sys;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

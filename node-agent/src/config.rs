@@ -142,6 +142,13 @@ pub struct Config {
     /// stays under net.ipv4.tcp_mem pressure (see docs/troubleshooting.md).
     #[arg(long, env = "AMBIT_APP_RECEIVE_BUFFER_KIB", default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=65536))]
     pub app_receive_buffer_kib: u32,
+    /// Deliver HBONE traffic between two pods of this node socket to socket in the kernel
+    /// (sk_msg on a sockhash) instead of through both pods' TCP stacks and the bridge; the
+    /// bytes are the same TLS records. Off, or where the kernel refuses (no
+    /// CONFIG_BPF_STREAM_PARSER, no CAP_BPF), same-node HBONE goes over TCP. With it on, a
+    /// capture on the node sees a same-node connection's TCP handshake and ClientHello only.
+    #[arg(long, env = "AMBIT_SAME_NODE_SHORTCUT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub same_node_shortcut: bool,
     /// Runtime worker threads serving every pod (default: one per CPU, at most 4).
     #[arg(long, env = "AMBIT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub worker_threads: Option<u16>,
@@ -326,6 +333,7 @@ impl Config {
             "readiness-address": self.readiness_address,
             "admin-address": self.admin_address,
             "drain-timeout": humantime::format_duration(self.drain_timeout).to_string(),
+            "same-node-shortcut": self.same_node_shortcut,
             "worker-threads": self.worker_threads(),
             "log": self.log,
             "log-format": self.log_format,

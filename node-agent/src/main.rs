@@ -16,7 +16,7 @@ use ambit_proxy::workers::Workers;
 use anyhow::Context;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{EnvFilter, reload};
 
@@ -216,9 +216,8 @@ async fn start_sources(
     if let Some(dir) = &config.manifests_dir {
         let loaded = manifests::Directory::read(dir, cx.clone());
         let (objects, problems) = loaded.objects();
-        manifests::log_loaded(dir, &objects, &problems, loaded.len());
         manifests::report_statuses(&objects.statuses, &Default::default());
-        store.set_manifests(objects);
+        manifests::apply_loaded(store, dir, objects, &problems, loaded.len());
         tasks.push(tokio::spawn(manifests::watch(
             loaded,
             store.clone(),
@@ -264,6 +263,16 @@ fn mesh(
         },
         metrics,
         workers,
+        shortcut: config
+            .same_node_shortcut
+            .then(|| {
+                ambit_common::sockmap::Redirect::new()
+                    .inspect_err(|e| {
+                        warn!("same-node shortcut unavailable, same-node HBONE uses TCP: {e}")
+                    })
+                    .ok()
+            })
+            .flatten(),
     })
 }
 

@@ -330,9 +330,8 @@ pub async fn watch(
                 return (loaded, None);
             }
             let (objects, problems) = loaded.objects();
-            log_loaded(&loaded.dir, &objects, &problems, files);
             let statuses = objects.statuses.clone();
-            store.set_manifests(objects);
+            apply_loaded(&store, &loaded.dir, objects, &problems, files);
             (loaded, Some(statuses))
         });
         match done.await {
@@ -350,17 +349,32 @@ pub async fn watch(
     }
 }
 
-/// Logs what a load found (`files` read): each invalid file, then the counts.
-pub fn log_loaded(dir: &Path, objects: &Objects, problems: &[Problem], files: usize) {
+/// Applies a load (`files` read) to the store, then logs what it found: each invalid file,
+/// then the counts. The counts line comes after the store has the objects, so whoever reads
+/// it (an operator, a test) can rely on them being in effect.
+pub fn apply_loaded(
+    store: &Store,
+    dir: &Path,
+    objects: Objects,
+    problems: &[Problem],
+    files: usize,
+) {
     for p in problems {
         warn!(file = %p.file.display(), "invalid manifest skipped: {}", p.message);
     }
+    let (pods, namespaces, services, endpoint_slices) = (
+        objects.pods.len(),
+        objects.namespaces.len(),
+        objects.services.len(),
+        objects.endpoint_slices.len(),
+    );
+    store.set_manifests(objects);
     info!(
         dir = %dir.display(),
-        pods = objects.pods.len(),
-        namespaces = objects.namespaces.len(),
-        services = objects.services.len(),
-        endpoint_slices = objects.endpoint_slices.len(),
+        pods,
+        namespaces,
+        services,
+        endpoint_slices,
         invalid = problems.len(),
         files_read = files,
         "manifests loaded"

@@ -775,6 +775,10 @@ impl Directory for Store {
             .cloned()
     }
 
+    fn is_local(&self, ip: IpAddr) -> bool {
+        self.read().local_by_ip.contains_key(&ip.to_canonical())
+    }
+
     fn service(&self, ip: IpAddr) -> Option<Arc<Service>> {
         self.read().index.vip(&ip.to_canonical()).cloned()
     }

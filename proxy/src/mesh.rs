@@ -26,6 +26,8 @@ pub struct Workload {
 pub trait Directory: Send + Sync + 'static {
     /// The workload that owns `ip`, if the store knows one.
     fn by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>>;
+    /// Is `ip` an address of a pod this agent captured (a pod of this node)?
+    fn is_local(&self, ip: IpAddr) -> bool;
     /// The Service whose VIP (ClusterIP) is `ip`, if the store knows one.
     fn service(&self, ip: IpAddr) -> Option<Arc<Service>>;
     /// Is `ip` in the cluster's Service ranges (so, when [`Directory::service`] does not know
@@ -104,4 +106,7 @@ pub struct Mesh {
     pub metrics: Arc<crate::metrics::ProxyMetrics>,
     /// Where accepted connections run.
     pub workers: crate::workers::Workers,
+    /// The same-node shortcut for HBONE connections between pods of this node
+    /// ([`ambit_common::sockmap`]); `None` when off or unavailable.
+    pub shortcut: Option<ambit_common::sockmap::Redirect>,
 }

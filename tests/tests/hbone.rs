@@ -82,11 +82,12 @@ fn pods_talk_over_hbone_on_one_node_and_across_nodes_and_the_wire_carries_only_t
     let (pcap1, pcap2) = (cap1.finish().unwrap(), cap2.finish().unwrap());
     let tls1 = assert_only_tls("node 1 (bridge, veths, wire)", &pcap1, marker.as_bytes());
     let tls2 = assert_only_tls("node 2 (bridge, veths, wire)", &pcap2, marker.as_bytes());
-    // All four transfers (both ways) crossed node 1 as TLS, the two cross-node ones node 2.
-    // (A sanity bound: reassembly stops at the rare segment captured cut differently on two
-    // interfaces; the proof itself — only 15008, only TLS, no marker — covers every captured
-    // byte.)
-    let (want1, want2) = (4 * 2 * msg.len(), 2 * 2 * msg.len());
+    // The transfers (both ways) crossed node 1 as TLS — but for the same-node IPv4 one, which
+    // the same-node shortcut moves socket to socket (`same_node_hbone_goes_socket_to_socket`
+    // covers it) — and the two cross-node ones node 2. (A sanity bound: reassembly stops at
+    // the rare segment captured cut differently on two interfaces; the proof itself — only
+    // 15008, only TLS, no marker — covers every captured byte.)
+    let (want1, want2) = (3 * 2 * msg.len(), 2 * 2 * msg.len());
     assert!(
         tls1 >= want1 * 9 / 10 && tls2 >= want2 * 9 / 10,
         "the transfers did not cross the captured interfaces: {tls1} / {tls2} TLS bytes"
@@ -120,6 +121,70 @@ fn pods_talk_over_hbone_on_one_node_and_across_nodes_and_the_wire_carries_only_t
         "inbound HBONE access line on node 2:\n{log2}"
     );
     assert!(log2.contains(&format!("spiffe://{TD}/ns/default/sa/ratings")));
+}
+
+/// Bytes received so far by the interfaces of `ns` other than loopback.
+fn rx_bytes_off_loopback(ns: &ambit_common::netns::Netns) -> u64 {
+    ns.run(|| std::fs::read_to_string("/proc/thread-self/net/dev"))
+        .unwrap()
+        .unwrap()
+        .lines()
+        .skip(2)
+        .filter_map(|l| {
+            let (name, rest) = l.trim().split_once(':')?;
+            (name != "lo").then(|| rest.split_whitespace().next()?.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
+/// Between two pods of one node, HBONE goes socket to socket in the kernel (the same-node
+/// shortcut, on by default): the app gets every byte once and in order, and the destination
+/// pod's interface receives almost none of them (its TCP handshake, the ClientHello, ACKs and
+/// FINs). With `--same-node-shortcut false` the same transfer crosses that interface whole.
+#[test]
+fn same_node_hbone_goes_socket_to_socket() {
+    let _shared = beside_captures();
+    const LEN: usize = 8 << 20;
+    for shortcut in [true, false] {
+        let mut node = Node::with_agent(vec!["--same-node-shortcut".into(), shortcut.to_string()]);
+        let a = node.add_pod("a").unwrap();
+        let b = node.add_pod("b").unwrap();
+        let server = echo_server(&b.ns.open(), 7320, 1);
+        let msg = payload("shortcut", LEN);
+        let before = rx_bytes_off_loopback(&b.ns.open());
+        let mut s = connect_in(&a.ns.open(), SocketAddr::new(b.ip, 7320)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        // The server reads to the end, then answers `peer=<a>;` and the bytes.
+        s.write_all(&msg).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::with_capacity(LEN + 64);
+        s.read_to_end(&mut back).unwrap();
+        server.join().unwrap();
+        let prefix = format!("peer={};", a.ip);
+        let crossed = rx_bytes_off_loopback(&b.ns.open()) - before;
+        assert!(
+            back.starts_with(prefix.as_bytes()) && back[prefix.len()..] == msg[..],
+            "shortcut {shortcut}: {} bytes came back",
+            back.len()
+        );
+        if shortcut {
+            assert!(
+                crossed < (LEN / 20) as u64,
+                "with the shortcut, {crossed} bytes crossed b's interface for {LEN} sent\n{}",
+                node.agent_log()
+            );
+        } else {
+            assert!(
+                crossed > LEN as u64,
+                "without it the transfer crosses b's interface: {crossed} bytes"
+            );
+        }
+        let log = node.agent_log();
+        assert!(
+            !log.contains("same-node shortcut unavailable"),
+            "the shortcut must be available here:\n{log}"
+        );
+    }
 }
 
 /// A TLS server with a valid mesh certificate of the wrong identity; reports how its one

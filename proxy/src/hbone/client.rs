@@ -313,6 +313,7 @@ impl Pool {
             .await
             .map_err(|source| Error::Connect { addr, source })?;
         let _ = tcp.set_nodelay(true);
+        super::join_shortcut(&self.mesh, &tcp, addr.ip());
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(ServerName::IpAddress(addr.ip().into()), tcp)
             .await

@@ -62,3 +62,31 @@ pub async fn relay(
 pub fn abort(tcp: &TcpStream) {
     let _ = SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
 }
+
+/// Puts an HBONE socket between two pods of this node in the same-node shortcut's map
+/// ([`ambit_common::sockmap`]), before it reads or writes a byte: once both ends are in, each
+/// TLS record goes socket to socket instead of through both pods' TCP stacks and the bridge.
+/// Order: the client joins right after `connect`, before its ClientHello; the server joins
+/// before its first read. The ClientHello may still take TCP (the server not in yet), and is
+/// read before anything redirected can arrive: the client sends nothing more until the
+/// server's answer. A failure leaves the socket on TCP.
+pub(crate) fn join_shortcut(
+    mesh: &crate::mesh::Mesh,
+    tcp: &tokio::net::TcpStream,
+    peer: std::net::IpAddr,
+) {
+    let Some(shortcut) = &mesh.shortcut else {
+        return;
+    };
+    // Only both ends here can meet in the map; a remote peer's socket would run the program
+    // on every send for nothing.
+    if !mesh.directory.is_local(peer) {
+        return;
+    }
+    let (Ok(local), Ok(remote)) = (tcp.local_addr(), tcp.peer_addr()) else {
+        return;
+    };
+    if let Err(e) = shortcut.add(tcp, local, remote) {
+        tracing::debug!(%local, %remote, "HBONE socket stays on TCP: {e}");
+    }
+}

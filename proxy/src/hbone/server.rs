@@ -84,6 +84,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodShared>, stop: Cancellatio
 /// outlives the proof of its identity.
 async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod: Arc<PodShared>) {
     let _ = tcp.set_nodelay(true);
+    super::join_shortcut(&pod.mesh, &tcp, peer.ip());
     let handshakes = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let tls = match tokio::time::timeout_at(handshakes, acceptor.accept(tcp)).await {
         Ok(Ok(t)) => t,
