@@ -57,31 +57,18 @@ struct Leg {
 
 /// Bytes `dev` in `ns` has received so far.
 fn rx_bytes(ns: &Netns, dev: &str) -> u64 {
-    ns.run(|| {
-        std::fs::read_to_string("/proc/thread-self/net/dev")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| {
-                let (name, rest) = l.trim().split_once(':')?;
-                (name == dev).then(|| rest.split_whitespace().next()?.parse::<u64>().ok())?
-            })
-            .unwrap_or(0)
-    })
-    .unwrap_or(0)
+    ambit_tests::rx_bytes_by_device(ns)
+        .into_iter()
+        .find_map(|(name, rx)| (name == dev).then_some(rx))
+        .unwrap_or(0)
 }
 
 /// A connected pair over `leg`, both in `redirect` if given.
 fn pair(leg: &Leg, redirect: Option<&Redirect>) -> Result<(TcpStream, TcpStream)> {
-    let dst = leg.listener.local_addr()?;
-    let c = leg
-        .client
-        .run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
-        .map_err(anyhow::Error::msg)??;
+    let c = crate::connect(&leg.client, leg.listener.local_addr()?)?;
     let (s, _) = leg.listener.accept()?;
-    for x in [&c, &s] {
-        x.set_nodelay(true)?;
-        x.set_read_timeout(Some(Duration::from_secs(10)))?;
-    }
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
     if let Some(r) = redirect {
         add(r, &c)?;
         add(r, &s)?;

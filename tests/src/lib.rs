@@ -686,6 +686,22 @@ pub fn echo_forever(ns: &Netns, port: u16) {
     });
 }
 
+/// Bytes each interface of `ns` has received so far, by name (`/proc/net/dev` as seen from
+/// inside the namespace).
+pub fn rx_bytes_by_device(ns: &Netns) -> Vec<(String, u64)> {
+    ns.run(|| std::fs::read_to_string("/proc/thread-self/net/dev"))
+        .expect("entering the namespace")
+        .expect("reading /proc/thread-self/net/dev")
+        .lines()
+        .skip(2)
+        .filter_map(|l| {
+            let (name, rest) = l.trim().split_once(':')?;
+            let rx = rest.split_whitespace().next()?.parse().ok()?;
+            Some((name.to_owned(), rx))
+        })
+        .collect()
+}
+
 /// A TCP server inside `ns` that answers each connection with `peer=<ip>;` followed by
 /// everything it read, for `conns` connections; returns its thread.
 pub fn echo_server(ns: &Netns, port: u16, conns: usize) -> std::thread::JoinHandle<()> {

@@ -125,15 +125,10 @@ fn pods_talk_over_hbone_on_one_node_and_across_nodes_and_the_wire_carries_only_t
 
 /// Bytes received so far by the interfaces of `ns` other than loopback.
 fn rx_bytes_off_loopback(ns: &ambit_common::netns::Netns) -> u64 {
-    ns.run(|| std::fs::read_to_string("/proc/thread-self/net/dev"))
-        .unwrap()
-        .unwrap()
-        .lines()
-        .skip(2)
-        .filter_map(|l| {
-            let (name, rest) = l.trim().split_once(':')?;
-            (name != "lo").then(|| rest.split_whitespace().next()?.parse::<u64>().ok())?
-        })
+    rx_bytes_by_device(ns)
+        .into_iter()
+        .filter(|(name, _)| name != "lo")
+        .map(|(_, rx)| rx)
         .sum()
 }
 
