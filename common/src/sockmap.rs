@@ -14,6 +14,14 @@
 //! redirected queue first when both hold data). Callers add both sockets before either
 //! writes, or rely on a protocol where the first sender waits for an answer (a TLS client's
 //! ClientHello) — see `ambit_proxy::hbone`.
+//!
+//! Memory: the kernel does not bound what redirection queues at a peer that stops reading —
+//! no receive buffer, no window; measured on this project's test machine (Linux 6.18), one
+//! writer queued 2.3 GB at a reader that read nothing before `sendmsg` failed with ENOMEM at
+//! `net.ipv4.tcp_mem`, i.e. with every TCP socket of the host under memory pressure. So only
+//! sockets whose protocol has flow control of its own may join: HBONE (HTTP/2 stream and
+//! connection windows bound what a sender has in flight). An app's socket may not (see
+//! ARCHITECTURE.md, "Same-node shortcut": why the app legs keep TCP).
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};

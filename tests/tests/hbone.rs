@@ -182,6 +182,88 @@ fn same_node_hbone_goes_socket_to_socket() {
     }
 }
 
+/// The kernel does not bound what `sk_msg` redirection queues at a socket that stops reading
+/// (measured: one pair took 2.3 GB until `net.ipv4.tcp_mem` ran out, ARCHITECTURE.md); on
+/// the shortcut HTTP/2 flow control is what holds a writer back. An app that stops reading
+/// must stall its peer after a few MiB of buffers, shortcut or not, and lose nothing: once it
+/// reads again it gets every byte, in order.
+#[test]
+fn a_stalled_reader_holds_its_writer_back_through_the_shortcut() {
+    let _shared = beside_captures();
+    const CHUNK: usize = 64 << 10;
+    // Far above the buffers on the way (app and agent sockets, a 4 MiB stream window), far
+    // below what an unbounded queue takes before the writer gives up.
+    const BOUND: usize = 64 << 20;
+    let byte = |i: usize| (i % 251) as u8;
+    for shortcut in [true, false] {
+        let mut node = Node::with_agent(vec!["--same-node-shortcut".into(), shortcut.to_string()]);
+        let a = node.add_pod("a").unwrap();
+        let b = node.add_pod("b").unwrap();
+        let listener =
+            b.ns.open()
+                .run(|| std::net::TcpListener::bind(("0.0.0.0", 7331)))
+                .unwrap()
+                .unwrap();
+        let (resume, resumed) = std::sync::mpsc::channel::<()>();
+        let reader = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            // Stalled: nothing read until the writer is held back.
+            if resumed.recv().is_err() {
+                return Err("the writer gave up".to_string());
+            }
+            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut got = 0usize;
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                let n = c.read(&mut buf).unwrap();
+                if n == 0 {
+                    return Ok(got);
+                }
+                if let Some(k) = (0..n).find(|&k| buf[k] != byte(got + k)) {
+                    return Err(format!("byte {} out of order", got + k));
+                }
+                got += n;
+            }
+        });
+        let mut s = connect_in(&a.ns.open(), SocketAddr::new(b.ip, 7331)).unwrap();
+        // Held back = no byte taken for 2 s.
+        s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut sent = 0usize;
+        let mut chunk = vec![0u8; CHUNK];
+        while sent < 4 * BOUND {
+            for (k, c) in chunk.iter_mut().enumerate() {
+                *c = byte(sent + k);
+            }
+            match s.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
+                Err(e) => panic!("shortcut {shortcut}: writing after {sent} bytes: {e}"),
+            }
+        }
+        assert!(
+            sent < BOUND,
+            "shortcut {shortcut}: a reader that reads nothing took {sent} bytes from its writer"
+        );
+        resume.send(()).unwrap();
+        s.set_write_timeout(None).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let got = reader.join().unwrap();
+        assert_eq!(
+            got,
+            Ok(sent),
+            "shortcut {shortcut}: the reader's bytes once it read"
+        );
+        eprintln!("shortcut {shortcut}: held back after {} KiB", sent >> 10);
+    }
+}
+
 /// A TLS server with a valid mesh certificate of the wrong identity; reports how its one
 /// handshake ended.
 fn impostor(ns: &ambit_common::netns::Netns, leaf: &Leaf) -> std::thread::JoinHandle<String> {
