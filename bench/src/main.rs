@@ -681,6 +681,7 @@ fn baseline_table(
     variants: &[bool],
     ambit: &[Vec<Figures>],
     baseline: &[Vec<Figures>],
+    direct: &[Vec<Figures>],
 ) -> (String, Vec<Value>) {
     let mut md = format!(
         "\n| figure (same pods, same run; baseline {}) | baseline agent | this build | this ÷ baseline |\n|---|---|---|---|\n",
@@ -699,11 +700,31 @@ fn baseline_table(
     };
     for (i, &pinned) in variants.iter().enumerate() {
         let tag = if pinned { " (pinned, 1 vCPU)" } else { "" };
-        for ((name, unit, b, b_all), (_, _, x, x_all)) in summarize(args, &baseline[i])
-            .into_iter()
-            .zip(summarize(args, &ambit[i]))
+        let (b_rows, x_rows) = (summarize(args, &baseline[i]), summarize(args, &ambit[i]));
+        for ((name, unit, b, b_all), (_, _, x, x_all)) in
+            b_rows.iter().cloned().zip(x_rows.iter().cloned())
         {
             row(format!("{name}{tag}"), unit, b, x, b_all, x_all);
+        }
+        // What the agent adds to a latency: its median minus the direct median of the same
+        // pods in the same run (the direct runs come after both agents' runs).
+        for (((name, unit, d, _), (_, _, b, b_all)), (_, _, x, x_all)) in
+            summarize(args, &direct[i])
+                .into_iter()
+                .zip(b_rows)
+                .zip(x_rows)
+        {
+            if unit == "µs" && name.ends_with("p50") {
+                let added = |v: &[f64]| v.iter().map(|t| t - d).collect::<Vec<f64>>();
+                row(
+                    format!("added {name} (over direct {d:.1} µs){tag}"),
+                    unit,
+                    b - d,
+                    x - d,
+                    added(&b_all),
+                    added(&x_all),
+                );
+            }
         }
         let extra: [Row; 3] = [
             ("agent CPU per Gbit/s, 1 stream", "core", core_per_gbit),
@@ -1122,7 +1143,7 @@ fn main() -> Result<()> {
     md.push_str(&pods::rows(&agent_pods, &churn));
     let mut baseline_json = Vec::new();
     if let (Some(b), Some(bin)) = (&baseline, &args.baseline_agent) {
-        let (table, rows) = baseline_table(&args, bin, &variants, &ambit, b);
+        let (table, rows) = baseline_table(&args, bin, &variants, &ambit, b, &direct);
         md.push_str(&table);
         baseline_json = rows;
     }

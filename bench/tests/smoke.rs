@@ -30,7 +30,9 @@ fn run_bench(tag: &str, args: &[&str]) -> (serde_json::Value, ambit_tests::TempD
 
 #[test]
 fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
-    let (v, dir) = run_bench("bench-smoke", &["--smoke"]);
+    // The built agent as its own baseline: the comparison table's plumbing, not a result.
+    let agent = ambit_tests::bins().agent.to_str().unwrap().to_owned();
+    let (v, dir) = run_bench("bench-smoke", &["--smoke", "--baseline-agent", &agent]);
     let md = dir.0.join("report.md");
     let figures = v["figures"].as_array().unwrap();
     // 9 data-path figures + agent CPU + 2 scaling rows, unpinned and pinned.
@@ -87,6 +89,22 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
         "| scaling: 20 connections ÷ 1 stream |",
         "| agent RSS peak during 20 concurrent connections |",
         "| Services: throughput, 1 stream, by pod IP vs by Service VIP (100 Services loaded) |",
+    ] {
+        assert!(table.contains(row), "{row} missing:\n{table}");
+    }
+    // This build ÷ baseline: every figure once per variant (9 + 3 agent rows) and the
+    // latency each agent adds over the direct run (3 p50s), each with a ratio.
+    let baseline = v["baseline"].as_array().unwrap();
+    assert_eq!(baseline.len(), 2 * (9 + 3 + 3), "{v:#}");
+    for r in baseline {
+        assert!(r["ratio"].as_f64().is_some_and(f64::is_finite), "{r}");
+        assert_eq!(r["this_runs"].as_array().unwrap().len(), 1, "{r}");
+    }
+    for row in [
+        "| throughput, 1 stream (pinned, 1 vCPU) | ",
+        "| agent CPU per Gbit/s, 1 stream |",
+        "| added RTT 1 B p50 (over direct ",
+        "| added new conn + 1 B echo p50 (over direct ",
     ] {
         assert!(table.contains(row), "{row} missing:\n{table}");
     }

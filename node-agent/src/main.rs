@@ -250,6 +250,17 @@ fn mesh(
     metrics: Arc<ProxyMetrics>,
     workers: Workers,
 ) -> Arc<Mesh> {
+    let shortcut = config
+        .same_node_shortcut
+        .then(|| {
+            ambit_common::sockmap::Redirect::new()
+                .inspect_err(|e| {
+                    warn!("same-node shortcut unavailable, same-node HBONE uses TCP: {e}")
+                })
+                .ok()
+        })
+        .flatten();
+    metrics.shortcut_enabled.set(shortcut.is_some().into());
     Arc::new(Mesh {
         directory: store.clone(),
         certs: certs.clone(),
@@ -263,16 +274,7 @@ fn mesh(
         },
         metrics,
         workers,
-        shortcut: config
-            .same_node_shortcut
-            .then(|| {
-                ambit_common::sockmap::Redirect::new()
-                    .inspect_err(|e| {
-                        warn!("same-node shortcut unavailable, same-node HBONE uses TCP: {e}")
-                    })
-                    .ok()
-            })
-            .flatten(),
+        shortcut,
     })
 }
 

@@ -54,6 +54,13 @@ pub struct DirectionLabels {
     pub direction: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShortcutLabels {
+    /// `joined` (in the map), `ipv6` (keeps TCP: the map's key is IPv4's), `failed` (the
+    /// kernel refused the socket; it keeps TCP).
+    pub result: String,
+}
+
 #[derive(Default)]
 pub struct ProxyMetrics {
     pub opened: Family<TrafficLabels, Counter>,
@@ -64,6 +71,9 @@ pub struct ProxyMetrics {
     pub authz_revoked: Counter,
     pub hbone_connections: Family<DirectionLabels, Gauge>,
     pub hbone_streams: Family<DirectionLabels, Gauge>,
+    /// 1 while same-node HBONE goes socket to socket ([`ambit_common::sockmap`]).
+    pub shortcut_enabled: Gauge,
+    pub shortcut_sockets: Family<ShortcutLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -108,6 +118,25 @@ impl ProxyMetrics {
             "Open HBONE CONNECT streams",
             self.hbone_streams.clone(),
         );
+        r.register(
+            "ambit_same_node_shortcut_enabled",
+            "1 when HBONE between two pods of this node goes socket to socket in the kernel (--same-node-shortcut on and the kernel took its program), 0 when it takes TCP",
+            self.shortcut_enabled.clone(),
+        );
+        r.register(
+            "ambit_same_node_shortcut_sockets",
+            "Same-node HBONE sockets offered to the shortcut, by result (joined, or kept on TCP: ipv6, failed)",
+            self.shortcut_sockets.clone(),
+        );
+    }
+
+    /// Counts one socket offered to the same-node shortcut.
+    pub fn shortcut(&self, result: &str) {
+        self.shortcut_sockets
+            .get_or_create(&ShortcutLabels {
+                result: result.into(),
+            })
+            .inc();
     }
 
     pub fn decision(&self, allowed: bool) {

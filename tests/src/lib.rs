@@ -921,17 +921,22 @@ impl Node {
         .unwrap_or_else(|e| panic!("GET /healthz/ready: {e}"))
     }
 
+    /// Waits (at most `limit`) until the agent answers ready (200) on its default address.
+    pub fn wait_ready(&self, limit: Duration) -> Result<Duration> {
+        let (ns, ready) = (self.ns.open(), SocketAddr::from(([127, 0, 0, 1], 15021)));
+        wait_for(limit, || {
+            http(&ns, ready, "GET", "/healthz/ready").is_ok_and(|(status, _)| status == 200)
+        })
+    }
+
     /// Replaces the running agent (SIGKILL, as a crash) by `binary` (`None`: the one built)
     /// and waits until the new one is ready, its captured pods re-adopted.
     pub fn restart_agent(&mut self, binary: Option<PathBuf>) -> Result<()> {
         self.kill_agent();
         self.agent_binary = binary;
         self.start_agent()?;
-        let (ns, ready) = (self.ns.open(), SocketAddr::from(([127, 0, 0, 1], 15021)));
-        wait_for(Duration::from_secs(30), || {
-            http(&ns, ready, "GET", "/healthz/ready").is_ok_and(|(status, _)| status == 200)
-        })
-        .context("the restarted agent did not become ready")?;
+        self.wait_ready(Duration::from_secs(30))
+            .context("the restarted agent did not become ready")?;
         Ok(())
     }
 

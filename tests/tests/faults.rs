@@ -157,22 +157,8 @@ fn vanished_namespaces_are_forgotten_and_corrupt_or_old_records_do_not_stop_a_re
     .unwrap();
     std::fs::write(state.join("notes.txt"), b"not a record").unwrap();
     node.start_agent().unwrap();
-    let (st, body) = http(
-        &node.ns.open(),
-        "127.0.0.1:15021".parse().unwrap(),
-        "GET",
-        "/healthz/ready",
-    )
-    .unwrap();
-    let ready = wait_for(Duration::from_secs(10), || {
-        http(
-            &node.ns.open(),
-            "127.0.0.1:15021".parse().unwrap(),
-            "GET",
-            "/healthz/ready",
-        )
-        .is_ok_and(|(st, _)| st == 200)
-    });
+    let (st, body) = node.readiness();
+    let ready = node.wait_ready(Duration::from_secs(10));
     assert!(
         ready.is_ok(),
         "not ready after restart ({st}: {body}):\n{}",

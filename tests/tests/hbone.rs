@@ -179,6 +179,22 @@ fn same_node_hbone_goes_socket_to_socket() {
             !log.contains("same-node shortcut unavailable"),
             "the shortcut must be available here:\n{log}"
         );
+        // Operators see it too: on, and both sockets of the connection joined.
+        let m = node.scrape("/metrics", 15020);
+        let enabled = metric(&m, "ambit_same_node_shortcut_enabled", &[]);
+        let joined = metric(
+            &m,
+            "ambit_same_node_shortcut_sockets_total",
+            &[("result", "joined")],
+        );
+        promtool_check(&m);
+        if shortcut {
+            assert_eq!(enabled, Some(1.0), "{m}");
+            assert_eq!(joined, Some(2.0), "client and server socket\n{m}");
+        } else {
+            assert_eq!(enabled, Some(0.0), "{m}");
+            assert_eq!(joined, None, "{m}");
+        }
     }
 }
 

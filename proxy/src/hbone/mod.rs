@@ -86,7 +86,13 @@ pub(crate) fn join_shortcut(
     let (Ok(local), Ok(remote)) = (tcp.local_addr(), tcp.peer_addr()) else {
         return;
     };
-    if let Err(e) = shortcut.add(tcp, local, remote) {
-        tracing::debug!(%local, %remote, "HBONE socket stays on TCP: {e}");
-    }
+    let result = match shortcut.add(tcp, local, remote) {
+        Ok(true) => "joined",
+        Ok(false) => "ipv6",
+        Err(e) => {
+            tracing::debug!(%local, %remote, "HBONE socket stays on TCP: {e}");
+            "failed"
+        }
+    };
+    mesh.metrics.shortcut(result);
 }
