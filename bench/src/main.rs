@@ -636,7 +636,7 @@ fn core_per_gbit(f: &Figures) -> f64 {
 type PerVariant = Vec<Vec<Figures>>;
 
 /// The data-path figures through the agent binary `bin` and through this build's, alternated
-/// run by run, each run on a freshly started agent that re-adopted the same pods: neither gets
+/// run by run (which one goes first alternates as well), each run on a freshly started agent that re-adopted the same pods: neither gets
 /// the machine's better moments or what earlier figures left in an agent. Returns (this
 /// build's, the baseline's) runs per variant; this build's agent, which ran last, keeps
 /// running.
@@ -657,7 +657,14 @@ fn alternated(
         let tag = if pinned { ", pinned to CPU 0" } else { "" };
         let (mut t, mut b) = (Vec::new(), Vec::new());
         for i in 0..args.repeat {
-            for (agent, out) in [(Some(bin.to_owned()), &mut b), (None, &mut t)] {
+            // Which agent goes first alternates too (an A/A run, the same binary twice, read
+            // the second slot 0.80-0.84x in pinned throughput when the order was fixed); the
+            // last run is always this build's.
+            let mut order = [(Some(bin.to_owned()), &mut b), (None, &mut t)];
+            if (args.repeat - 1 - i) % 2 == 1 {
+                order.reverse();
+            }
+            for (agent, out) in order {
                 let name = agent
                     .as_ref()
                     .map_or("this build".into(), |p| p.display().to_string());
