@@ -12,9 +12,10 @@
 //! the 1-byte round trip — and the bytes the leg's device received, which prove the redirect
 //! took the traffic (a mis-built key silently falls back to TCP and measures nothing).
 //!
-//! Both sockets are put in the map from user space here. For the HBONE leg the agent owns
-//! both; an app's socket is not the agent's to hand over, and would need a `sock_ops` program
-//! on the pods' cgroups to enrol it — see ARCHITECTURE.md for what each would take.
+//! Both sockets are put in the map from user space here. The agent does so for the HBONE
+//! leg (`ambit_common::sockmap`, the same program); the app legs keep TCP on purpose: the
+//! kernel does not bound what a redirect queues at a reader that stops reading, and an app has
+//! no flow control towards the agent (ARCHITECTURE.md, "The app legs keep TCP, on purpose").
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

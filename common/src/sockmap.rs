@@ -21,7 +21,7 @@
 //! `net.ipv4.tcp_mem`, i.e. with every TCP socket of the host under memory pressure. So only
 //! sockets whose protocol has flow control of its own may join: HBONE (HTTP/2 stream and
 //! connection windows bound what a sender has in flight). An app's socket may not (see
-//! ARCHITECTURE.md, "Same-node shortcut": why the app legs keep TCP).
+//! ARCHITECTURE.md, "The app legs keep TCP, on purpose").
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};

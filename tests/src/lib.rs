@@ -702,6 +702,13 @@ pub fn rx_bytes_by_device(ns: &Netns) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// The agent's arguments for the same-node shortcut on or off. Tests whose proof is what
+/// crosses the wire turn it off: with it, HBONE records between two pods of one node never
+/// reach a device (the shortcut has its own tests, `hbone::same_node_*`).
+pub fn shortcut_args(on: bool) -> [String; 2] {
+    ["--same-node-shortcut".into(), on.to_string()]
+}
+
 /// A TCP server inside `ns` that answers each connection with `peer=<ip>;` followed by
 /// everything it read, for `conns` connections; returns its thread.
 pub fn echo_server(ns: &Netns, port: u16, conns: usize) -> std::thread::JoinHandle<()> {

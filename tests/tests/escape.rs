@@ -60,10 +60,8 @@ fn a_socket_mark_does_not_let_a_pod_process_skip_capture() {
     let manifests = shared.0.join("manifests");
     let mut node = Node::new("1.0.0").unwrap();
     node.agent_args = mesh_args(&ca, &shared.0, TD);
-    // What crosses the wire is the proof here: same-node HBONE stays on it (the same-node
-    // shortcut has its own test, hbone::same_node_hbone_goes_socket_to_socket).
-    node.agent_args
-        .extend(["--same-node-shortcut".into(), "false".into()]);
+    // What crosses the wire is the proof here: same-node HBONE stays on it.
+    node.agent_args.extend(shortcut_args(false));
     node.start_agent().unwrap();
     let a = node.add_pod("a").unwrap();
     let b = node.add_pod("b").unwrap();

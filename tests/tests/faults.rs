@@ -31,9 +31,8 @@ fn sigkill_under_traffic_fails_closed_leaks_nothing_and_restart_readopts_without
     let _alone = capture_alone();
     let dir = TempDir::new("faults");
     let mut node = Node::new("1.0.0").unwrap();
-    // What crosses the wire is the proof here: same-node HBONE stays on it (the same-node
-    // shortcut has its own test, hbone::same_node_hbone_goes_socket_to_socket).
-    node.agent_args = vec!["--same-node-shortcut".into(), "false".into()];
+    // What crosses the wire is the proof here: same-node HBONE stays on it.
+    node.agent_args = shortcut_args(false).to_vec();
     node.start_agent().unwrap();
     let client = node.add_pod("client").unwrap();
     let server = node.add_pod("server").unwrap();

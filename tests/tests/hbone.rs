@@ -141,7 +141,7 @@ fn same_node_hbone_goes_socket_to_socket() {
     let _shared = beside_captures();
     const LEN: usize = 8 << 20;
     for shortcut in [true, false] {
-        let mut node = Node::with_agent(vec!["--same-node-shortcut".into(), shortcut.to_string()]);
+        let mut node = Node::with_agent(shortcut_args(shortcut).to_vec());
         let a = node.add_pod("a").unwrap();
         let b = node.add_pod("b").unwrap();
         let server = echo_server(&b.ns.open(), 7320, 1);
@@ -212,7 +212,7 @@ fn a_stalled_reader_holds_its_writer_back_through_the_shortcut() {
     const BOUND: usize = 64 << 20;
     let byte = |i: usize| (i % 251) as u8;
     for shortcut in [true, false] {
-        let mut node = Node::with_agent(vec!["--same-node-shortcut".into(), shortcut.to_string()]);
+        let mut node = Node::with_agent(shortcut_args(shortcut).to_vec());
         let a = node.add_pod("a").unwrap();
         let b = node.add_pod("b").unwrap();
         let listener =

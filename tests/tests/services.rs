@@ -115,11 +115,9 @@ fn a_service_vip_crosses_one_node_and_two_only_as_tls_to_the_chosen_endpoint_pod
     link_nodes(&n1, &n2).unwrap();
     n1.agent_args = args(Some(&ca), &shared.0, "node-1");
     n2.agent_args = args(Some(&ca), &shared.0, "node-2");
-    // What crosses the wire is the proof here: same-node HBONE stays on it (the same-node
-    // shortcut has its own test, hbone::same_node_hbone_goes_socket_to_socket).
+    // What crosses the wire is the proof here: same-node HBONE stays on it.
     for n in [&mut n1, &mut n2] {
-        n.agent_args
-            .extend(["--same-node-shortcut".into(), "false".into()]);
+        n.agent_args.extend(shortcut_args(false));
     }
     n1.start_agent().unwrap();
     n2.start_agent().unwrap();
