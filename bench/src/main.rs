@@ -696,13 +696,14 @@ fn baseline_table(
     );
     let mut rows = Vec::new();
     let mut row = |name: String, unit: &str, b: f64, x: f64, b_all: Vec<f64>, x_all: Vec<f64>| {
+        let r = ratio(b, x);
+        let shown = r.map_or_else(|| "–".to_string(), |r| format!("{r:.2}x"));
         md.push_str(&format!(
-            "| {name} | {b:.3} {unit} | {x:.3} {unit} | {:.2}x |\n",
-            x / b.max(1e-12)
+            "| {name} | {b:.3} {unit} | {x:.3} {unit} | {shown} |\n"
         ));
         rows.push(
             json!({"figure": name, "unit": unit, "baseline": b, "this": x,
-            "ratio": x / b.max(1e-12), "baseline_runs": b_all, "this_runs": x_all}),
+            "ratio": r, "baseline_runs": b_all, "this_runs": x_all}),
         );
     };
     for (i, &pinned) in variants.iter().enumerate() {
@@ -750,6 +751,14 @@ fn baseline_table(
         }
     }
     (md, rows)
+}
+
+/// This build ÷ baseline, when both figures are above zero. An added latency is not when the
+/// direct run of the same pods was slower than either agent's (this VM's direct round trip is
+/// bimodal, ~10 or ~110 µs between runs): no ratio means something there, a ratio of two
+/// negative numbers would not.
+fn ratio(baseline: f64, this: f64) -> Option<f64> {
+    (baseline > 0.0 && this > 0.0).then(|| this / baseline)
 }
 
 /// A reported figure: name, unit, and how to read it off one run.
@@ -1181,4 +1190,18 @@ fn main() -> Result<()> {
         std::fs::write(path, serde_json::to_vec_pretty(&out)?)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ratio;
+
+    #[test]
+    fn a_ratio_needs_both_figures_above_zero() {
+        assert_eq!(ratio(2.0, 1.0), Some(0.5));
+        // Two added latencies below zero (the direct run was slower than both agents).
+        assert_eq!(ratio(-29.2, -28.5), None);
+        assert_eq!(ratio(12.0, -3.0), None);
+        assert_eq!(ratio(0.0, 5.0), None);
+    }
 }
