@@ -636,10 +636,10 @@ fn core_per_gbit(f: &Figures) -> f64 {
 type PerVariant = Vec<Vec<Figures>>;
 
 /// The data-path figures through the agent binary `bin` and through this build's, alternated
-/// run by run (which one goes first alternates as well), each run on a freshly started agent that re-adopted the same pods: neither gets
-/// the machine's better moments or what earlier figures left in an agent. Returns (this
-/// build's, the baseline's) runs per variant; this build's agent, which ran last, keeps
-/// running.
+/// run by run (which one goes first alternates as well), each run on a freshly started agent
+/// that re-adopted the same pods: neither gets the machine's better moments or what earlier
+/// figures left in an agent. Returns (this build's, the baseline's) runs per variant; this
+/// build's agent, which ran last, keeps running.
 fn alternated(
     args: &Args,
     node: &mut Node,
@@ -718,7 +718,7 @@ fn baseline_table(
         // modes a run's p50 can double for the same binary (an A/A run read 274-615 µs
         // pinned for a new connection), and the least disturbed run moves far less.
         for ((name, unit, _, b_all), (_, _, _, x_all)) in b_rows.iter().zip(&x_rows) {
-            if *unit == "µs" && name.ends_with("p50") {
+            if latency_p50(name, unit) {
                 row(
                     format!("{name}, best run{tag}"),
                     unit,
@@ -737,7 +737,7 @@ fn baseline_table(
                 .zip(b_rows)
                 .zip(x_rows)
         {
-            if unit == "µs" && name.ends_with("p50") {
+            if latency_p50(&name, unit) {
                 let added = |v: &[f64]| v.iter().map(|t| t - d).collect::<Vec<f64>>();
                 row(
                     format!("added {name} (over direct {d:.1} µs){tag}"),
@@ -766,6 +766,11 @@ fn baseline_table(
         }
     }
     (md, rows)
+}
+
+/// Whether a figure is a latency's median (the rows that get a best run and an added row).
+fn latency_p50(name: &str, unit: &str) -> bool {
+    unit == "µs" && name.ends_with("p50")
 }
 
 /// The lowest of a latency's runs (the least disturbed one).
