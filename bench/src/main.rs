@@ -137,6 +137,10 @@ const BENCH_VIP: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new
 /// How long the parallel-throughput figures may take to deliver what was written.
 const STALL_LIMIT: Duration = Duration::from_secs(180);
 const WARMUP: usize = 1_000;
+/// Round trips a second of the light-load figure: a rate at which the agent's cost per
+/// request shows, and whatever it spends while it waits (polling before a worker sleeps)
+/// is not hidden behind a saturated CPU.
+const PACED_PER_SECOND: u32 = 1_000;
 
 /// Figures of one run.
 #[derive(Default, Debug, Clone)]
@@ -159,6 +163,8 @@ struct Figures {
     rss_before_kib: u64,
     /// Agent RSS peak during the `--many` figure.
     rss_many_peak_kib: u64,
+    /// The agent's CPU (cores) while 1-byte round trips go at `PACED_PER_SECOND`.
+    paced_cores: f64,
 }
 
 /// The agent hands freed memory back on its reconcile pass (every 5 s as the bench runs it):
@@ -449,6 +455,24 @@ fn ping_pong(ns: &Netns, dst: SocketAddr, size: usize, n: usize) -> Result<(f64,
     Ok(p50_p99(v))
 }
 
+/// 1-byte round trips on one connection at `PACED_PER_SECOND` for `seconds` (each sent at
+/// its time, or at once when the one before it came back late); returns the seconds taken.
+fn paced(ns: &Netns, dst: SocketAddr, seconds: f64) -> Result<f64> {
+    let mut s = connect(ns, dst)?;
+    let period = Duration::from_secs(1) / PACED_PER_SECOND;
+    let n = ((seconds * f64::from(PACED_PER_SECOND)) as u32).max(1);
+    let mut b = [0u8; 1];
+    let start = Instant::now();
+    for i in 0..n {
+        if let Some(wait) = (start + period * i).checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        s.write_all(b"x")?;
+        s.read_exact(&mut b)?;
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
 /// New connection + 1-byte echo + close, in microseconds.
 fn connections(ns: &Netns, dst: SocketAddr, n: usize) -> Result<(f64, f64)> {
     let mut v = Vec::with_capacity(n);
@@ -515,6 +539,22 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
+/// Nanoseconds every live thread of `pid` has run so far (`/proc/<pid>/task/*/schedstat`):
+/// finer than `cpu_seconds`' 10 ms ticks, for figures that use little CPU. The agent's
+/// threads live as long as it does.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            stat.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
 /// Context switches (voluntary + involuntary) of every live thread of `pid` so far.
 fn ctx_switches(pid: u32) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -546,7 +586,7 @@ fn measure(
     pinned: bool,
 ) -> Result<Figures> {
     let sink_srv = sink(bind(server, SINK_PORT)?, 1, pinned);
-    let echo_srv = echo(bind(server, ECHO_PORT)?, 2 + args.connections, pinned);
+    let echo_srv = echo(bind(server, ECHO_PORT)?, 3 + args.connections, pinned);
     let (sink_dst, echo_dst) = (
         SocketAddr::new(ip, SINK_PORT),
         SocketAddr::new(ip, ECHO_PORT),
@@ -584,6 +624,12 @@ fn measure(
     let rtt1 = ping_pong(client, echo_dst, 1, args.iterations).context("1 B round trips")?;
     let rtt1k = ping_pong(client, echo_dst, 1024, args.iterations).context("1 KiB round trips")?;
     let connect = connections(client, echo_dst, args.connections).context("new connections")?;
+    let cpu0 = agent.map(cpu_ns);
+    let paced_secs = paced(client, echo_dst, args.seconds).context("paced round trips")?;
+    let paced_cores = match (agent, cpu0) {
+        (Some(pid), Some(c0)) => cpu_ns(pid).saturating_sub(c0) as f64 / 1e9 / paced_secs,
+        _ => 0.0,
+    };
     sink_srv.join().ok();
     echo_srv.join().ok();
     Ok(Figures {
@@ -598,6 +644,7 @@ fn measure(
         rss_peak_kib,
         rss_before_kib,
         rss_many_peak_kib,
+        paced_cores,
     })
 }
 
@@ -749,8 +796,9 @@ fn baseline_table(
                 );
             }
         }
-        let extra: [Row; 3] = [
+        let extra: [Row; 4] = [
             ("agent CPU per Gbit/s, 1 stream", "core", core_per_gbit),
+            (PACED_ROW, "core", |f| f.paced_cores),
             ("agent context switches per GB, 1 stream", "", |f| {
                 f.ctx_per_gb
             }),
@@ -767,6 +815,9 @@ fn baseline_table(
     }
     (md, rows)
 }
+
+/// The light-load figure's name.
+const PACED_ROW: &str = "agent CPU at 1,000 round trips/s (1 B)";
 
 /// Whether a figure is a latency's median (the rows that get a best run and an added row).
 fn latency_p50(name: &str, unit: &str) -> bool {
@@ -1093,6 +1144,14 @@ fn main() -> Result<()> {
         json_rows.push(
             json!({"figure": format!("agent cores during throughput{tag}"), "ambit": cores,
                    "core_per_gbps": per_gbit, "ctx_switches_per_gb": ctx, "pinned": pinned}),
+        );
+        let paced = med(&ambit[i], |f| f.paced_cores);
+        md.push_str(&format!(
+            "| {PACED_ROW}{tag} | – | {paced:.4} cores | – |\n"
+        ));
+        json_rows.push(
+            json!({"figure": format!("{PACED_ROW}{tag}"), "unit": "core",
+                              "ambit": paced, "pinned": pinned}),
         );
         // Scaling: does throughput grow with parallel streams and connections?
         for (what, pick) in [

@@ -35,8 +35,9 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
     let (v, dir) = run_bench("bench-smoke", &["--smoke", "--baseline-agent", &agent]);
     let md = dir.0.join("report.md");
     let figures = v["figures"].as_array().unwrap();
-    // 9 data-path figures + agent CPU + 2 scaling rows, unpinned and pinned.
-    assert_eq!(figures.len(), 24, "{v:#}");
+    // 9 data-path figures + agent CPU during throughput and at a paced load + 2 scaling rows,
+    // unpinned and pinned.
+    assert_eq!(figures.len(), 26, "{v:#}");
     for f in figures {
         if let Some(d) = f["direct_scaling"].as_f64() {
             assert!(d > 0.0 && f["ambit_scaling"].as_f64().unwrap() > 0.0, "{f}");
@@ -92,11 +93,11 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
     ] {
         assert!(table.contains(row), "{row} missing:\n{table}");
     }
-    // This build ÷ baseline: every figure once per variant (9 + 3 agent rows), the best run
+    // This build ÷ baseline: every figure once per variant (9 + 4 agent rows), the best run
     // of each latency p50 (3) and the latency each agent adds over the direct run (3 p50s),
     // each with a ratio.
     let baseline = v["baseline"].as_array().unwrap();
-    assert_eq!(baseline.len(), 2 * (9 + 3 + 3 + 3), "{v:#}");
+    assert_eq!(baseline.len(), 2 * (9 + 4 + 3 + 3), "{v:#}");
     for r in baseline {
         let (b, x) = (r["baseline"].as_f64().unwrap(), r["this"].as_f64().unwrap());
         if b > 0.0 && x > 0.0 {
@@ -112,6 +113,7 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
     for row in [
         "| throughput, 1 stream (pinned, 1 vCPU) | ",
         "| agent CPU per Gbit/s, 1 stream |",
+        "| agent CPU at 1,000 round trips/s (1 B) (pinned, 1 vCPU) |",
         "| added RTT 1 B p50 (over direct ",
         "| added new conn + 1 B echo p50 (over direct ",
         "| new conn + 1 B echo p50, best run (pinned, 1 vCPU) | ",
