@@ -131,6 +131,44 @@ pub fn trim_heap() -> bool {
 mod tests {
     use super::*;
 
+    /// The epoll instance watching a descriptor is found among others (as a duplicate of the
+    /// same instance: events registered in it show through the duplicate), and whether it
+    /// has an event ready is read without taking the event.
+    #[test]
+    fn finds_the_epoll_instance_watching_a_descriptor() {
+        use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let (other_r, _other_w) = nix::unistd::pipe().unwrap();
+        let decoy = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
+        decoy
+            .add(&other_r, EpollEvent::new(EpollFlags::EPOLLIN, 1))
+            .unwrap();
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
+        let edge = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
+        epoll.add(&r, EpollEvent::new(edge, 7)).unwrap();
+
+        let found = epoll_watching(r.as_fd()).unwrap().expect("found");
+        assert!(epoll_watches(found.as_raw_fd(), r.as_raw_fd()));
+        assert!(!epoll_watches(found.as_raw_fd(), other_r.as_raw_fd()));
+        assert!(
+            epoll_watching(w.as_fd()).unwrap().is_none(),
+            "nothing watches w"
+        );
+
+        assert!(!readable_now(found.as_fd()), "no event yet");
+        nix::unistd::write(&w, b"x").unwrap();
+        assert!(readable_now(found.as_fd()), "an event is ready");
+        assert!(
+            readable_now(found.as_fd()),
+            "and still there: poll took nothing"
+        );
+        // The edge-triggered event is still there for the instance's owner to collect.
+        let mut events = [EpollEvent::empty(); 1];
+        assert_eq!(epoll.wait(&mut events, EpollTimeout::ZERO).unwrap(), 1);
+        assert_eq!(events[0].data(), 7);
+        assert!(!readable_now(found.as_fd()), "collected");
+    }
+
     /// The inode of the calling thread's network namespace.
     fn current() -> u64 {
         std::fs::metadata("/proc/thread-self/ns/net")
@@ -331,4 +369,60 @@ pub fn bpf_prog_attach(target: &OwnedFd, prog: &OwnedFd, attach_type: u32) -> io
         attach_flags: 0,
     };
     bpf(BPF_PROG_ATTACH, &mut attr).map(drop)
+}
+
+// ---- Polling before parking (see `ambit_proxy::workers`). tokio does not expose its I/O
+// driver's epoll descriptor, so it is found the way `ss` and `lsof` find such things: the
+// kernel lists every descriptor an epoll instance watches in `/proc/self/fdinfo` (`tfd:`).
+
+/// A new descriptor for this process's epoll instance that watches `fd` (the same instance,
+/// duplicated), or `None` if no instance does. The caller registers `fd` with exactly one.
+pub fn epoll_watching(fd: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let Some(n) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        if !epoll_watches(n, fd.as_raw_fd()) {
+            continue;
+        }
+        // SAFETY: F_DUPFD_CLOEXEC reads no memory of ours; on a descriptor closed since the
+        // scan it fails with EBADF. It may have been closed and reused by another thread,
+        // which is why the duplicate is checked again below before it is used.
+        let dup = unsafe { libc::fcntl(n, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            continue;
+        }
+        // SAFETY: fcntl just created `dup`; nothing else owns it.
+        let dup = unsafe { OwnedFd::from_raw_fd(dup) };
+        if epoll_watches(dup.as_raw_fd(), fd.as_raw_fd()) {
+            return Ok(Some(dup));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether descriptor `n` of this process is an epoll instance watching descriptor `fd`.
+fn epoll_watches(n: RawFd, fd: RawFd) -> bool {
+    let link = std::fs::read_link(format!("/proc/self/fd/{n}"));
+    if link.ok().as_deref() != Some(std::path::Path::new("anon_inode:[eventpoll]")) {
+        return false;
+    }
+    let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{n}")) else {
+        return false;
+    };
+    // e.g. "tfd:        9 events:       19 data:  ..."
+    info.lines().any(|l| {
+        l.strip_prefix("tfd:")
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|t| t.parse::<RawFd>().ok())
+            == Some(fd)
+    })
+}
+
+/// Whether `fd` is readable right now (`poll(2)` with no timeout). On an epoll instance:
+/// whether it has events ready, without taking them (an `epoll_wait` would).
+pub fn readable_now(fd: BorrowedFd<'_>) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
 }

@@ -139,8 +139,11 @@ async fn run(
     proxy_metrics.register(&mut registry);
     agent_metrics.register(&mut registry);
     store.register_metrics(&mut registry);
-    let workers =
-        Workers::start(config.worker_threads()).context("starting the data-path threads")?;
+    let workers = Workers::start(
+        config.worker_threads(),
+        Duration::from_micros(config.worker_spin_us.into()),
+    )
+    .context("starting the data-path threads")?;
     let mesh = mesh(&config, &store, &certs, proxy_metrics, workers);
     let mgr = Manager::new(state, exemption, mesh, store.clone(), agent_metrics.clone());
 

@@ -14,20 +14,32 @@
 //!
 //! A pod's listeners are spread over the workers too (their accept loops are never held up by
 //! the control plane); the control plane stays on the agent's main runtime.
+//!
+//! A worker with nothing to do polls for a short while before it sleeps (`spin`, see
+//! [`Workers::start`]): a connection's next chunk often follows within microseconds, and a
+//! thread put to sleep in `epoll_wait` has to be woken for it, which on a virtual machine
+//! whose idle vCPUs halt is a trip through the hypervisor at every hop of a round trip.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use ambit_common::sys;
 
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 thread_local! {
     /// (the `Workers`' id, the worker's index) on a worker thread.
     static WORKER: Cell<Option<(usize, usize)>> = const { Cell::new(None) };
+    /// On a worker thread that polls before parking: its runtime's epoll instance and how
+    /// long to poll it.
+    static SPIN: RefCell<Option<(OwnedFd, Duration)>> = const { RefCell::new(None) };
 }
 
 /// Tells the `Workers` of one process apart (tests run several).
@@ -49,14 +61,18 @@ pub struct Workers {
 
 impl Workers {
     /// `n` (at least one) worker threads named `ambit-data-<i>`, each running a single-threaded
-    /// runtime until the returned value is dropped.
-    pub fn start(n: usize) -> io::Result<Self> {
+    /// runtime until the returned value is dropped. A worker that runs out of work polls its
+    /// runtime's events for up to `spin` before it sleeps (zero: it sleeps at once); the
+    /// polling yields the CPU at every turn, so a thread runnable on the same CPU (often the
+    /// app the worker waits for) is not held up by it.
+    pub fn start(n: usize, spin: Duration) -> io::Result<Self> {
         let stop = CancellationToken::new();
         let id = IDS.fetch_add(1, Ordering::Relaxed);
         let mut handles = Vec::with_capacity(n);
         for i in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .on_thread_park(poll_before_park)
                 .build()?;
             handles.push(rt.handle().clone());
             let stop = stop.clone();
@@ -64,6 +80,12 @@ impl Workers {
                 .name(format!("ambit-data-{i}"))
                 .spawn(move || {
                     WORKER.with(|w| w.set(Some((id, i))));
+                    if !spin.is_zero() {
+                        match rt.block_on(runtime_epoll()) {
+                            Ok(epoll) => SPIN.with(|s| *s.borrow_mut() = Some((epoll, spin))),
+                            Err(e) => warn!("worker {i} sleeps without polling first: {e}"),
+                        }
+                    }
                     rt.block_on(stop.cancelled());
                     // Dropping the runtime cancels what still runs on it (the process is
                     // ending: the agent drained its connections before).
@@ -122,6 +144,35 @@ impl Workers {
     }
 }
 
+/// The epoll instance of the calling thread's runtime: the one a socket registered with the
+/// runtime is in.
+async fn runtime_epoll() -> io::Result<OwnedFd> {
+    let (probe, _peer) = tokio::net::UnixDatagram::pair()?;
+    sys::epoll_watching(probe.as_fd())?
+        .ok_or_else(|| io::Error::other("the runtime's epoll instance was not found"))
+}
+
+/// Called by a worker's runtime before its thread sleeps: polls the runtime's events for up
+/// to the worker's `spin`, yielding the CPU between polls, and returns as soon as one is ready
+/// (the runtime then collects it without sleeping) or the time is up.
+///
+/// The time is fixed. A window adapted to the idle spells by the kernel's haltpoll rule
+/// (doubling while spells end within the maximum, halving while they outlast it) was
+/// measured and lost the whole latency gain: once a worker stops polling, the other threads'
+/// wake-ups land on halted vCPUs again, spells lengthen, and the window shrinks further
+/// (ARCHITECTURE.md, "What the data path does per byte").
+fn poll_before_park() {
+    SPIN.with(|s| {
+        let Some((epoll, spin)) = &*s.borrow() else {
+            return;
+        };
+        let start = Instant::now();
+        while start.elapsed() < *spin && !sys::readable_now(epoll.as_fd()) {
+            std::thread::yield_now();
+        }
+    });
+}
+
 impl Drop for Workers {
     fn drop(&mut self) {
         self.stop.cancel();
@@ -139,7 +190,7 @@ mod tests {
     /// and successive connections go to successive workers.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_connection_and_what_it_spawns_stay_on_one_worker() {
-        let workers = Workers::start(3).unwrap();
+        let workers = Workers::start(3, Duration::ZERO).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -182,5 +233,28 @@ mod tests {
         );
         assert_eq!(threads.len(), 3);
         assert_eq!(current(), None, "the caller is not a worker");
+    }
+
+    /// Workers started with a spin find their runtime's epoll instance (without it they would
+    /// sleep at once, with only a warning in the log), and serve connections as before;
+    /// started without one they do not look for it.
+    #[tokio::test]
+    async fn workers_that_spin_have_their_runtimes_epoll() {
+        for spin in [Duration::from_micros(50), Duration::ZERO] {
+            let workers = Workers::start(2, spin).unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            for _ in 0..2 {
+                let mut client = TcpStream::connect(addr).await.unwrap();
+                let (tcp, _) = listener.accept().await.unwrap();
+                workers.run(tcp, |mut tcp| async move {
+                    let armed = SPIN.with(|s| s.borrow().is_some());
+                    tcp.write_all(&[u8::from(armed)]).await.unwrap();
+                });
+                let mut b = [9u8; 1];
+                client.read_exact(&mut b).await.unwrap();
+                assert_eq!(b[0], u8::from(!spin.is_zero()), "spin {spin:?}");
+            }
+        }
     }
 }
