@@ -539,40 +539,35 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
-/// Nanoseconds every live thread of `pid` has run so far (`/proc/<pid>/task/*/schedstat`):
-/// finer than `cpu_seconds`' 10 ms ticks, for figures that use little CPU. The agent's
-/// threads live as long as it does.
+/// Nanoseconds every live thread of `pid` has run so far (`schedstat`): finer than
+/// `cpu_seconds`' 10 ms ticks, for figures that use little CPU. The agent's threads live as
+/// long as it does.
 fn cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| {
-            let stat = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
-            stat.split_whitespace().next()?.parse::<u64>().ok()
-        })
-        .sum()
+    per_thread(pid, "schedstat", |stat| {
+        stat.split_whitespace().next()?.parse().ok()
+    })
 }
 
 /// Context switches (voluntary + involuntary) of every live thread of `pid` so far.
 fn ctx_switches(pid: u32) -> u64 {
+    per_thread(pid, "status", |status| {
+        let counts = status.lines().filter_map(|l| {
+            l.strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+        });
+        Some(counts.filter_map(|v| v.trim().parse::<u64>().ok()).sum())
+    })
+}
+
+/// The sum over every live thread of `pid` of what `read` finds in the thread's
+/// `/proc/<pid>/task/<tid>/<file>` (a thread whose file cannot be read or parsed counts 0).
+fn per_thread(pid: u32, file: &str, read: impl Fn(&str) -> Option<u64>) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
     };
     tasks
         .flatten()
-        .map(|t| {
-            std::fs::read_to_string(t.path().join("status"))
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| {
-                    l.strip_prefix("voluntary_ctxt_switches:")
-                        .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
-                })
-                .filter_map(|v| v.trim().parse::<u64>().ok())
-                .sum::<u64>()
-        })
+        .filter_map(|t| read(&std::fs::read_to_string(t.path().join(file)).ok()?))
         .sum()
 }
 
