@@ -81,7 +81,8 @@ impl Workers {
                 .spawn(move || {
                     WORKER.with(|w| w.set(Some((id, i))));
                     if !spin.is_zero() {
-                        match rt.block_on(runtime_epoll()) {
+                        let _in_runtime = rt.enter();
+                        match runtime_epoll() {
                             Ok(epoll) => SPIN.with(|s| *s.borrow_mut() = Some((epoll, spin))),
                             Err(e) => warn!("worker {i} sleeps without polling first: {e}"),
                         }
@@ -144,9 +145,9 @@ impl Workers {
     }
 }
 
-/// The epoll instance of the calling thread's runtime: the one a socket registered with the
+/// The epoll instance of the runtime the caller is in: the one a socket registered with the
 /// runtime is in.
-async fn runtime_epoll() -> io::Result<OwnedFd> {
+fn runtime_epoll() -> io::Result<OwnedFd> {
     let (probe, _peer) = tokio::net::UnixDatagram::pair()?;
     sys::epoll_watching(probe.as_fd())?
         .ok_or_else(|| io::Error::other("the runtime's epoll instance was not found"))
