@@ -402,7 +402,7 @@ pub fn epoll_watching(fd: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
 }
 
 /// Whether descriptor `n` of this process is an epoll instance watching descriptor `fd`.
-fn epoll_watches(n: RawFd, fd: RawFd) -> bool {
+pub fn epoll_watches(n: RawFd, fd: RawFd) -> bool {
     let link = std::fs::read_link(format!("/proc/self/fd/{n}"));
     if link.ok().as_deref() != Some(std::path::Path::new("anon_inode:[eventpoll]")) {
         return false;

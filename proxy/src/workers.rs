@@ -184,6 +184,7 @@ impl Drop for Workers {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+    use std::os::fd::AsRawFd;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -236,9 +237,9 @@ mod tests {
         assert_eq!(current(), None, "the caller is not a worker");
     }
 
-    /// Workers started with a spin find their runtime's epoll instance (without it they would
-    /// sleep at once, with only a warning in the log), and serve connections as before;
-    /// started without one they do not look for it.
+    /// Workers started with a spin find their runtime's epoll instance — the one watching the
+    /// connections they serve (without it they would sleep at once, with only a warning in the
+    /// log) — and serve connections as before; started without one they do not look for it.
     #[tokio::test]
     async fn workers_that_spin_have_their_runtimes_epoll() {
         for spin in [Duration::from_micros(50), Duration::ZERO] {
@@ -249,8 +250,18 @@ mod tests {
                 let mut client = TcpStream::connect(addr).await.unwrap();
                 let (tcp, _) = listener.accept().await.unwrap();
                 workers.run(tcp, |mut tcp| async move {
-                    let armed = SPIN.with(|s| s.borrow().is_some());
-                    tcp.write_all(&[u8::from(armed)]).await.unwrap();
+                    // 0: not armed; 1: armed with the epoll watching this connection; 2: armed
+                    // with another.
+                    let armed = SPIN.with(|s| {
+                        s.borrow().as_ref().map_or(0, |(epoll, _)| {
+                            if sys::epoll_watches(epoll.as_raw_fd(), tcp.as_raw_fd()) {
+                                1
+                            } else {
+                                2
+                            }
+                        })
+                    });
+                    tcp.write_all(&[armed]).await.unwrap();
                 });
                 let mut b = [9u8; 1];
                 client.read_exact(&mut b).await.unwrap();
