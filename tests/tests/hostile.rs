@@ -157,15 +157,43 @@ fn port_15008_withstands_slowloris_tls12_oversized_headers_and_stream_floods() {
     });
     // Oversized headers: the answer README promises, 431, not just any failure.
     assert_eq!(big, Ok(Ok(431)), "oversized headers");
-    // Every stream of the flood got an HTTP answer (no reset, no h2 error, no hang): 200 for
+    // Every stream of the flood got an answer (no other reset, no h2 error, no hang): 200 for
     // the connections the app took (its one accept, and what its backlog held before it
-    // closed), 503 for the rest.
+    // closed), 503 for the rest, or REFUSED_STREAM. The last is HTTP/2's "not processed, safe
+    // to retry" (RFC 9113 §8.7; Ambit's client retries it) and h2 sends it when a stream
+    // arrives at the 200-stream limit, which a client that keeps under the limit still meets:
+    // when the server's reset of a stream (its app connection failed) crosses the client's
+    // own reset of it, the server counts the stream until its reset is written, the client
+    // not at all (seen in CI and under CPU load: ~100 streams answered 200 and reset both
+    // ways, then ~50 refused).
+    let answered = |k: &str| statuses.get(k).copied().unwrap_or(0);
+    let refused = "error: REFUSED_STREAM";
     assert!(
-        statuses.keys().all(|k| k == "200" || k == "503") && statuses.contains_key("200"),
+        statuses
+            .keys()
+            .all(|k| k == "200" || k == "503" || k == refused)
+            && statuses.contains_key("200"),
         "answers to the flood: {statuses:?}"
     );
     assert_eq!(statuses.values().sum::<usize>(), 1000);
     eprintln!("oversized headers: {big:?}; flood of 1000 streams: {statuses:?}");
+    // Refused means never processed: the agent took up exactly the streams it answered with a
+    // status (one access record each, once their relay ended), none of the refused ones.
+    let records = || {
+        let dst = format!("dst.addr={}:7500 ", b.ip);
+        node.agent_log()
+            .lines()
+            .filter(|l| l.contains("access: connection ") && l.contains(&dst))
+            .filter(|l| l.contains("direction=\"inbound\"") && l.contains("protocol=\"hbone\""))
+            .count()
+    };
+    let processed = answered("200") + answered("503");
+    let _ = wait_for(Duration::from_secs(10), || records() >= processed);
+    assert_eq!(
+        records(),
+        processed,
+        "streams the agent processed, against those answered 200 or 503 ({statuses:?})"
+    );
 
     // The pod is still served to a well-behaved peer.
     assert_eq!(
