@@ -144,6 +144,7 @@ async fn run(
         Duration::from_micros(config.worker_spin_us.into()),
     )
     .context("starting the data-path threads")?;
+    workers.register_metrics(&mut registry);
     let mesh = mesh(&config, &store, &certs, proxy_metrics, workers);
     let mgr = Manager::new(state, exemption, mesh, store.clone(), agent_metrics.clone());
 

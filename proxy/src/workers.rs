@@ -19,6 +19,8 @@
 //! [`Workers::start`]): a connection's next chunk often follows within microseconds, and a
 //! thread put to sleep in `epoll_wait` has to be woken for it, which on a virtual machine
 //! whose idle vCPUs halt is a trip through the hypervisor at every hop of a round trip.
+//! `ambit_worker_polls` counts, per worker, the polls that ended in an event and those that
+//! ended in sleep.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -28,6 +30,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ambit_common::sys;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
@@ -39,8 +45,28 @@ thread_local! {
     static WORKER: Cell<Option<(usize, usize)>> = const { Cell::new(None) };
     /// On a worker thread that polls before parking: its runtime's epoll instance and how
     /// long to poll it.
-    static SPIN: RefCell<Option<(OwnedFd, Duration)>> = const { RefCell::new(None) };
+    static SPIN: RefCell<Option<Spin>> = const { RefCell::new(None) };
 }
+
+/// What a polling worker needs before it parks.
+struct Spin {
+    /// Its runtime's epoll instance.
+    epoll: OwnedFd,
+    /// How long to poll it.
+    window: Duration,
+    /// Its counters: `[event, slept]`.
+    polls: [Counter; 2],
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PollLabels {
+    pub worker: String,
+    /// `event` (one came while polling: the worker did not sleep) or `slept` (none came in
+    /// the window).
+    pub outcome: String,
+}
+
+const OUTCOMES: [&str; 2] = ["event", "slept"];
 
 /// Tells the `Workers` of one process apart (tests run several).
 static IDS: AtomicUsize = AtomicUsize::new(0);
@@ -57,6 +83,7 @@ pub struct Workers {
     id: usize,
     next: AtomicUsize,
     stop: CancellationToken,
+    polls: Family<PollLabels, Counter>,
 }
 
 impl Workers {
@@ -68,6 +95,7 @@ impl Workers {
     pub fn start(n: usize, spin: Duration) -> io::Result<Self> {
         let stop = CancellationToken::new();
         let id = IDS.fetch_add(1, Ordering::Relaxed);
+        let polls = Family::<PollLabels, Counter>::default();
         let mut handles = Vec::with_capacity(n);
         for i in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -76,14 +104,31 @@ impl Workers {
                 .build()?;
             handles.push(rt.handle().clone());
             let stop = stop.clone();
+            let polls = polls.clone();
             std::thread::Builder::new()
                 .name(format!("ambit-data-{i}"))
                 .spawn(move || {
                     WORKER.with(|w| w.set(Some((id, i))));
                     if !spin.is_zero() {
                         let _in_runtime = rt.enter();
+                        // Created on the worker's thread: the counters it alone updates are
+                        // allocated apart from the other workers'.
+                        let polls = OUTCOMES.map(|outcome| {
+                            polls
+                                .get_or_create(&PollLabels {
+                                    worker: i.to_string(),
+                                    outcome: outcome.into(),
+                                })
+                                .clone()
+                        });
                         match runtime_epoll() {
-                            Ok(epoll) => SPIN.with(|s| *s.borrow_mut() = Some((epoll, spin))),
+                            Ok(epoll) => SPIN.with(|s| {
+                                *s.borrow_mut() = Some(Spin {
+                                    epoll,
+                                    window: spin,
+                                    polls,
+                                })
+                            }),
                             Err(e) => warn!("worker {i} sleeps without polling first: {e}"),
                         }
                     }
@@ -97,7 +142,17 @@ impl Workers {
             id,
             next: AtomicUsize::new(0),
             stop,
+            polls,
         })
+    }
+
+    /// Registers the workers' polling counters (none when they do not poll).
+    pub fn register_metrics(&self, r: &mut Registry) {
+        r.register(
+            "ambit_worker_polls",
+            "Times a data-path worker ran out of work and polled before sleeping, by outcome: event (one came while it polled, so it did not sleep), slept (none came within --worker-spin-us)",
+            self.polls.clone(),
+        );
     }
 
     /// The next worker in turn.
@@ -164,11 +219,19 @@ fn runtime_epoll() -> io::Result<OwnedFd> {
 /// (ARCHITECTURE.md, "What the data path does per byte").
 fn poll_before_park() {
     SPIN.with(|s| {
-        let Some((epoll, spin)) = &*s.borrow() else {
+        let Some(spin) = &*s.borrow() else {
             return;
         };
         let start = Instant::now();
-        while start.elapsed() < *spin && !sys::readable_now(epoll.as_fd()) {
+        loop {
+            if sys::readable_now(spin.epoll.as_fd()) {
+                spin.polls[0].inc();
+                return;
+            }
+            if start.elapsed() >= spin.window {
+                spin.polls[1].inc();
+                return;
+            }
             std::thread::yield_now();
         }
     });
@@ -237,6 +300,68 @@ mod tests {
         assert_eq!(current(), None, "the caller is not a worker");
     }
 
+    /// Waits (at most 5 s, checking every millisecond) for `done`.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        for _ in 0..5000 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("not seen within 5 s: {what}");
+    }
+
+    /// The runtime calls the poll each time a spinning worker runs out of work, and counts it
+    /// (ending in an event or in sleep). A worker that does not spin counts nothing.
+    #[tokio::test]
+    async fn spinning_workers_poll_each_time_they_run_out_of_work_and_count_it() {
+        for spin in [Duration::from_micros(50), Duration::ZERO] {
+            let workers = Workers::start(1, spin).unwrap();
+            let count = |outcome: &str| {
+                workers
+                    .polls
+                    .get_or_create(&PollLabels {
+                        worker: "0".into(),
+                        outcome: outcome.into(),
+                    })
+                    .get()
+            };
+            let polled = || count("event") + count("slept");
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut client = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (tcp, _) = listener.accept().await.unwrap();
+            workers.run(tcp, |mut tcp| async move {
+                let mut b = [0u8; 1];
+                while tcp.read_exact(&mut b).await.is_ok() {
+                    if tcp.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            for byte in *b"abc" {
+                let before = polled();
+                client.write_all(&[byte]).await.unwrap();
+                let mut b = [0u8; 1];
+                client.read_exact(&mut b).await.unwrap();
+                assert_eq!(b[0], byte);
+                if !spin.is_zero() {
+                    // Having echoed, the worker waits for the next byte: out of work, it
+                    // polled before sleeping.
+                    until("a poll after the echo", || polled() > before).await;
+                }
+            }
+            if spin.is_zero() {
+                assert_eq!(
+                    OUTCOMES.map(count),
+                    [0, 0],
+                    "a worker without spin polls nothing"
+                );
+            }
+        }
+    }
+
     /// Workers started with a spin find their runtime's epoll instance — the one watching the
     /// connections they serve (without it they would sleep at once, with only a warning in the
     /// log) — and serve connections as before; started without one they do not look for it.
@@ -253,8 +378,8 @@ mod tests {
                     // 0: not armed; 1: armed with the epoll watching this connection; 2: armed
                     // with another.
                     let armed = SPIN.with(|s| {
-                        s.borrow().as_ref().map_or(0, |(epoll, _)| {
-                            if sys::epoll_watches(epoll.as_raw_fd(), tcp.as_raw_fd()) {
+                        s.borrow().as_ref().map_or(0, |spin| {
+                            if sys::epoll_watches(spin.epoll.as_raw_fd(), tcp.as_raw_fd()) {
                                 1
                             } else {
                                 2

@@ -188,6 +188,11 @@ fn same_node_hbone_goes_socket_to_socket() {
             &[("result", "joined")],
         );
         promtool_check(&m);
+        // The data-path threads polled before sleeping (`--worker-spin-us`, on by default).
+        assert!(
+            metric(&m, "ambit_worker_polls_total", &[]).is_some_and(|n| n > 0.0),
+            "{m}"
+        );
         if shortcut {
             assert_eq!(enabled, Some(1.0), "{m}");
             assert_eq!(joined, Some(2.0), "client and server socket\n{m}");
