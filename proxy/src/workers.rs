@@ -19,7 +19,7 @@
 //! [`Workers::start`]): a connection's next chunk often follows within microseconds, and a
 //! thread put to sleep in `epoll_wait` has to be woken for it, which on a virtual machine
 //! whose idle vCPUs halt is a trip through the hypervisor at every hop of a round trip.
-//! `ambit_worker_polls` counts, per worker, the polls that ended in an event and those that
+//! `ambit_worker_polls_total` counts, per worker, the polls that ended in an event and those that
 //! ended in sleep.
 
 use std::cell::{Cell, RefCell};
@@ -59,11 +59,11 @@ struct Spin {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PollLabels {
-    pub worker: String,
+struct PollLabels {
+    worker: String,
     /// `event` (one came while polling: the worker did not sleep) or `slept` (none came in
     /// the window).
-    pub outcome: String,
+    outcome: String,
 }
 
 const OUTCOMES: [&str; 2] = ["event", "slept"];
