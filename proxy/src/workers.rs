@@ -19,8 +19,8 @@
 //! [`Workers::start`]): a connection's next chunk often follows within microseconds, and a
 //! thread put to sleep in `epoll_wait` has to be woken for it, which on a virtual machine
 //! whose idle vCPUs halt is a trip through the hypervisor at every hop of a round trip.
-//! `ambit_worker_polls_total` counts, per worker, the polls that ended in an event and those that
-//! ended in sleep.
+//! `ambit_worker_polls_total` counts, per worker, the polls that ended in an event and those
+//! that ended in sleep.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -111,18 +111,19 @@ impl Workers {
                     WORKER.with(|w| w.set(Some((id, i))));
                     if !spin.is_zero() {
                         let _in_runtime = rt.enter();
-                        // Created on the worker's thread: the counters it alone updates are
-                        // allocated apart from the other workers'.
-                        let polls = OUTCOMES.map(|outcome| {
-                            polls
-                                .get_or_create(&PollLabels {
-                                    worker: i.to_string(),
-                                    outcome: outcome.into(),
-                                })
-                                .clone()
-                        });
                         match runtime_epoll() {
                             Ok(epoll) => SPIN.with(|s| {
+                                // Created on the worker's thread (the counters it alone
+                                // updates are allocated apart from the other workers'), and
+                                // only for a worker that polls.
+                                let polls = OUTCOMES.map(|outcome| {
+                                    polls
+                                        .get_or_create(&PollLabels {
+                                            worker: i.to_string(),
+                                            outcome: outcome.into(),
+                                        })
+                                        .clone()
+                                });
                                 *s.borrow_mut() = Some(Spin {
                                     epoll,
                                     window: spin,
