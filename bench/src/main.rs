@@ -9,8 +9,9 @@
 //! during the throughput test, and Services at scale ([`services`]: load time, VIP lookup
 //! cost, RSS growth with `--services`, and the data path by VIP next to by pod IP). With
 //! `--baseline-agent PATH` (an agent built from another commit), the same figures are measured
-//! through that agent too, on the same pods in the same run, and reported side by side. A
-//! measurement, not a test: nothing here asserts a speed.
+//! through that agent too, on the same pods in the same run, and reported side by side. The
+//! data-path figures are measured across two nodes as well ([`cross`]: each agent one half of
+//! every connection). A measurement, not a test: nothing here asserts a speed.
 //!
 //!     bash bench/run.sh                              # installs what it needs, builds release
 //!     bash bench/run.sh --json out.json --markdown out.md
@@ -23,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+mod cross;
 mod pods;
 mod services;
 mod sockmap;
@@ -85,6 +87,13 @@ struct Args {
     /// no agent), printed as their Markdown rows.
     #[arg(long)]
     store_only: bool,
+    /// The data-path topologies to measure (comma-separated): `same-node` (one agent does
+    /// both halves of every connection; the node's other figures come with it: CNI ADD, RSS
+    /// by pods, Services and pods at scale) and `cross-node` (client and server pod on two
+    /// nodes joined by a veth wire, each agent one half: most production traffic).
+    #[arg(long, value_enum, value_delimiter = ',',
+          default_values_t = [Topology::SameNode, Topology::CrossNode])]
+    topology: Vec<Topology>,
     /// Only the sockmap spike (issue 20): one same-host TCP pair with and without sk_msg
     /// redirection, `--repeat` alternated runs of `--seconds` and `--iterations`; no node.
     #[arg(long)]
@@ -107,6 +116,13 @@ struct Args {
     /// Write the Markdown table here (it is printed either way).
     #[arg(long)]
     markdown: Option<PathBuf>,
+}
+
+/// Where the client and the server pod of the data-path figures run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    SameNode,
+    CrossNode,
 }
 
 impl Args {
@@ -154,7 +170,7 @@ struct Figures {
     rtt1k: (f64, f64),
     connect: (f64, f64),
     agent_cores: f64,
-    /// The agent's context switches (all threads, voluntary + involuntary) per GB relayed
+    /// The agents' context switches (all threads, voluntary + involuntary) per GB relayed
     /// during the single-stream figure.
     ctx_per_gb: f64,
     /// Agent RSS peak during the single-stream figure.
@@ -165,13 +181,21 @@ struct Figures {
     rss_many_peak_kib: u64,
     /// The agent's CPU (cores) while 1-byte round trips go at `PACED_PER_SECOND`.
     paced_cores: f64,
+    /// How many agent processes the agent figures summed (0: the direct run).
+    agents: usize,
 }
+
+/// The agent's settings as production runs it, before the bench's own: the test harness asks
+/// for debug logs and a fast reconcile loop, and a debug line per HTTP/2 frame would be
+/// measured as data-path cost.
+const PRODUCTION_ARGS: [&str; 4] = ["--log", "info", "--reconcile-seconds", "5"];
 
 /// The agent hands freed memory back on its reconcile pass (every 5 s as the bench runs it):
 /// waiting this long after a figure lets its RSS return before the next one is measured.
 const SETTLE: Duration = Duration::from_secs(6);
 
-/// Samples a process's RSS every 50 ms until stopped; keeps the peak.
+/// Samples the summed RSS of some processes (the agents) every 50 ms until stopped; keeps
+/// the peak.
 struct RssPeak {
     /// RSS when sampling started.
     before: u64,
@@ -180,14 +204,16 @@ struct RssPeak {
 }
 
 impl RssPeak {
-    fn start(pid: u32) -> Self {
-        let before = rss_kib(pid);
+    fn start(pids: &[u32]) -> Self {
+        let pids = pids.to_vec();
+        let sum = move || pids.iter().map(|&p| rss_kib(p)).sum::<u64>();
+        let before = sum();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut peak = 0;
             while !flag.load(Ordering::Relaxed) {
-                peak = peak.max(rss_kib(pid));
+                peak = peak.max(sum());
                 std::thread::sleep(Duration::from_millis(50));
             }
             peak
@@ -203,6 +229,31 @@ impl RssPeak {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or(0)
     }
+}
+
+/// Prints the last lines of an agent's log (the node directory, and the log with it, goes
+/// with the node when a figure fails).
+fn print_log_tail(name: &str, log: &str) {
+    let tail: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.starts_with("  "))
+        .rev()
+        .take(30)
+        .collect();
+    eprintln!("{name} log (last lines):");
+    for l in tail.into_iter().rev() {
+        eprintln!("  {l}");
+    }
+}
+
+/// Removes Ambit's tables (the redirect and the agent's exemption) from the pods' namespaces,
+/// their agents stopped first (a running agent would reinstall them): the direct runs.
+fn uncapture(pods: &[&ambit_tests::Pod]) -> Result<()> {
+    for p in pods {
+        let sock = p.ns.open().run(ambit_common::nft::NftSocket::open)??;
+        ambit_common::redirect::remove(&sock)?;
+    }
+    Ok(())
 }
 
 /// Pins the calling thread to CPU 0.
@@ -571,13 +622,14 @@ fn per_thread(pid: u32, file: &str, read: impl Fn(&str) -> Option<u64>) -> u64 {
         .sum()
 }
 
-/// One run of every data-path figure. `agent`: the agent's pid (CPU and RSS are read).
+/// One run of every data-path figure. `agents`: the pids of the agents on the path, whose
+/// CPU, context switches and RSS are read and summed (none: the direct run).
 fn measure(
     args: &Args,
     client: &Netns,
     server: &Netns,
     ip: std::net::IpAddr,
-    agent: Option<u32>,
+    agents: &[u32],
     pinned: bool,
 ) -> Result<Figures> {
     let sink_srv = sink(bind(server, SINK_PORT)?, 1, pinned);
@@ -588,43 +640,36 @@ fn measure(
     );
     // Memory an earlier figure freed goes back first (the reconcile pass); what it left
     // alive (pooled HBONE connections) is this run's starting level, reported as such.
-    if agent.is_some() {
+    let measured = !agents.is_empty();
+    if measured {
         std::thread::sleep(SETTLE);
     }
-    let sampler = agent.map(RssPeak::start);
+    let sampler = measured.then(|| RssPeak::start(agents));
     let rss_before_kib = sampler.as_ref().map_or(0, |s| s.before);
-    let cpu0 = agent.map(cpu_seconds);
-    let cs0 = agent.map(ctx_switches);
+    let sum = |f: fn(u32) -> u64| agents.iter().map(|&p| f(p)).sum::<u64>();
+    let cpu_s = || agents.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
+    let (cpu0, cs0) = (cpu_s(), sum(ctx_switches));
     let t0 = Instant::now();
     let gbps = throughput(client, sink_dst, args.seconds).context("throughput")?;
     let wall = t0.elapsed().as_secs_f64();
     let rss_peak_kib = sampler.map_or(0, RssPeak::stop);
-    let agent_cores = match (agent, cpu0) {
-        (Some(pid), Some(c0)) => (cpu_seconds(pid) - c0) / wall,
-        _ => 0.0,
-    };
+    let agent_cores = (cpu_s() - cpu0) / wall;
     let gigabytes = gbps * wall / 8.0;
-    let ctx_per_gb = match (agent, cs0) {
-        (Some(pid), Some(c0)) => ctx_switches(pid).saturating_sub(c0) as f64 / gigabytes.max(1e-9),
-        _ => 0.0,
-    };
+    let ctx_per_gb = sum(ctx_switches).saturating_sub(cs0) as f64 / gigabytes.max(1e-9);
     let many_dst = SocketAddr::new(ip, MANY_SINK_PORT);
     let gbps_streams =
         throughput_many(client, server, many_dst, args.streams, args.seconds, pinned)
             .with_context(|| format!("throughput of {} streams", args.streams))?;
-    let sampler = agent.map(RssPeak::start);
+    let sampler = measured.then(|| RssPeak::start(agents));
     let gbps_many = throughput_many(client, server, many_dst, args.many, args.seconds, pinned)
         .with_context(|| format!("throughput of {} connections", args.many))?;
     let rss_many_peak_kib = sampler.map_or(0, RssPeak::stop);
     let rtt1 = ping_pong(client, echo_dst, 1, args.iterations).context("1 B round trips")?;
     let rtt1k = ping_pong(client, echo_dst, 1024, args.iterations).context("1 KiB round trips")?;
     let connect = connections(client, echo_dst, args.connections).context("new connections")?;
-    let cpu0 = agent.map(cpu_ns);
+    let cpu0 = sum(cpu_ns);
     let paced_secs = paced(client, echo_dst, args.seconds).context("paced round trips")?;
-    let paced_cores = match (agent, cpu0) {
-        (Some(pid), Some(c0)) => cpu_ns(pid).saturating_sub(c0) as f64 / 1e9 / paced_secs,
-        _ => 0.0,
-    };
+    let paced_cores = sum(cpu_ns).saturating_sub(cpu0) as f64 / 1e9 / paced_secs;
     sink_srv.join().ok();
     echo_srv.join().ok();
     Ok(Figures {
@@ -640,6 +685,7 @@ fn measure(
         rss_before_kib,
         rss_many_peak_kib,
         paced_cores,
+        agents: agents.len(),
     })
 }
 
@@ -649,7 +695,7 @@ fn runs(
     client: &Netns,
     server: &Netns,
     ip: std::net::IpAddr,
-    agent: Option<u32>,
+    agents: &[u32],
     pinned: bool,
 ) -> Result<Vec<Figures>> {
     std::thread::scope(|s| {
@@ -660,7 +706,7 @@ fn runs(
             (0..args.repeat)
                 .map(|i| {
                     eprintln!("  run {}/{}", i + 1, args.repeat);
-                    measure(args, client, server, ip, agent, pinned)
+                    measure(args, client, server, ip, agents, pinned)
                 })
                 .collect()
         })
@@ -678,13 +724,13 @@ fn core_per_gbit(f: &Figures) -> f64 {
 type PerVariant = Vec<Vec<Figures>>;
 
 /// The data-path figures through the agent binary `bin` and through this build's, alternated
-/// run by run (which one goes first alternates as well), each run on a freshly started agent
-/// that re-adopted the same pods: neither gets the machine's better moments or what earlier
-/// figures left in an agent. Returns (this build's, the baseline's) runs per variant; this
-/// build's agent, which ran last, keeps running.
+/// run by run (which one goes first alternates as well), each run on freshly started agents
+/// (one per node of `nodes`) that re-adopted the same pods: neither gets the machine's better
+/// moments or what earlier figures left in an agent. Returns (this build's, the baseline's)
+/// runs per variant; this build's agents, which ran last, keep running.
 fn alternated(
     args: &Args,
-    node: &mut Node,
+    nodes: &mut [&mut Node],
     bin: &std::path::Path,
     variants: &[bool],
     (client, server): (&Netns, &Netns),
@@ -711,10 +757,14 @@ fn alternated(
                     .as_ref()
                     .map_or("this build".into(), |p| p.display().to_string());
                 eprintln!("  run {}/{} through {name}{tag}", i + 1, args.repeat);
-                node.restart_agent(agent)?;
-                let pid = node.agent_pid().context("agent pid")?;
-                pin_process(pid, pinned)?;
-                out.extend(runs(&once, client, server, ip, Some(pid), pinned)?);
+                let mut pids = Vec::new();
+                for node in nodes.iter_mut() {
+                    node.restart_agent(agent.clone())?;
+                    let pid = node.agent_pid().context("agent pid")?;
+                    pin_process(pid, pinned)?;
+                    pids.push(pid);
+                }
+                out.extend(runs(&once, client, server, ip, &pids, pinned)?);
             }
         }
         this.push(t);
@@ -723,9 +773,89 @@ fn alternated(
     Ok((this, base))
 }
 
+/// Through the agents against direct, per variant: the Markdown rows and their JSON. `scope`
+/// prefixes every figure's name (which topology it was measured on).
+fn path_table(
+    args: &Args,
+    scope: &str,
+    variants: &[bool],
+    direct: &[Vec<Figures>],
+    ambit: &[Vec<Figures>],
+) -> (String, Vec<Value>) {
+    let mut md = String::new();
+    md.push_str(&format!(
+        "| figure | direct (median of {}) | through Ambit | ratio |\n|---|---|---|---|\n",
+        args.repeat
+    ));
+    let mut json_rows = Vec::new();
+    for (i, &pinned) in variants.iter().enumerate() {
+        let tag = if pinned { " (pinned, 1 vCPU)" } else { "" };
+        for ((name, unit, d, d_all), (_, _, x, x_all)) in summarize(args, &direct[i])
+            .into_iter()
+            .zip(summarize(args, &ambit[i]))
+        {
+            md.push_str(&format!(
+                "| {scope}{name}{tag} | {d:.2} {unit} | {x:.2} {unit} | {:.2}x |\n",
+                x / d
+            ));
+            json_rows.push(json!({
+                "figure": format!("{scope}{name}{tag}"), "unit": unit, "pinned": pinned,
+                "direct": d, "ambit": x, "ratio": x / d,
+                "direct_runs": d_all, "ambit_runs": x_all,
+            }));
+        }
+        let med = |runs: &[Figures], f: fn(&Figures) -> f64| median(runs.iter().map(f).collect());
+        let cores = med(&ambit[i], |f| f.agent_cores);
+        let (per_gbit, ctx) = (
+            med(&ambit[i], core_per_gbit),
+            med(&ambit[i], |f| f.ctx_per_gb),
+        );
+        md.push_str(&format!(
+            "| {scope}agent CPU during throughput{tag} | – | {cores:.2} cores ({per_gbit:.3} core per Gbit/s); {ctx:.0} context switches per GB | – |\n",
+        ));
+        // How many agents each run summed: the figure is the pair's only if it is 2.
+        let agents: Vec<usize> = ambit[i].iter().map(|f| f.agents).collect();
+        json_rows.push(
+            json!({"figure": format!("{scope}agent cores during throughput{tag}"), "ambit": cores,
+                   "core_per_gbps": per_gbit, "ctx_switches_per_gb": ctx, "pinned": pinned,
+                   "agents": agents}),
+        );
+        let paced = med(&ambit[i], |f| f.paced_cores);
+        md.push_str(&format!(
+            "| {scope}{PACED_ROW}{tag} | – | {paced:.4} cores | – |\n"
+        ));
+        json_rows.push(
+            json!({"figure": format!("{scope}{PACED_ROW}{tag}"), "unit": "core",
+                          "ambit": paced, "pinned": pinned}),
+        );
+        // Scaling: does throughput grow with parallel streams and connections?
+        for (what, pick) in [
+            (
+                format!("{} streams", args.streams),
+                (|f: &Figures| f.gbps_streams) as fn(&Figures) -> f64,
+            ),
+            (format!("{} connections", args.many), |f: &Figures| {
+                f.gbps_many
+            }),
+        ] {
+            let scale = |runs: &[Figures]| med(runs, pick) / med(runs, |f| f.gbps).max(1e-9);
+            let (d, x) = (scale(&direct[i]), scale(&ambit[i]));
+            md.push_str(&format!(
+                "| {scope}scaling: {what} ÷ 1 stream{tag} | {d:.2}x | {x:.2}x | – |\n"
+            ));
+            json_rows.push(
+                json!({"figure": format!("{scope}scaling, {what} / 1 stream{tag}"),
+            "direct_scaling": d, "ambit_scaling": x, "pinned": pinned}),
+            );
+        }
+    }
+    (md, json_rows)
+}
+
 /// This build against the baseline agent: a Markdown table and its JSON rows.
 fn baseline_table(
     args: &Args,
+    scope: &str,
     bin: &std::path::Path,
     variants: &[bool],
     ambit: &[Vec<Figures>],
@@ -754,7 +884,7 @@ fn baseline_table(
         for ((name, unit, b, b_all), (_, _, x, x_all)) in
             b_rows.iter().cloned().zip(x_rows.iter().cloned())
         {
-            row(format!("{name}{tag}"), unit, b, x, b_all, x_all);
+            row(format!("{scope}{name}{tag}"), unit, b, x, b_all, x_all);
         }
         // The best run of each latency p50 beside the median: on a VM whose vCPUs have slow
         // modes a run's p50 can double for the same binary (an A/A run read 274-615 µs
@@ -762,7 +892,7 @@ fn baseline_table(
         for ((name, unit, _, b_all), (_, _, _, x_all)) in b_rows.iter().zip(&x_rows) {
             if latency_p50(name, unit) {
                 row(
-                    format!("{name}, best run{tag}"),
+                    format!("{scope}{name}, best run{tag}"),
                     unit,
                     best(b_all),
                     best(x_all),
@@ -782,7 +912,7 @@ fn baseline_table(
             if latency_p50(&name, unit) {
                 let added = |v: &[f64]| v.iter().map(|t| t - d).collect::<Vec<f64>>();
                 row(
-                    format!("added {name} (over direct {d:.1} µs){tag}"),
+                    format!("{scope}added {name} (over direct {d:.1} µs){tag}"),
                     unit,
                     b - d,
                     x - d,
@@ -805,7 +935,7 @@ fn baseline_table(
             let all = |runs: &[Figures]| runs.iter().map(f).collect::<Vec<f64>>();
             let (b_all, x_all) = (all(&baseline[i]), all(&ambit[i]));
             let (b, x) = (median(b_all.clone()), median(x_all.clone()));
-            row(format!("{name}{tag}"), unit, b, x, b_all, x_all);
+            row(format!("{scope}{name}{tag}"), unit, b, x, b_all, x_all);
         }
     }
     (md, rows)
@@ -875,41 +1005,14 @@ fn p50_p99_ms(mut v: Vec<f64>) -> (f64, f64) {
     (pct(&v, 0.5), pct(&v, 0.99))
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse().effective();
-    if args.store_only {
-        let work = std::env::temp_dir().join(format!("ambit-bench-store-{}", std::process::id()));
-        let rows = services::store_figures(&work, args.services, args.endpoints_per_service);
-        let _ = std::fs::remove_dir_all(&work);
-        println!("{}", services::store_rows(&rows?));
-        let churn = pods::churn_figures(args.churn_pods, args.churn_rate, args.churn_seconds)?;
-        println!("{}", pods::rows(&[], &churn));
-        return Ok(());
-    }
-    require_root();
-    if args.sockmap_spike {
-        let spike = sockmap::spike(args.seconds, args.iterations, args.repeat)?;
-        let table = sockmap::table(&spike);
-        println!("{table}");
-        if let Some(p) = &args.markdown {
-            std::fs::write(p, &table)?;
-        }
-        if let Some(p) = &args.json {
-            std::fs::write(p, serde_json::to_vec_pretty(&sockmap::json(&spike))?)?;
-        }
-        return Ok(());
-    }
-    if std::env::var("AMBIT_PROFILE").as_deref() != Ok("release") {
-        eprintln!(
-            "note: AMBIT_PROFILE is not 'release': the agent is a debug build (bench/run.sh sets it)"
-        );
-    }
+/// The same-node figures: client and server pod on one node, one agent doing both halves of
+/// every connection; and the node's other figures (CNI ADD, RSS by captured pods, Services
+/// and pods at scale). The Markdown report and its JSON keys.
+fn same_node(args: &Args, variants: &[bool]) -> Result<(String, Value)> {
     let mut node = Node::new("1.0.0")?;
-    // The agent as production runs it (the test harness asks for debug logs and a fast
-    // reconcile loop; a debug line per HTTP/2 frame would be measured as data-path cost).
     let manifests = node.dir.0.join("manifests");
     std::fs::create_dir_all(&manifests)?;
-    node.agent_args = ["--log", "info", "--reconcile-seconds", "5"]
+    node.agent_args = PRODUCTION_ARGS
         .into_iter()
         .map(String::from)
         .chain([
@@ -935,11 +1038,6 @@ fn main() -> Result<()> {
     let (ca, cb) = (a.ns.open(), b.ns.open());
     let mut pid = node.agent_pid().context("agent pid")?;
     eprintln!("pods: client {} -> server {}", a.ip, b.ip);
-    let variants: Vec<bool> = if args.no_pinned {
-        vec![false]
-    } else {
-        vec![false, true]
-    };
 
     // First, on a fresh agent: CNI ADD latency of the whole chain, and RSS as captured idle
     // pods accumulate (then they are deleted again).
@@ -993,7 +1091,7 @@ fn main() -> Result<()> {
     let baseline = match &args.baseline_agent {
         Some(bin) => {
             eprintln!("through Ambit and through the baseline agent, alternated...");
-            let (this, base) = alternated(&args, &mut node, bin, &variants, (&ca, &cb), b.ip)?;
+            let (this, base) = alternated(args, &mut [&mut node], bin, variants, (&ca, &cb), b.ip)?;
             ambit = this;
             pid = node.agent_pid().context("agent pid")?;
             Some(base)
@@ -1006,21 +1104,10 @@ fn main() -> Result<()> {
             if pinned { ", pinned to CPU 0" } else { "" }
         );
         pin_process(pid, pinned)?;
-        match runs(&args, &ca, &cb, b.ip, Some(pid), pinned) {
+        match runs(args, &ca, &cb, b.ip, &[pid], pinned) {
             Ok(r) => ambit.push(r),
             Err(e) => {
-                // The node directory goes with the node: keep what the agent said.
-                let log = node.agent_log();
-                let tail: Vec<&str> = log
-                    .lines()
-                    .filter(|l| !l.starts_with("  "))
-                    .rev()
-                    .take(30)
-                    .collect();
-                eprintln!("agent log (last lines):");
-                for l in tail.into_iter().rev() {
-                    eprintln!("  {l}");
-                }
+                print_log_tail("agent", &node.agent_log());
                 return Err(e);
             }
         }
@@ -1069,7 +1156,7 @@ fn main() -> Result<()> {
         loaded,
         SETTLE,
     )?;
-    let by_vip = service_vs_pod(&args, &ca, &cb, b.ip)?;
+    let by_vip = service_vs_pod(args, &ca, &cb, b.ip)?;
 
     // Pods at scale on this agent: a manifests file of N remote pods.
     eprintln!("pods at scale: {:?} remote pods...", args.scale_pods);
@@ -1084,17 +1171,14 @@ fn main() -> Result<()> {
     // The same pods without capture: the agent stopped (it would reinstall the rules) and
     // Ambit's tables (redirect and the agent's exemption) removed from both namespaces.
     node.kill_agent();
-    for p in [&a, &b] {
-        let sock = p.ns.open().run(ambit_common::nft::NftSocket::open)??;
-        ambit_common::redirect::remove(&sock)?;
-    }
+    uncapture(&[&a, &b])?;
     let mut direct = Vec::new();
-    for &pinned in &variants {
+    for &pinned in variants {
         eprintln!(
             "direct (capture rules removed){}...",
             if pinned { ", pinned to CPU 0" } else { "" }
         );
-        direct.push(runs(&args, &ca, &cb, b.ip, None, pinned)?);
+        direct.push(runs(args, &ca, &cb, b.ip, &[], pinned)?);
     }
 
     // The store under churn, in process (no agent, no pods involved).
@@ -1105,68 +1189,7 @@ fn main() -> Result<()> {
     let churn = pods::churn_figures(args.churn_pods, args.churn_rate, args.churn_seconds)?;
 
     // The report.
-    let mut md = String::new();
-    md.push_str(&format!(
-        "| figure | direct (median of {}) | through Ambit | ratio |\n|---|---|---|---|\n",
-        args.repeat
-    ));
-    let mut json_rows = Vec::new();
-    for (i, &pinned) in variants.iter().enumerate() {
-        let tag = if pinned { " (pinned, 1 vCPU)" } else { "" };
-        for ((name, unit, d, d_all), (_, _, x, x_all)) in summarize(&args, &direct[i])
-            .into_iter()
-            .zip(summarize(&args, &ambit[i]))
-        {
-            md.push_str(&format!(
-                "| {name}{tag} | {d:.2} {unit} | {x:.2} {unit} | {:.2}x |\n",
-                x / d
-            ));
-            json_rows.push(json!({
-                "figure": format!("{name}{tag}"), "unit": unit, "pinned": pinned,
-                "direct": d, "ambit": x, "ratio": x / d,
-                "direct_runs": d_all, "ambit_runs": x_all,
-            }));
-        }
-        let med = |runs: &[Figures], f: fn(&Figures) -> f64| median(runs.iter().map(f).collect());
-        let cores = med(&ambit[i], |f| f.agent_cores);
-        let (per_gbit, ctx) = (
-            med(&ambit[i], core_per_gbit),
-            med(&ambit[i], |f| f.ctx_per_gb),
-        );
-        md.push_str(&format!(
-            "| agent CPU during throughput{tag} | – | {cores:.2} cores ({per_gbit:.3} core per Gbit/s); {ctx:.0} context switches per GB | – |\n",
-        ));
-        json_rows.push(
-            json!({"figure": format!("agent cores during throughput{tag}"), "ambit": cores,
-                   "core_per_gbps": per_gbit, "ctx_switches_per_gb": ctx, "pinned": pinned}),
-        );
-        let paced = med(&ambit[i], |f| f.paced_cores);
-        md.push_str(&format!(
-            "| {PACED_ROW}{tag} | – | {paced:.4} cores | – |\n"
-        ));
-        json_rows.push(
-            json!({"figure": format!("{PACED_ROW}{tag}"), "unit": "core",
-                              "ambit": paced, "pinned": pinned}),
-        );
-        // Scaling: does throughput grow with parallel streams and connections?
-        for (what, pick) in [
-            (
-                format!("{} streams", args.streams),
-                (|f: &Figures| f.gbps_streams) as fn(&Figures) -> f64,
-            ),
-            (format!("{} connections", args.many), |f: &Figures| {
-                f.gbps_many
-            }),
-        ] {
-            let scale = |runs: &[Figures]| med(runs, pick) / med(runs, |f| f.gbps).max(1e-9);
-            let (d, x) = (scale(&direct[i]), scale(&ambit[i]));
-            md.push_str(&format!(
-                "| scaling: {what} ÷ 1 stream{tag} | {d:.2}x | {x:.2}x | – |\n"
-            ));
-            json_rows.push(json!({"figure": format!("scaling, {what} / 1 stream{tag}"),
-                "direct_scaling": d, "ambit_scaling": x, "pinned": pinned}));
-        }
-    }
+    let (mut md, json_rows) = path_table(args, "", variants, &direct, &ambit);
     let peak = |f: fn(&Figures) -> u64| ambit.iter().flatten().map(f).max().unwrap_or(0);
     let (rss_peak, rss_many_peak) = (peak(|f| f.rss_peak_kib), peak(|f| f.rss_many_peak_kib));
     // The first run's peak is the figure's own; later runs start from what the earlier
@@ -1238,19 +1261,11 @@ fn main() -> Result<()> {
     md.push_str(&pods::rows(&agent_pods, &churn));
     let mut baseline_json = Vec::new();
     if let (Some(b), Some(bin)) = (&baseline, &args.baseline_agent) {
-        let (table, rows) = baseline_table(&args, bin, &variants, &ambit, b, &direct);
+        let (table, rows) = baseline_table(args, "", bin, variants, &ambit, b, &direct);
         md.push_str(&table);
         baseline_json = rows;
     }
-    println!("\n{md}");
-    if let Some(path) = &args.markdown {
-        std::fs::write(path, &md)?;
-    }
-    if let Some(path) = &args.json {
-        let out: Value = json!({
-            "settings": {"seconds": args.seconds, "iterations": args.iterations,
-                         "connections": args.connections, "repeat": args.repeat,
-                         "agent_args": args.agent_args, "smoke": args.smoke},
+    let out: Value = json!({
             "figures": json_rows,
             "baseline": baseline_json,
             "agent_rss_kib": {"idle": rss_idle, "peak_during_throughput": rss_peak,
@@ -1265,7 +1280,68 @@ fn main() -> Result<()> {
                                         "connect_p50_us_vip": by_vip.connect.1,
                                         "runs": args.repeat}},
             "pods": {"agent": agent_pods, "churn": churn},
+    });
+    Ok((md, out))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse().effective();
+    if args.store_only {
+        let work = std::env::temp_dir().join(format!("ambit-bench-store-{}", std::process::id()));
+        let rows = services::store_figures(&work, args.services, args.endpoints_per_service);
+        let _ = std::fs::remove_dir_all(&work);
+        println!("{}", services::store_rows(&rows?));
+        let churn = pods::churn_figures(args.churn_pods, args.churn_rate, args.churn_seconds)?;
+        println!("{}", pods::rows(&[], &churn));
+        return Ok(());
+    }
+    require_root();
+    if args.sockmap_spike {
+        let spike = sockmap::spike(args.seconds, args.iterations, args.repeat)?;
+        let table = sockmap::table(&spike);
+        println!("{table}");
+        if let Some(p) = &args.markdown {
+            std::fs::write(p, &table)?;
+        }
+        if let Some(p) = &args.json {
+            std::fs::write(p, serde_json::to_vec_pretty(&sockmap::json(&spike))?)?;
+        }
+        return Ok(());
+    }
+    if std::env::var("AMBIT_PROFILE").as_deref() != Ok("release") {
+        eprintln!(
+            "note: AMBIT_PROFILE is not 'release': the agent is a debug build (bench/run.sh sets it)"
+        );
+    }
+    let variants: Vec<bool> = if args.no_pinned {
+        vec![false]
+    } else {
+        vec![false, true]
+    };
+    let mut md = String::new();
+    let mut out = json!({
+    "settings": {"seconds": args.seconds, "iterations": args.iterations,
+                 "connections": args.connections, "repeat": args.repeat,
+                 "agent_args": args.agent_args, "smoke": args.smoke,
+             "topology": format!("{:?}", args.topology)},
         });
+    if args.topology.contains(&Topology::SameNode) {
+        let (m, j) = same_node(&args, &variants)?;
+        md.push_str(&m);
+        if let (Value::Object(out), Value::Object(j)) = (&mut out, j) {
+            out.extend(j);
+        }
+    }
+    if args.topology.contains(&Topology::CrossNode) {
+        let (m, j) = cross::figures(&args, &variants)?;
+        md.push_str(&m);
+        out["cross_node"] = j;
+    }
+    println!("\n{md}");
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, &md)?;
+    }
+    if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&out)?)?;
     }
     Ok(())

@@ -28,17 +28,18 @@ fn run_bench(tag: &str, args: &[&str]) -> (serde_json::Value, ambit_tests::TempD
     (v, dir)
 }
 
-#[test]
-fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
-    // The built agent as its own baseline: the comparison table's plumbing, not a result.
-    let agent = ambit_tests::bins().agent.to_str().unwrap().to_owned();
-    let (v, dir) = run_bench("bench-smoke", &["--smoke", "--baseline-agent", &agent]);
-    let md = dir.0.join("report.md");
-    let figures = v["figures"].as_array().unwrap();
-    // 9 data-path figures + agent CPU during throughput and at a paced load + 2 scaling rows,
-    // unpinned and pinned.
-    assert_eq!(figures.len(), 26, "{v:#}");
+/// The through-Ambit-vs-direct rows of one topology (names prefixed `scope`): 9 data-path
+/// figures + agent CPU during throughput and at a paced load + 2 scaling rows, unpinned and
+/// pinned, each measured (above zero) on both sides; the agent figures summed over `agents`
+/// agent processes in every run.
+fn check_path_figures(figures: &serde_json::Value, scope: &str, agents: u64) {
+    let figures = figures.as_array().unwrap();
+    assert_eq!(figures.len(), 26, "{figures:#?}");
     for f in figures {
+        assert!(f["figure"].as_str().unwrap().starts_with(scope), "{f}");
+        if let Some(runs) = f.get("agents") {
+            assert_eq!(runs, &serde_json::json!([agents]), "{f}");
+        }
         if let Some(d) = f["direct_scaling"].as_f64() {
             assert!(d > 0.0 && f["ambit_scaling"].as_f64().unwrap() > 0.0, "{f}");
             continue;
@@ -48,6 +49,50 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
         if let Some(d) = f["direct"].as_f64() {
             assert!(d > 0.0 && f["ratio"].as_f64().unwrap() > 0.0, "{f}");
         }
+    }
+}
+
+/// The this-build-vs-baseline rows of one topology (names prefixed `scope`).
+fn check_baseline_rows(baseline: &serde_json::Value, scope: &str) {
+    // This build ÷ baseline: every figure once per variant (9 + 4 agent rows), the best run
+    // of each latency p50 (3) and the latency each agent adds over the direct run (3 p50s),
+    // each with a ratio.
+    let baseline = baseline.as_array().unwrap();
+    assert_eq!(baseline.len(), 2 * (9 + 4 + 3 + 3), "{baseline:#?}");
+    for r in baseline {
+        assert!(r["figure"].as_str().unwrap().starts_with(scope), "{r}");
+        let (b, x) = (r["baseline"].as_f64().unwrap(), r["this"].as_f64().unwrap());
+        if b > 0.0 && x > 0.0 {
+            assert!(r["ratio"].as_f64().is_some_and(f64::is_finite), "{r}");
+        } else {
+            // Only a latency added over the direct run can be at or below zero (the direct
+            // run was the slower one), and then there is no ratio.
+            let name = r["figure"].as_str().unwrap();
+            let added = name.strip_prefix(scope).unwrap().starts_with("added ");
+            assert!(added && r["ratio"].is_null(), "{r}");
+        }
+        assert_eq!(r["this_runs"].as_array().unwrap().len(), 1, "{r}");
+    }
+}
+
+#[test]
+fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
+    // The built agent as its own baseline: the comparison table's plumbing, not a result.
+    let agent = ambit_tests::bins().agent.to_str().unwrap().to_owned();
+    let (v, dir) = run_bench("bench-smoke", &["--smoke", "--baseline-agent", &agent]);
+    let md = dir.0.join("report.md");
+    // Both topologies: one agent doing both halves, and two nodes (an agent each).
+    check_path_figures(&v["figures"], "", 1);
+    check_path_figures(&v["cross_node"]["figures"], "across nodes: ", 2);
+    let summed = |f: &serde_json::Value| f.get("agents").is_some();
+    for figures in [&v["figures"], &v["cross_node"]["figures"]] {
+        let n = figures
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| summed(f))
+            .count();
+        assert_eq!(n, 2, "an agent CPU row per variant: {figures:#?}");
     }
     for peak in [
         "peak_during_throughput",
@@ -93,23 +138,8 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
     ] {
         assert!(table.contains(row), "{row} missing:\n{table}");
     }
-    // This build ÷ baseline: every figure once per variant (9 + 4 agent rows), the best run
-    // of each latency p50 (3) and the latency each agent adds over the direct run (3 p50s),
-    // each with a ratio.
-    let baseline = v["baseline"].as_array().unwrap();
-    assert_eq!(baseline.len(), 2 * (9 + 4 + 3 + 3), "{v:#}");
-    for r in baseline {
-        let (b, x) = (r["baseline"].as_f64().unwrap(), r["this"].as_f64().unwrap());
-        if b > 0.0 && x > 0.0 {
-            assert!(r["ratio"].as_f64().is_some_and(f64::is_finite), "{r}");
-        } else {
-            // Only a latency added over the direct run can be at or below zero (the direct
-            // run was the slower one), and then there is no ratio.
-            let added = r["figure"].as_str().unwrap().starts_with("added ");
-            assert!(added && r["ratio"].is_null(), "{r}");
-        }
-        assert_eq!(r["this_runs"].as_array().unwrap().len(), 1, "{r}");
-    }
+    check_baseline_rows(&v["baseline"], "");
+    check_baseline_rows(&v["cross_node"]["baseline"], "across nodes: ");
     for row in [
         "| throughput, 1 stream (pinned, 1 vCPU) | ",
         "| agent CPU per Gbit/s, 1 stream |",
@@ -117,6 +147,9 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
         "| added RTT 1 B p50 (over direct ",
         "| added new conn + 1 B echo p50 (over direct ",
         "| new conn + 1 B echo p50, best run (pinned, 1 vCPU) | ",
+        "| across nodes: throughput, 1 stream (pinned, 1 vCPU) | ",
+        "| across nodes: agent context switches per GB, 1 stream |",
+        "| across nodes: added RTT 1 B p50 (over direct ",
     ] {
         assert!(table.contains(row), "{row} missing:\n{table}");
     }
