@@ -32,7 +32,7 @@ mod sockmap;
 use ambit_common::netns::Netns;
 use ambit_tests::{Node, require_root};
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use serde_json::{Value, json};
 
 #[derive(Parser, Clone)]
@@ -826,7 +826,7 @@ fn path_table(
         ));
         json_rows.push(
             json!({"figure": format!("{scope}{PACED_ROW}{tag}"), "unit": "core",
-                          "ambit": paced, "pinned": pinned}),
+                   "ambit": paced, "pinned": pinned}),
         );
         // Scaling: does throughput grow with parallel streams and connections?
         for (what, pick) in [
@@ -845,7 +845,7 @@ fn path_table(
             ));
             json_rows.push(
                 json!({"figure": format!("{scope}scaling, {what} / 1 stream{tag}"),
-            "direct_scaling": d, "ambit_scaling": x, "pinned": pinned}),
+                       "direct_scaling": d, "ambit_scaling": x, "pinned": pinned}),
             );
         }
     }
@@ -1266,20 +1266,20 @@ fn same_node(args: &Args, variants: &[bool]) -> Result<(String, Value)> {
         baseline_json = rows;
     }
     let out: Value = json!({
-            "figures": json_rows,
-            "baseline": baseline_json,
-            "agent_rss_kib": {"idle": rss_idle, "peak_during_throughput": rss_peak,
-                              "peak_during_first_throughput": first_peak,
-                              "rise_during_throughput_median": rise,
-                              "peak_during_many": rss_many_peak, "after": rss_after,
-                              "by_pods": rss_at.iter().map(|(n, k)| json!({"pods": n, "kib": k})).collect::<Vec<_>>()},
-            "cni_add_ms": {"pods": args.add_pods, "p50": add.0, "p99": add.1},
-            "services": {"store": store_rows, "agent": agent_svc,
-                         "vip_vs_pod": {"gbps_pod": by_vip.gbps.0, "gbps_vip": by_vip.gbps.1,
-                                        "connect_p50_us_pod": by_vip.connect.0,
-                                        "connect_p50_us_vip": by_vip.connect.1,
-                                        "runs": args.repeat}},
-            "pods": {"agent": agent_pods, "churn": churn},
+        "figures": json_rows,
+        "baseline": baseline_json,
+        "agent_rss_kib": {"idle": rss_idle, "peak_during_throughput": rss_peak,
+                          "peak_during_first_throughput": first_peak,
+                          "rise_during_throughput_median": rise,
+                          "peak_during_many": rss_many_peak, "after": rss_after,
+                          "by_pods": rss_at.iter().map(|(n, k)| json!({"pods": n, "kib": k})).collect::<Vec<_>>()},
+        "cni_add_ms": {"pods": args.add_pods, "p50": add.0, "p99": add.1},
+        "services": {"store": store_rows, "agent": agent_svc,
+                     "vip_vs_pod": {"gbps_pod": by_vip.gbps.0, "gbps_vip": by_vip.gbps.1,
+                                    "connect_p50_us_pod": by_vip.connect.0,
+                                    "connect_p50_us_vip": by_vip.connect.1,
+                                    "runs": args.repeat}},
+        "pods": {"agent": agent_pods, "churn": churn},
     });
     Ok((md, out))
 }
@@ -1319,12 +1319,17 @@ fn main() -> Result<()> {
         vec![false, true]
     };
     let mut md = String::new();
+    let topology: Vec<String> = args
+        .topology
+        .iter()
+        .filter_map(|t| Some(t.to_possible_value()?.get_name().to_owned()))
+        .collect();
     let mut out = json!({
-    "settings": {"seconds": args.seconds, "iterations": args.iterations,
-                 "connections": args.connections, "repeat": args.repeat,
-                 "agent_args": args.agent_args, "smoke": args.smoke,
-             "topology": format!("{:?}", args.topology)},
-        });
+        "settings": {"seconds": args.seconds, "iterations": args.iterations,
+                     "connections": args.connections, "repeat": args.repeat,
+                     "agent_args": args.agent_args, "smoke": args.smoke,
+                     "topology": topology},
+    });
     if args.topology.contains(&Topology::SameNode) {
         let (m, j) = same_node(&args, &variants)?;
         md.push_str(&m);

@@ -82,6 +82,12 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
     let (v, dir) = run_bench("bench-smoke", &["--smoke", "--baseline-agent", &agent]);
     let md = dir.0.join("report.md");
     // Both topologies: one agent doing both halves, and two nodes (an agent each).
+    assert_eq!(
+        v["settings"]["topology"],
+        serde_json::json!(["same-node", "cross-node"]),
+        "{:#}",
+        v["settings"]
+    );
     check_path_figures(&v["figures"], "", 1);
     check_path_figures(&v["cross_node"]["figures"], "across nodes: ", 2);
     let summed = |f: &serde_json::Value| f.get("agents").is_some();
