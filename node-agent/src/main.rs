@@ -348,11 +348,14 @@ fn start_upkeep(
 /// tables (its sockets are gone with it; a successor has its own).
 async fn drain(config: &Config, mgr: &Arc<Manager>) {
     let started = std::time::Instant::now();
-    let cut = mgr.drain(config.drain_timeout).await;
+    let drained = mgr.drain(config.drain_timeout).await;
     info!(
-        cut,
+        cut = drained.cut,
+        hbone_cut = drained.hbone_cut,
         waited_ms = started.elapsed().as_millis() as u64,
-        "drained: {cut} proxied connections still open at the deadline are cut"
+        "drained: {} proxied connections and {} inbound HBONE connections still open at the deadline are cut",
+        drained.cut,
+        drained.hbone_cut
     );
     let m = mgr.clone();
     let removed = tokio::task::spawn_blocking(move || m.remove_exemptions())

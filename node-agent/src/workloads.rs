@@ -50,6 +50,15 @@ pub struct Adoption {
     pub failed: usize,
 }
 
+/// What a drain left open at its deadline (and then cut).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Proxied connections and inbound HBONE streams.
+    pub cut: usize,
+    /// Inbound HBONE connections whose client had not finished the GOAWAY exchange.
+    pub hbone_cut: usize,
+}
+
 pub struct Manager {
     pods: Mutex<HashMap<String, Entry>>,
     state: StateDir,
@@ -410,29 +419,34 @@ impl Manager {
     }
 
     /// Stops accepting on every pod's listeners, waits up to `deadline` for open connections
-    /// to finish, then cuts the rest (with a reset) and returns how many it cut.
-    pub async fn drain(&self, deadline: std::time::Duration) -> usize {
+    /// to finish — proxied connections, and inbound HBONE connections until their GOAWAY
+    /// exchange ends them — then cuts the rest (with a reset).
+    pub async fn drain(&self, deadline: std::time::Duration) -> Drained {
         let proxies: Vec<Arc<ambit_proxy::context::PodShared>> =
             self.lock().values().map(|e| e.proxy.shared()).collect();
         for p in &proxies {
             p.stop_accepting();
         }
         let open = || proxies.iter().map(|p| p.active()).sum::<usize>();
+        let hbone = || proxies.iter().map(|p| p.hbone_connections()).sum::<usize>();
         let start = std::time::Instant::now();
-        while open() > 0 && start.elapsed() < deadline {
+        while open() + hbone() > 0 && start.elapsed() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        let cut = open();
+        let drained = Drained {
+            cut: open(),
+            hbone_cut: hbone(),
+        };
         // What is left is cut with a reset on both sides (an orderly close could pass for a
         // complete reply). The connections' tasks do it; they get a moment to run.
         for p in &proxies {
             p.stopped.cancel();
         }
         let cutting = std::time::Instant::now();
-        while open() > 0 && cutting.elapsed() < std::time::Duration::from_secs(1) {
+        while open() + hbone() > 0 && cutting.elapsed() < std::time::Duration::from_secs(1) {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        cut
+        drained
     }
 
     /// Forgets pods whose namespace has disappeared (their DEL never reached us).

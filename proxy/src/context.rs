@@ -58,9 +58,11 @@ pub struct PodShared {
     /// Fires when the pod is released: everything stops.
     pub stopped: CancellationToken,
     active: Arc<AtomicUsize>,
+    /// Inbound HBONE connections open now, streams or not (see [`PodShared::hbone_guard`]).
+    hbone: Arc<AtomicUsize>,
 }
 
-/// Counts one proxied connection (or HBONE stream) as active while alive.
+/// Counts one proxied connection (or HBONE stream, or inbound HBONE connection) while alive.
 pub struct ActiveGuard(Arc<AtomicUsize>);
 
 impl Drop for ActiveGuard {
@@ -102,6 +104,7 @@ impl PodShared {
             accepting: stop.child_token(),
             stopped: stop.clone(),
             active: Default::default(),
+            hbone: Default::default(),
         }
     }
 
@@ -126,6 +129,21 @@ impl PodShared {
     /// Proxied connections and inbound HBONE streams open now.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Acquire)
+    }
+
+    /// Marks an inbound HBONE connection open until the guard drops: from its accept, through
+    /// the handshakes and the GOAWAY exchange of a drain, to its close. A drain waits for these
+    /// too: a connection without a stream may still carry a CONNECT its client sent before it
+    /// read the GOAWAY, and closing it under that stream would fail the client's app instead of
+    /// serving the stream or refusing it in a way the client retries.
+    pub fn hbone_guard(&self) -> ActiveGuard {
+        self.hbone.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard(self.hbone.clone())
+    }
+
+    /// Inbound HBONE connections open now.
+    pub fn hbone_connections(&self) -> usize {
+        self.hbone.load(Ordering::Acquire)
     }
 
     /// Stops accepting new connections; open ones continue (HBONE peers get GOAWAY).

@@ -575,6 +575,31 @@ pub fn probe_client_config(
     Ok(config)
 }
 
+/// TLS 1.3 to the HBONE port `hbone` from inside `ns`, presenting `leaf`.
+pub async fn tls_to(
+    ns: &ambit_common::netns::Netns,
+    hbone: SocketAddr,
+    leaf: &Leaf,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tls_over(crate::connect_in(ns, hbone).unwrap(), hbone, leaf).await
+}
+
+/// [`tls_to`] over a TCP connection the caller opened (and may keep a clone of).
+pub async fn tls_over(
+    tcp: std::net::TcpStream,
+    hbone: SocketAddr,
+    leaf: &Leaf,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let config = Arc::new(probe_client_config(Some(leaf), &[&rustls::version::TLS13]).unwrap());
+    tcp.set_nonblocking(true).unwrap();
+    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(hbone.ip().into());
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
 /// From inside `netns`, opens TLS to `server` presenting `client` (or no certificate), then
 /// sends one CONNECT for `authority` (or another method) and reports the outcome.
 pub fn hbone_attempt(

@@ -212,23 +212,6 @@ fn port_15008_withstands_slowloris_tls12_oversized_headers_and_stream_floods() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
-/// TLS to `hbone` from inside `ns`, presenting `leaf`.
-async fn tls_to(
-    ns: &ambit_common::netns::Netns,
-    hbone: SocketAddr,
-    leaf: &Leaf,
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let config = Arc::new(probe_client_config(Some(leaf), &[&rustls::version::TLS13]).unwrap());
-    let tcp = connect_in(ns, hbone).unwrap();
-    tcp.set_nonblocking(true).unwrap();
-    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
-    let name = rustls::pki_types::ServerName::IpAddress(hbone.ip().into());
-    tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await
-        .unwrap()
-}
-
 #[test]
 fn inbound_hbone_connections_end_on_a_stalled_preface_idleness_and_the_client_s_certificate_expiry()
 {

@@ -68,8 +68,11 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodShared>, stop: Cancellatio
             },
         };
         let (acceptor, shared, stop) = (acceptor.clone(), pod.clone(), stop.clone());
+        // Counted from here, before the hand-off, so that a drain never misses it.
+        let open = pod.hbone_guard();
         // The connection and its streams' tasks run on one worker thread.
         pod.mesh.workers.run(tcp, move |tcp| async move {
+            let _open = open;
             tokio::select! {
                 _ = stop.cancelled() => {}
                 _ = connection(tcp, canonical(peer), acceptor, shared) => {}
