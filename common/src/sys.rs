@@ -85,7 +85,7 @@ pub fn run_in_netns<T>(target: BorrowedFd<'_>, f: impl FnOnce() -> T) -> io::Res
 }
 
 /// Stops glibc from returning freed memory to the system on every `free` and from mapping
-/// each large buffer afresh: a relay frees and reallocates 64 KiB buffers at line rate, and
+/// each large buffer afresh: a relay frees and reallocates buffers of up to 128 KiB at line rate, and
 /// with glibc's defaults every such cycle can end in `madvise(DONTNEED)` or `munmap` and
 /// the next allocation in page faults that zero the same memory again (measured: ~7,000
 /// faults per second during one bulk transfer). Freed memory is handed back instead by

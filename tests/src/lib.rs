@@ -664,6 +664,19 @@ pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> Result<Duration
     bail!("condition not met within {limit:?}")
 }
 
+/// [`wait_for`] inside a test's own runtime: it sleeps asynchronously between polls, so the
+/// runtime's other tasks (an HTTP/2 connection's driver) keep running.
+pub async fn wait_for_async(limit: Duration, mut f: impl FnMut() -> bool) -> Result<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return Ok(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("condition not met within {limit:?}")
+}
+
 /// A TCP server inside `ns` echoing every connection until its peer half-closes, for as many
 /// connections as come (a thread per connection; it lives as long as the test process).
 pub fn echo_forever(ns: &Netns, port: u16) {

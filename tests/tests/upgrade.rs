@@ -211,7 +211,7 @@ fn a_draining_agent_serves_or_refuses_a_connect_that_crossed_its_goaway() {
         body.send_data(bytes::Bytes::from_static(b"a"), true)
             .unwrap();
         drop(body);
-        until(Duration::from_secs(10), || {
+        wait_for_async(Duration::from_secs(10), || {
             agent_log()
                 .lines()
                 .any(|l| l.contains("access: connection ") && l.contains(":7700"))
@@ -224,14 +224,14 @@ fn a_draining_agent_serves_or_refuses_a_connect_that_crossed_its_goaway() {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
         let mut peek = [0u8; 1];
         // Something arrives: the GOAWAY (or, from an agent that does not wait, the close).
-        until(Duration::from_secs(10), || {
+        wait_for_async(Duration::from_secs(10), || {
             !matches!(unread.peek(&mut peek), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
         })
         .await
         .unwrap_or_else(|_| panic!("nothing arrived after SIGTERM:\n{}", agent_log()));
         // An agent that does not wait for the connection ends its drain now; give it the
         // chance (bounded), then check it did not take it.
-        let _ = until(Duration::from_secs(2), || agent_log().contains("drained:")).await;
+        let _ = wait_for_async(Duration::from_secs(2), || agent_log().contains("drained:")).await;
         assert!(
             !agent_log().contains("drained:"),
             "the drain ended while an HBONE connection had not finished its GOAWAY exchange:\n{}",
@@ -277,19 +277,6 @@ fn a_draining_agent_serves_or_refuses_a_connect_that_crossed_its_goaway() {
         log.contains("drained: 0 proxied connections and 0 inbound HBONE connections still open"),
         "the connection did not end by its GOAWAY exchange:\n{log}"
     );
-}
-
-/// [`wait_for`] for a test's own runtime: sleeps asynchronously between checks, so that its
-/// other tasks (an HTTP/2 connection's driver) keep running.
-async fn until(limit: Duration, mut f: impl FnMut() -> bool) -> Result<(), ()> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Err(())
 }
 
 /// A test agent's log without its DEBUG and TRACE lines (every frame of every connection).
