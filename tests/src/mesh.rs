@@ -15,6 +15,37 @@ use rcgen::{
 
 use crate::{Node, Pod, run_ok, unique, wait_for};
 
+/// A node whose agent runs on a test CA (`mesh_args`, trust domain `td`) with `extra`
+/// arguments, and one captured pod `b` whose manifest the agent has loaded: where the tests
+/// that probe a pod's 15008 themselves start.
+pub struct MeshPod {
+    // Dropped in this order: the pod, the node (its agent), the CA, the manifests.
+    pub b: Pod,
+    pub node: Node,
+    pub ca: TestCa,
+    pub shared: crate::TempDir,
+}
+
+impl MeshPod {
+    pub fn start(tag: &str, td: &str, extra: &[&str]) -> Self {
+        let ca = TestCa::new(tag);
+        let shared = crate::TempDir::new(tag);
+        let mut node = Node::new("1.0.0").unwrap();
+        node.agent_args = mesh_args(&ca, &shared.0, td);
+        node.agent_args.extend(extra.iter().map(|a| a.to_string()));
+        node.start_agent().unwrap();
+        let b = node.add_pod("b").unwrap();
+        write_pod_manifest(&shared.0.join("manifests"), &b, "b", true);
+        wait_manifest_pods(&node, 1);
+        Self {
+            b,
+            node,
+            ca,
+            shared,
+        }
+    }
+}
+
 /// A CA of the test's own: agents load it as their plug-in CA, and the test can mint any
 /// certificate it needs (foreign trust domain, expired...).
 pub struct TestCa {

@@ -15,14 +15,8 @@ const TD: &str = "cluster1";
 
 #[test]
 fn port_15008_withstands_slowloris_tls12_oversized_headers_and_stream_floods() {
-    let ca = TestCa::new("hostile");
-    let shared = TempDir::new("hostile");
-    let mut node = Node::new("1.0.0").unwrap();
-    node.agent_args = mesh_args(&ca, &shared.0, TD);
-    node.start_agent().unwrap();
-    let b = node.add_pod("b").unwrap();
-    write_pod_manifest(&shared.0.join("manifests"), &b, "b", true);
-    wait_manifest_pods(&node, 1);
+    let m = MeshPod::start("hostile", TD, &[]);
+    let (node, b, ca) = (&m.node, &m.b, &m.ca);
     let _app = echo_server(&b.ns.open(), 7500, 1);
     let hbone = SocketAddr::new(b.ip, 15008);
     let probe = node.ns.open();
@@ -216,16 +210,8 @@ fn port_15008_withstands_slowloris_tls12_oversized_headers_and_stream_floods() {
 fn inbound_hbone_connections_end_on_a_stalled_preface_idleness_and_the_client_s_certificate_expiry()
 {
     use tokio::io::AsyncReadExt;
-    let ca = TestCa::new("bounds");
-    let shared = TempDir::new("bounds");
-    let mut node = Node::new("1.0.0").unwrap();
-    node.agent_args = mesh_args(&ca, &shared.0, TD);
-    node.agent_args
-        .extend(["--inbound-idle-timeout".into(), "2s".into()]);
-    node.start_agent().unwrap();
-    let b = node.add_pod("b").unwrap();
-    write_pod_manifest(&shared.0.join("manifests"), &b, "b", true);
-    wait_manifest_pods(&node, 1);
+    let m = MeshPod::start("bounds", TD, &["--inbound-idle-timeout", "2s"]);
+    let (node, b, ca) = (&m.node, &m.b, &m.ca);
     let _app = echo_server(&b.ns.open(), 7600, 1);
     let hbone = SocketAddr::new(b.ip, 15008);
     let probe = node.ns.open();

@@ -150,16 +150,13 @@ fn a_surge_upgrade_hands_over_without_failing_a_new_connection() {
 /// takes within `--drain-timeout`.
 #[test]
 fn a_draining_agent_serves_or_refuses_a_connect_that_crossed_its_goaway() {
-    let ca = TestCa::new("crossing");
-    let shared = TempDir::new("crossing");
-    let mut node = Node::new("1.0.0").unwrap();
-    node.agent_args = mesh_args(&ca, &shared.0, TD);
-    node.agent_args
-        .extend(["--drain-timeout".into(), "20s".into()]);
-    node.start_agent().unwrap();
-    let b = node.add_pod("b").unwrap();
-    write_pod_manifest(&shared.0.join("manifests"), &b, "b", true);
-    wait_manifest_pods(&node, 1);
+    // Bound in this order so that they drop as `MeshPod` does: the pod first, the files last.
+    let MeshPod {
+        shared: _shared,
+        ca,
+        mut node,
+        b,
+    } = MeshPod::start("crossing", TD, &["--drain-timeout", "20s"]);
     echo_forever(&b.ns.open(), 7700);
     let hbone = SocketAddr::new(b.ip, 15008);
     let leaf = ca.valid_leaf(&format!("spiffe://{TD}/ns/default/sa/tester"));
