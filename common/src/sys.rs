@@ -85,13 +85,13 @@ pub fn run_in_netns<T>(target: BorrowedFd<'_>, f: impl FnOnce() -> T) -> io::Res
 }
 
 /// Stops glibc from returning freed memory to the system on every `free` and from mapping
-/// each large buffer afresh: a relay frees and reallocates buffers of up to 128 KiB at line rate, and
-/// with glibc's defaults every such cycle can end in `madvise(DONTNEED)` or `munmap` and
-/// the next allocation in page faults that zero the same memory again (measured: ~7,000
-/// faults per second during one bulk transfer). Freed memory is handed back instead by
-/// [`trim_heap`], which the agent calls on its reconcile pass. `trim` and `mmap` are the
-/// thresholds in bytes (`M_TRIM_THRESHOLD`, `M_MMAP_THRESHOLD`). A no-op where the C library
-/// is not glibc.
+/// each large buffer afresh: a relay frees and reallocates buffers of up to 128 KiB at line
+/// rate, and with glibc's defaults every such cycle can end in `madvise(DONTNEED)` or
+/// `munmap` and the next allocation in page faults that zero the same memory again
+/// (measured: ~7,000 faults per second during one bulk transfer). Freed memory is handed
+/// back instead by [`trim_heap`], which the agent calls on its reconcile pass. `trim` and
+/// `mmap` are the thresholds in bytes (`M_TRIM_THRESHOLD`, `M_MMAP_THRESHOLD`). A no-op
+/// where the C library is not glibc.
 pub fn tune_heap(trim: usize, mmap: usize) -> bool {
     #[cfg(target_env = "gnu")]
     {

@@ -70,7 +70,7 @@ pub struct Settings {
     /// read, and so the largest DATA frame, of a bulk transfer (a connection starts at 4 KiB).
     /// 128 KiB against 64 KiB (bench, same run, 2026-12-04): context switches per GB 0.58x
     /// across nodes and 0.74x on one node with everything on one vCPU, throughput unchanged;
-    /// 256 KiB had cost a third of one stream's throughput on one node.
+    /// 256 KiB had cost 0.72x of one stream's throughput on one node.
     pub copy_buffer: usize,
     /// Data h2 queues per stream beyond what the connection's socket has taken: the socket's
     /// own send buffer is what keeps a stream moving, so more only multiplies the agent's
