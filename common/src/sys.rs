@@ -3,7 +3,7 @@
 #![allow(unsafe_code)]
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sched::CloneFlags;
@@ -67,7 +67,12 @@ pub fn run_in_netns<T>(target: BorrowedFd<'_>, f: impl FnOnce() -> T) -> io::Res
         let out = f();
         DEPTH.set(DEPTH.get() - 1);
         if let Err(e) = nix::sched::setns(original, CloneFlags::CLONE_NEWNET) {
-            eprintln!("fatal: cannot restore the thread's network namespace: {e}");
+            // Not `eprintln!`, which panics when stderr refuses the write (a full pipe, made
+            // non-blocking by the agent): nothing may stand between this and the abort.
+            let _ = writeln!(
+                io::stderr(),
+                "fatal: cannot restore the thread's network namespace: {e}"
+            );
             std::process::abort();
         }
         Ok(out)
@@ -425,4 +430,20 @@ pub fn readable_now(fd: BorrowedFd<'_>) -> bool {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
     matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
+/// If `fd` is a pipe (or FIFO), makes writes to it non-blocking and returns true; anything
+/// else (a file, a terminal: whose file description a parent shell may share) is left alone.
+/// Used on the agent's stderr, which in a cluster is a pipe read by the container runtime: a
+/// stalled reader must cost log lines, never a blocked data-path thread.
+pub fn nonblocking_if_pipe(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    use nix::sys::stat::{SFlag, fstat};
+    let st = fstat(fd).map_err(io::Error::from)?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFIFO {
+        return Ok(false);
+    }
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).map_err(io::Error::from)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map_err(io::Error::from)?;
+    Ok(true)
 }

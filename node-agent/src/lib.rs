@@ -23,6 +23,7 @@ pub mod claims;
 pub mod cni_server;
 pub mod config;
 pub mod k8s;
+pub mod log;
 pub mod manifests;
 pub mod metrics;
 pub mod policy;

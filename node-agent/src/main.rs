@@ -1,5 +1,6 @@
 //! ambit-agent: wiring only (configuration, logging, runtime, endpoints, signals).
 
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,7 +40,8 @@ fn main() -> std::process::ExitCode {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("ambit-agent cannot start: {e}");
-            eprintln!("ambit-agent: {e}");
+            // Not `eprintln!`: stderr may be a full non-blocking pipe by now (`log`).
+            let _ = writeln!(std::io::stderr(), "ambit-agent: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -63,7 +65,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             let e = ambit_common::report::one_line(e.as_ref());
             tracing::error!("ambit-agent failed: {e}");
-            eprintln!("ambit-agent: {e}");
+            let _ = writeln!(std::io::stderr(), "ambit-agent: {e}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -81,13 +83,15 @@ fn init_logging(config: &Config) -> LogControl {
     let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Before the first line: a stalled log reader must not block the data path (`log`).
+    let pipe = ambit_common::sys::nonblocking_if_pipe(std::os::fd::AsFd::as_fd(&std::io::stderr()));
     let (plain, json) = if config.log_format == "json" {
         (
             None,
             Some(
                 tracing_subscriber::fmt::layer()
                     .json()
-                    .with_writer(std::io::stderr),
+                    .with_writer(ambit_agent::log::Stderr),
             ),
         )
     } else {
@@ -95,7 +99,7 @@ fn init_logging(config: &Config) -> LogControl {
             Some(
                 tracing_subscriber::fmt::layer()
                     .with_ansi(ansi)
-                    .with_writer(std::io::stderr),
+                    .with_writer(ambit_agent::log::Stderr),
             ),
             None,
         )
@@ -105,6 +109,14 @@ fn init_logging(config: &Config) -> LogControl {
         .with(plain)
         .with(json)
         .init();
+    match pipe {
+        Ok(true) => tracing::info!(
+            "stderr is a pipe: lines its reader does not take are dropped, never waited for \
+             (ambit_log_lines_dropped_total)"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!("stderr could not be made non-blocking: {e}"),
+    }
     Arc::new(move |level: Option<&str>| {
         if let Some(l) = level {
             let f = EnvFilter::try_new(l).map_err(|e| format!("invalid filter {l:?}: {e}"))?;

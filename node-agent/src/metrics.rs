@@ -54,6 +54,11 @@ impl Default for AgentMetrics {
 impl AgentMetrics {
     pub fn register(&self, r: &mut Registry) {
         r.register(
+            "ambit_log_lines_dropped",
+            "Log lines dropped because the reader of the agent's stderr (a pipe) was not taking them",
+            crate::log::DROPPED.clone(),
+        );
+        r.register(
             "ambit_pods_captured",
             "Pods captured and served by this agent",
             self.pods_captured.clone(),

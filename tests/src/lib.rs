@@ -419,12 +419,18 @@ impl Node {
 
     /// Starts the agent inside the node namespace and waits until its socket exists.
     pub fn start_agent(&mut self) -> Result<()> {
-        let _ = std::fs::remove_file(self.socket());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.0.join("agent.log"))?;
-        self.agent = Some(self.spawn_agent(log, &[], 0)?);
+        self.start_agent_with_stderr(log)
+    }
+
+    /// [`Node::start_agent`] with `stderr` as the agent's stderr instead of its log file
+    /// (which [`Node::agent_log`] then does not see).
+    pub fn start_agent_with_stderr(&mut self, stderr: std::fs::File) -> Result<()> {
+        let _ = std::fs::remove_file(self.socket());
+        self.agent = Some(self.spawn_agent(stderr, &[], 0)?);
         wait_for(Duration::from_secs(10), || self.socket().exists())
             .context("the agent did not create its socket")?;
         Ok(())

@@ -517,3 +517,54 @@ fn flushed_rules_are_found_and_reinstalled_without_a_cni_call() {
     assert_eq!(metric(&text, "ambit_pods_unprotected", &[]), Some(0.0));
     assert_eq!(node.readiness().0, 200);
 }
+
+/// In a cluster the agent's stderr is a pipe the container runtime reads. A reader that
+/// stalls (a rotation, a busy shim) must cost log lines, never traffic: most lines are
+/// access-log lines written by the data-path threads, and a blocked write would stall every
+/// connection those threads carry. Here nobody ever reads the pipe; 300 new connections (two
+/// access lines each, far beyond the pipe's 64 KiB) must all be served, and the lines that
+/// did not fit are counted in /metrics.
+#[test]
+fn a_stalled_log_reader_costs_log_lines_not_connections() {
+    let dir = TempDir::new("stderr");
+    let fifo = dir.0.join("stderr.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // Opened for reading too, so that opening it does not wait for a reader; never read.
+    let stderr = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let mut node = Node::new("1.0.0").unwrap();
+    node.agent_args = vec!["--log".into(), "info".into()];
+    node.start_agent_with_stderr(stderr).unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    echo_forever(&b.ns.open(), 7800);
+    let dst = SocketAddr::new(b.ip, 7800);
+    let from = a.ns.open();
+    for i in 0..300 {
+        let r = from
+            .run(|| -> std::io::Result<()> {
+                let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3))?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                s.write_all(b"x")?;
+                let mut buf = [0u8; 1];
+                s.read_exact(&mut buf)?;
+                Ok(())
+            })
+            .unwrap();
+        if let Err(e) = r {
+            panic!("connection {i} failed ({e}): the data path waited for the log's reader");
+        }
+    }
+    let dropped = metric(
+        &node.scrape("/metrics", 15020),
+        "ambit_log_lines_dropped_total",
+        &[],
+    );
+    assert!(
+        dropped.is_some_and(|d| d > 0.0),
+        "lines that did not fit the pipe must be counted: {dropped:?}"
+    );
+}
