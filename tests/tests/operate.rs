@@ -544,19 +544,12 @@ fn a_stalled_log_reader_costs_log_lines_not_connections() {
     let dst = SocketAddr::new(b.ip, 7800);
     let from = a.ns.open();
     for i in 0..300 {
-        let r = from
-            .run(|| -> std::io::Result<()> {
-                let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3))?;
-                s.set_read_timeout(Some(Duration::from_secs(3)))?;
-                s.write_all(b"x")?;
-                let mut buf = [0u8; 1];
-                s.read_exact(&mut buf)?;
-                Ok(())
-            })
-            .unwrap();
-        if let Err(e) = r {
-            panic!("connection {i} failed ({e}): the data path waited for the log's reader");
-        }
+        let outcome = attempt(&from, dst, b"x");
+        assert_eq!(
+            outcome,
+            Outcome::Reply("x".into()),
+            "connection {i}: the data path waited for the log's reader"
+        );
     }
     let dropped = metric(
         &node.scrape("/metrics", 15020),
