@@ -56,7 +56,7 @@ pub fn figures(args: &Args, variants: &[bool]) -> Result<(String, Value)> {
         None => {
             let mut ambit = Vec::new();
             for &pinned in variants {
-                let tag = if pinned { ", pinned to CPU 0" } else { "" };
+                let tag = crate::pinned_tag(pinned);
                 eprintln!("across nodes, through Ambit{tag}...");
                 let mut pids = Vec::new();
                 for node in [&client_node, &server_node] {
@@ -86,7 +86,7 @@ pub fn figures(args: &Args, variants: &[bool]) -> Result<(String, Value)> {
     uncapture(&[&a, &b])?;
     let mut direct = Vec::new();
     for &pinned in variants {
-        let tag = if pinned { ", pinned to CPU 0" } else { "" };
+        let tag = crate::pinned_tag(pinned);
         eprintln!("across nodes, direct (capture rules removed){tag}...");
         direct.push(runs(args, &client, &server, b.ip, &[], pinned)?);
     }

@@ -264,6 +264,11 @@ fn pin_thread() {
 }
 
 /// Pins every thread of `pid` to CPU 0, or lets them run anywhere again.
+/// How the progress lines name a variant: nothing, or that every process ran on CPU 0.
+fn pinned_tag(pinned: bool) -> &'static str {
+    if pinned { ", pinned to CPU 0" } else { "" }
+}
+
 fn pin_process(pid: u32, pinned: bool) -> Result<()> {
     let cpus = if pinned {
         "0".to_string()
@@ -727,7 +732,9 @@ type PerVariant = Vec<Vec<Figures>>;
 /// run by run (which one goes first alternates as well), each run on freshly started agents
 /// (one per node of `nodes`) that re-adopted the same pods: neither gets the machine's better
 /// moments or what earlier figures left in an agent. Returns (this build's, the baseline's)
-/// runs per variant; this build's agents, which ran last, keep running.
+/// runs per variant; this build's agents, which ran last, keep running. When a run fails, the
+/// last lines of each agent's log are printed, named by the agent binary and the node's place
+/// in `nodes`.
 fn alternated(
     args: &Args,
     nodes: &mut [&mut Node],
@@ -742,7 +749,7 @@ fn alternated(
     };
     let (mut this, mut base) = (Vec::new(), Vec::new());
     for &pinned in variants {
-        let tag = if pinned { ", pinned to CPU 0" } else { "" };
+        let tag = pinned_tag(pinned);
         let (mut t, mut b) = (Vec::new(), Vec::new());
         for i in 0..args.repeat {
             // Which agent goes first alternates too (an A/A run, the same binary twice, read
@@ -757,14 +764,23 @@ fn alternated(
                     .as_ref()
                     .map_or("this build".into(), |p| p.display().to_string());
                 eprintln!("  run {}/{} through {name}{tag}", i + 1, args.repeat);
-                let mut pids = Vec::new();
-                for node in nodes.iter_mut() {
-                    node.restart_agent(agent.clone())?;
-                    let pid = node.agent_pid().context("agent pid")?;
-                    pin_process(pid, pinned)?;
-                    pids.push(pid);
-                }
-                out.extend(runs(&once, client, server, ip, &pids, pinned)?);
+                let mut run = || -> Result<Vec<Figures>> {
+                    let mut pids = Vec::new();
+                    for node in nodes.iter_mut() {
+                        node.restart_agent(agent.clone())?;
+                        let pid = node.agent_pid().context("agent pid")?;
+                        pin_process(pid, pinned)?;
+                        pids.push(pid);
+                    }
+                    runs(&once, client, server, ip, &pids, pinned)
+                };
+                let figures = run().inspect_err(|_| {
+                    for (i, node) in nodes.iter().enumerate() {
+                        let which = format!("{name}: node {} of {}: agent", i + 1, nodes.len());
+                        print_log_tail(&which, &node.agent_log());
+                    }
+                })?;
+                out.extend(figures);
             }
         }
         this.push(t);
@@ -1099,10 +1115,7 @@ fn same_node(args: &Args, variants: &[bool]) -> Result<(String, Value)> {
         None => None,
     };
     for &pinned in variants.iter().filter(|_| baseline.is_none()) {
-        eprintln!(
-            "through Ambit (HBONE, same node){}...",
-            if pinned { ", pinned to CPU 0" } else { "" }
-        );
+        eprintln!("through Ambit (HBONE, same node){}...", pinned_tag(pinned));
         pin_process(pid, pinned)?;
         match runs(args, &ca, &cb, b.ip, &[pid], pinned) {
             Ok(r) => ambit.push(r),
@@ -1174,10 +1187,7 @@ fn same_node(args: &Args, variants: &[bool]) -> Result<(String, Value)> {
     uncapture(&[&a, &b])?;
     let mut direct = Vec::new();
     for &pinned in variants {
-        eprintln!(
-            "direct (capture rules removed){}...",
-            if pinned { ", pinned to CPU 0" } else { "" }
-        );
+        eprintln!("direct (capture rules removed){}...", pinned_tag(pinned));
         direct.push(runs(args, &ca, &cb, b.ip, &[], pinned)?);
     }
 

@@ -161,6 +161,42 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
     }
 }
 
+/// An A/B run that fails says why: a baseline agent that cannot start stops the bench (a
+/// failure, not a table with a hole) and the bench prints that agent's last log lines, named
+/// by the binary and the node, before its error.
+#[test]
+fn an_alternated_run_that_fails_prints_the_failing_agents_log() {
+    ambit_tests::require_root();
+    let dir = ambit_tests::TempDir::new("bench-fail");
+    let agent = dir.0.join("agent-that-refuses");
+    std::fs::write(
+        &agent,
+        "#!/bin/sh\necho 'baseline-marker: this agent refuses to start' >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ambit-bench"))
+        .args(["--smoke", "--topology", "cross-node", "--baseline-agent"])
+        .arg(&agent)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the bench succeeded:\n{stderr}");
+    // The baseline runs first; the client node's agent is the first it restarts.
+    let header = format!("{}: node 1 of 2: agent log (last lines):", agent.display());
+    let (_, tail) = stderr
+        .split_once(&header)
+        .unwrap_or_else(|| panic!("no log tail of the failing agent:\n{stderr}"));
+    assert!(
+        tail.contains("baseline-marker: this agent refuses to start"),
+        "the tail is not the failing agent's log:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("exited (exit status: 3) before it created its socket"),
+        "the error does not say the agent exited:\n{stderr}"
+    );
+}
+
 /// The sockmap spike's program really moves a same-host pair's bytes socket to socket, on
 /// both kinds of leg: with both sockets in its map the leg's device (loopback, veth) carries
 /// (almost) none of them, without it all of them. Checks where the bytes went, never how

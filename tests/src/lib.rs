@@ -429,10 +429,21 @@ impl Node {
     /// [`Node::start_agent`] with `stderr` as the agent's stderr instead of its log file
     /// (which [`Node::agent_log`] then does not see).
     pub fn start_agent_with_stderr(&mut self, stderr: std::fs::File) -> Result<()> {
-        let _ = std::fs::remove_file(self.socket());
-        self.agent = Some(self.spawn_agent(stderr, &[], 0)?);
-        wait_for(Duration::from_secs(10), || self.socket().exists())
-            .context("the agent did not create its socket")?;
+        let socket = self.socket();
+        let _ = std::fs::remove_file(&socket);
+        let child = self.spawn_agent(stderr, &[], 0)?;
+        let agent = self.agent.insert(child);
+        // An agent that exits at once (a bad flag, a broken baseline build) fails the start
+        // now, with its status, rather than after the whole wait.
+        let mut exited = None;
+        wait_for(Duration::from_secs(10), || {
+            exited = agent.try_wait().ok().flatten();
+            exited.is_some() || socket.exists()
+        })
+        .context("the agent did not create its socket")?;
+        if let Some(status) = exited {
+            bail!("the agent exited ({status}) before it created its socket");
+        }
         Ok(())
     }
 
