@@ -263,12 +263,12 @@ fn pin_thread() {
     let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
 }
 
-/// Pins every thread of `pid` to CPU 0, or lets them run anywhere again.
 /// How the progress lines name a variant: nothing, or that every process ran on CPU 0.
 fn pinned_tag(pinned: bool) -> &'static str {
     if pinned { ", pinned to CPU 0" } else { "" }
 }
 
+/// Pins every thread of `pid` to CPU 0, or lets them run anywhere again.
 fn pin_process(pid: u32, pinned: bool) -> Result<()> {
     let cpus = if pinned {
         "0".to_string()

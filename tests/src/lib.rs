@@ -442,7 +442,12 @@ impl Node {
         })
         .context("the agent did not create its socket")?;
         if let Some(status) = exited {
-            bail!("the agent exited ({status}) before it created its socket");
+            let when = if socket.exists() {
+                "as it started"
+            } else {
+                "before it created its socket"
+            };
+            bail!("the agent exited ({status}) {when}");
         }
         Ok(())
     }
