@@ -5,11 +5,13 @@
 //! relayed wakes a task on the other thread (a futex wake, a context switch, and the h2
 //! streams mutex taken from both sides); idle workers are also woken to steal whatever was
 //! just scheduled. Here every worker is a single-threaded runtime on its own thread. A
-//! connection accepted by a listener is handed to the next worker in turn; everything it
-//! spawns (the HBONE connection it opens, an inbound connection's streams) runs on that same
-//! worker, and the HBONE client pool keeps separate connections per worker
-//! ([`current`]), so a chunk crosses no thread boundary between the app's socket and the TLS
-//! socket. Connections are spread over the workers, so several connections still use every
+//! connection accepted by a listener stays on the listener's worker while that worker is no
+//! more loaded than the others, else goes to the least loaded ([`Workers::place`]: a
+//! sequential client's next connection finds the thread it just used awake, concurrent
+//! connections spread). Everything it spawns (the HBONE connection it opens, an inbound
+//! connection's streams) runs on that same worker, and the HBONE client pool keeps separate
+//! connections per worker ([`current`]), so a chunk crosses no thread boundary between the
+//! app's socket and the TLS socket. Connections are spread over the workers, so several connections still use every
 //! core; one connection uses one.
 //!
 //! A pod's listeners are spread over the workers too (their accept loops are never held up by
@@ -26,6 +28,7 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -84,6 +87,42 @@ pub struct Workers {
     next: AtomicUsize,
     stop: CancellationToken,
     polls: Family<PollLabels, Counter>,
+    /// Per worker, the connections placed on it that are not closing (see [`closing`]).
+    load: Arc<[AtomicUsize]>,
+}
+
+tokio::task_local! {
+    /// The load a connection placed by [`Workers::run`] adds to its worker, until the
+    /// connection ends or [`closing`] gives it back.
+    static LOAD: RefCell<Option<Load>>;
+}
+
+/// One connection's share of its worker's load; given back when dropped.
+struct Load {
+    load: Arc<[AtomicUsize]>,
+    worker: usize,
+}
+
+impl Load {
+    fn new(load: Arc<[AtomicUsize]>, worker: usize) -> Self {
+        load[worker].fetch_add(1, Ordering::Relaxed);
+        Self { load, worker }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.load[self.worker].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Called by a connection placed by [`Workers::run`] once its client has finished sending
+/// (half-closed): from then on it no longer counts toward its worker's load. A client that
+/// closes and at once opens its next connection (the common pattern of short requests) would
+/// otherwise find the worker it just used loaded, and the new connection would be handed to
+/// another, sleeping, worker. Elsewhere (a task not placed by `run`), nothing.
+pub fn closing() {
+    let _ = LOAD.try_with(|l| l.borrow_mut().take());
 }
 
 impl Workers {
@@ -144,6 +183,7 @@ impl Workers {
             next: AtomicUsize::new(0),
             stop,
             polls,
+            load: (0..n.max(1)).map(|_| AtomicUsize::new(0)).collect(),
         })
     }
 
@@ -171,18 +211,36 @@ impl Workers {
         self.handles[self.next()].spawn(async move { make().await });
     }
 
-    /// Runs `serve(tcp)` on the next worker in turn. A socket accepted on another thread is
-    /// taken off that thread's runtime and registered with the worker's; one that cannot move
-    /// is closed (the error is logged): its peer sees the connection end, as for a failed
-    /// accept.
+    /// The worker a new connection goes to: the calling worker while it is no more loaded
+    /// than any other (no hand-off, and the thread is awake), else the least loaded, ties
+    /// going to the workers in turn.
+    fn place(&self) -> usize {
+        let load = |j: usize| self.load[j].load(Ordering::Relaxed);
+        let n = self.handles.len();
+        let start = self.next();
+        let least = (0..n)
+            .map(|k| (start + k) % n)
+            .min_by_key(|&j| load(j))
+            .unwrap_or(start);
+        match WORKER.with(Cell::get) {
+            Some((id, here)) if id == self.id && load(here) <= load(least) => here,
+            _ => least,
+        }
+    }
+
+    /// Runs `serve(tcp)` on a worker ([`Workers::place`]). A socket accepted on another
+    /// thread is taken off that thread's runtime and registered with the worker's; one that
+    /// cannot move is closed (the error is logged): its peer sees the connection end, as for
+    /// a failed accept.
     pub fn run<F, Fut>(&self, tcp: TcpStream, serve: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let i = self.next();
+        let i = self.place();
+        let load = RefCell::new(Some(Load::new(self.load.clone(), i)));
         if WORKER.with(Cell::get) == Some((self.id, i)) {
-            tokio::spawn(serve(tcp));
+            tokio::spawn(LOAD.scope(load, serve(tcp)));
             return;
         }
         let std = match tcp.into_std() {
@@ -192,12 +250,12 @@ impl Workers {
                 return;
             }
         };
-        self.handles[i].spawn(async move {
+        self.handles[i].spawn(LOAD.scope(load, async move {
             match TcpStream::from_std(std) {
                 Ok(tcp) => serve(tcp).await,
                 Err(e) => debug!("registering a connection with its worker failed: {e}"),
             }
-        });
+        }));
     }
 }
 
@@ -253,7 +311,8 @@ mod tests {
     use tokio::net::TcpListener;
 
     /// Every connection runs on one worker thread from start to end, including what it spawns,
-    /// and successive connections go to successive workers.
+    /// and, placed from outside the workers, successive connections go to successive idle
+    /// workers.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_connection_and_what_it_spawns_stay_on_one_worker() {
         let workers = Workers::start(3, Duration::ZERO).unwrap();
@@ -292,13 +351,79 @@ mod tests {
             order.push(a.0.unwrap());
             threads.insert(a.1);
         }
-        assert_eq!(
-            order,
-            [0, 1, 2, 0, 1, 2],
-            "connections go to the workers in turn"
-        );
+        assert_eq!(order, [0, 1, 2, 0, 1, 2], "idle workers are taken in turn");
         assert_eq!(threads.len(), 3);
         assert_eq!(current(), None, "the caller is not a worker");
+    }
+
+    /// A listener on a worker keeps a new connection on its own worker while that worker is
+    /// no more loaded than the other; a connection whose client half-closed ([`closing`])
+    /// no longer counts, one still sending does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_connection_stays_on_the_accepting_worker_unless_it_is_loaded() {
+        let workers = Arc::new(Workers::start(2, Duration::ZERO).unwrap());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Per accepted connection: the worker it runs on; it stays open until released.
+        let (placed_tx, mut placed) = tokio::sync::mpsc::unbounded_channel();
+        let (release_tx, release) = tokio::sync::watch::channel(false);
+        let (on_tx, on) = tokio::sync::oneshot::channel();
+        let w = workers.clone();
+        workers.spawn(move || async move {
+            let _ = on_tx.send(current());
+            let listener = TcpListener::from_std(listener).unwrap();
+            for _ in 0..5 {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (placed_tx, mut release) = (placed_tx.clone(), release.clone());
+                w.run(tcp, move |mut tcp| async move {
+                    let mut first = [0u8; 1];
+                    tcp.read_exact(&mut first).await.unwrap();
+                    if first[0] == b'c' {
+                        // The client half-closes after its byte.
+                        let mut rest = Vec::new();
+                        tcp.read_to_end(&mut rest).await.unwrap();
+                        closing();
+                    }
+                    placed_tx.send(current().unwrap()).unwrap();
+                    let _ = release.wait_for(|r| *r).await;
+                });
+            }
+        });
+        let listening_on = on.await.unwrap().unwrap();
+        let mut clients = Vec::new();
+        let mut connect = async |byte: &[u8], half_close: bool| {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(byte).await.unwrap();
+            if half_close {
+                c.shutdown().await.unwrap();
+            }
+            clients.push(c);
+            placed.recv().await.unwrap()
+        };
+        // Nothing placed yet: the listener's own worker.
+        assert_eq!(
+            connect(b"c", true).await,
+            listening_on,
+            "an idle worker keeps it"
+        );
+        // The first is still open but closing: it does not count.
+        assert_eq!(
+            connect(b"c", true).await,
+            listening_on,
+            "closing connections do not count"
+        );
+        // This one keeps sending (not half-closed): it counts...
+        assert_eq!(connect(b"o", false).await, listening_on);
+        // ...so the next goes to the other, idle, worker.
+        assert_eq!(
+            connect(b"o", false).await,
+            1 - listening_on,
+            "a loaded worker hands off"
+        );
+        // Even again: the listener's worker.
+        assert_eq!(connect(b"o", false).await, listening_on);
+        release_tx.send(true).unwrap();
     }
 
     /// Waits (at most 5 s, checking every millisecond) for `done`.

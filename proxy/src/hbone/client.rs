@@ -254,7 +254,10 @@ impl Pool {
                     biased;
                     r = &mut response => break r.map_err(sent)?,
                     n = app.read_buf(&mut buf), if early.wants_more() => match n {
-                        Ok(0) => early.done = true,
+                        Ok(0) => {
+                            early.done = true;
+                            crate::workers::closing();
+                        }
                         // The app's connection failed: the stream is dropped unanswered (a
                         // reset), and the destination resets its app connection in turn.
                         Err(e) => return Err(Attempt::Fail(Error::App(e))),

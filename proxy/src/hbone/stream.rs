@@ -83,6 +83,8 @@ async fn tcp_to_stream(
         let room = aligned(size).min(buf.capacity() - buf.len());
         let n = rd.read_buf(&mut (&mut buf).limit(room)).await?;
         if n == 0 {
+            // The client is done sending: its connection is only finishing now.
+            crate::workers::closing();
             send.send_data(Bytes::new(), true).map_err(h2_io)?;
             return Ok(total);
         }
