@@ -11,8 +11,8 @@
 //! connections spread). Everything it spawns (the HBONE connection it opens, an inbound
 //! connection's streams) runs on that same worker, and the HBONE client pool keeps separate
 //! connections per worker ([`current`]), so a chunk crosses no thread boundary between the
-//! app's socket and the TLS socket. Connections are spread over the workers, so several connections still use every
-//! core; one connection uses one.
+//! app's socket and the TLS socket. Concurrent connections are spread over the workers, so
+//! several connections still use every core; one connection uses one.
 //!
 //! A pod's listeners are spread over the workers too (their accept loops are never held up by
 //! the control plane); the control plane stays on the agent's main runtime.
