@@ -340,6 +340,10 @@ mod tests {
             let mut b = [0u8; 1];
             client.read_exact(&mut b).await.unwrap();
             assert_eq!(&b, b"x", "the connection works on its worker");
+            // Placement follows the load: the next connection is placed once this one has
+            // ended and given its load back (its worker may still be finishing it).
+            let idle = || workers.load.iter().all(|l| l.load(Ordering::Relaxed) == 0);
+            until("the connection's load given back", idle).await;
         }
         drop(tx);
         let mut order = Vec::new();
