@@ -8,7 +8,8 @@
 //! connection accepted by a listener stays on the listener's worker while that worker is no
 //! more loaded than the others, else goes to the least loaded ([`Workers::place`]: a
 //! sequential client's next connection finds the thread it just used awake, concurrent
-//! connections spread). Everything it spawns (the HBONE connection it opens, an inbound
+//! connections spread; a connection whose client half-closed stops counting, [`closing`],
+//! unless it goes on to download, [`sent_to_client`]). Everything it spawns (the HBONE connection it opens, an inbound
 //! connection's streams) runs on that same worker, and the HBONE client pool keeps separate
 //! connections per worker ([`current`]), so a chunk crosses no thread boundary between the
 //! app's socket and the TLS socket. Concurrent connections are spread over the workers, so
@@ -94,27 +95,52 @@ pub struct Workers {
 tokio::task_local! {
     /// The load a connection placed by [`Workers::run`] adds to its worker, until the
     /// connection ends or [`closing`] gives it back.
-    static LOAD: RefCell<Option<Load>>;
+    static LOAD: RefCell<Load>;
 }
 
 /// One connection's share of its worker's load; given back when dropped.
 struct Load {
     load: Arc<[AtomicUsize]>,
     worker: usize,
+    /// Counted in `load` now (not from [`closing`] until [`sent_to_client`] sees a download).
+    counted: bool,
+    /// Bytes sent to the client since it half-closed.
+    after_close: usize,
 }
 
 impl Load {
     fn new(load: Arc<[AtomicUsize]>, worker: usize) -> Self {
         load[worker].fetch_add(1, Ordering::Relaxed);
-        Self { load, worker }
+        Self {
+            load,
+            worker,
+            counted: true,
+            after_close: 0,
+        }
+    }
+
+    fn set_counted(&mut self, counted: bool) {
+        if std::mem::replace(&mut self.counted, counted) == counted {
+            return;
+        }
+        if counted {
+            self.load[self.worker].fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.load[self.worker].fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
 impl Drop for Load {
     fn drop(&mut self) {
-        self.load[self.worker].fetch_sub(1, Ordering::Relaxed);
+        self.set_counted(false);
     }
 }
+
+/// Bytes a connection sends to its client after the client half-closed before it counts
+/// again ([`sent_to_client`]): past what the answer to a last request usually is, well
+/// short of a download.
+pub const DOWNLOAD_AFTER_CLOSE: usize = 256 << 10;
 
 /// Called by a connection placed by [`Workers::run`] once its client has finished sending
 /// (half-closed): from then on it no longer counts toward its worker's load. A client that
@@ -122,7 +148,23 @@ impl Drop for Load {
 /// otherwise find the worker it just used loaded, and the new connection would be handed to
 /// another, sleeping, worker. Elsewhere (a task not placed by `run`), nothing.
 pub fn closing() {
-    let _ = LOAD.try_with(|l| l.borrow_mut().take());
+    let _ = LOAD.try_with(|l| l.borrow_mut().set_counted(false));
+}
+
+/// Called by a connection placed by [`Workers::run`] for each chunk it writes to its client:
+/// one that half-closed but still receives more than [`DOWNLOAD_AFTER_CLOSE`] bytes (a
+/// download behind a request sent with a half-close) counts toward its worker's load again,
+/// so concurrent downloads are spread as concurrent connections are. Elsewhere, nothing.
+pub fn sent_to_client(n: usize) {
+    let _ = LOAD.try_with(|l| {
+        let mut l = l.borrow_mut();
+        if !l.counted {
+            l.after_close += n;
+            if l.after_close > DOWNLOAD_AFTER_CLOSE {
+                l.set_counted(true);
+            }
+        }
+    });
 }
 
 impl Workers {
@@ -196,6 +238,12 @@ impl Workers {
         );
     }
 
+    /// How many connections count toward `worker`'s load now.
+    #[cfg(test)]
+    pub(crate) fn load_of(&self, worker: usize) -> usize {
+        self.load[worker].load(Ordering::Relaxed)
+    }
+
     /// The next worker in turn.
     fn next(&self) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()
@@ -213,8 +261,8 @@ impl Workers {
 
     /// The worker a new connection goes to: the calling worker while it is no more loaded
     /// than any other (no hand-off, and the thread is awake), else the least loaded, ties
-    /// going to the workers in turn.
-    fn place(&self) -> usize {
+    /// going to the workers in turn; and whether that is the calling worker.
+    fn place(&self) -> (usize, bool) {
         let load = |j: usize| self.load[j].load(Ordering::Relaxed);
         let n = self.handles.len();
         let start = self.next();
@@ -223,8 +271,8 @@ impl Workers {
             .min_by_key(|&j| load(j))
             .unwrap_or(start);
         match WORKER.with(Cell::get) {
-            Some((id, here)) if id == self.id && load(here) <= load(least) => here,
-            _ => least,
+            Some((id, here)) if id == self.id && load(here) <= load(least) => (here, true),
+            _ => (least, false),
         }
     }
 
@@ -237,9 +285,9 @@ impl Workers {
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let i = self.place();
-        let load = RefCell::new(Some(Load::new(self.load.clone(), i)));
-        if WORKER.with(Cell::get) == Some((self.id, i)) {
+        let (i, here) = self.place();
+        let load = RefCell::new(Load::new(self.load.clone(), i));
+        if here {
             tokio::spawn(LOAD.scope(load, serve(tcp)));
             return;
         }
@@ -302,6 +350,18 @@ impl Drop for Workers {
     }
 }
 
+/// Waits (at most 5 s, checking every millisecond) for `done`; for the crate's tests.
+#[cfg(test)]
+pub(crate) async fn until(what: &str, done: impl Fn() -> bool) {
+    for _ in 0..5000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("not seen within 5 s: {what}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,85 +420,123 @@ mod tests {
         assert_eq!(current(), None, "the caller is not a worker");
     }
 
+    /// A listener on one of `workers` that places each of `n` connections with
+    /// [`Workers::run`]. By its client's first byte a connection is `o` (open: the client
+    /// keeps sending), `c` (the client half-closes after it: [`closing`]) or `d` (the same,
+    /// then a download: [`DOWNLOAD_AFTER_CLOSE`] bytes to the client, and one more once the
+    /// stage is 1). Each reports its worker when placed (a `d` again after its last byte) and
+    /// stays open until the stage is 2. Returns the address, the listener's worker, the
+    /// reports and the stage.
+    async fn placement_listener(
+        workers: &Arc<Workers>,
+        n: usize,
+    ) -> (
+        std::net::SocketAddr,
+        usize,
+        tokio::sync::mpsc::UnboundedReceiver<usize>,
+        tokio::sync::watch::Sender<u8>,
+    ) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (placed_tx, placed) = tokio::sync::mpsc::unbounded_channel();
+        let (stage_tx, stage) = tokio::sync::watch::channel(0u8);
+        let (on_tx, on) = tokio::sync::oneshot::channel();
+        let w = workers.clone();
+        workers.spawn(move || async move {
+            let _ = on_tx.send(current());
+            let listener = TcpListener::from_std(listener).unwrap();
+            for _ in 0..n {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (placed_tx, mut stage) = (placed_tx.clone(), stage.clone());
+                w.run(tcp, move |mut tcp| async move {
+                    let mut first = [0u8; 1];
+                    tcp.read_exact(&mut first).await.unwrap();
+                    if first[0] != b'o' {
+                        let mut rest = Vec::new();
+                        tcp.read_to_end(&mut rest).await.unwrap();
+                        closing();
+                    }
+                    if first[0] == b'd' {
+                        sent_to_client(DOWNLOAD_AFTER_CLOSE);
+                        placed_tx.send(current().unwrap()).unwrap();
+                        let _ = stage.wait_for(|s| *s >= 1).await;
+                        sent_to_client(1);
+                    }
+                    placed_tx.send(current().unwrap()).unwrap();
+                    let _ = stage.wait_for(|s| *s >= 2).await;
+                });
+            }
+        });
+        (addr, on.await.unwrap().unwrap(), placed, stage_tx)
+    }
+
+    /// A client of [`placement_listener`]: sends `byte`, half-closes unless it is `o`, and
+    /// returns the worker its connection was placed on (the connection stays open in
+    /// `clients`).
+    async fn placed(
+        addr: std::net::SocketAddr,
+        byte: u8,
+        clients: &mut Vec<TcpStream>,
+        reports: &mut tokio::sync::mpsc::UnboundedReceiver<usize>,
+    ) -> usize {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(&[byte]).await.unwrap();
+        if byte != b'o' {
+            c.shutdown().await.unwrap();
+        }
+        clients.push(c);
+        reports.recv().await.unwrap()
+    }
+
     /// A listener on a worker keeps a new connection on its own worker while that worker is
     /// no more loaded than the other; a connection whose client half-closed ([`closing`])
     /// no longer counts, one still sending does.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_new_connection_stays_on_the_accepting_worker_unless_it_is_loaded() {
         let workers = Arc::new(Workers::start(2, Duration::ZERO).unwrap());
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        // Per accepted connection: the worker it runs on; it stays open until released.
-        let (placed_tx, mut placed) = tokio::sync::mpsc::unbounded_channel();
-        let (release_tx, release) = tokio::sync::watch::channel(false);
-        let (on_tx, on) = tokio::sync::oneshot::channel();
-        let w = workers.clone();
-        workers.spawn(move || async move {
-            let _ = on_tx.send(current());
-            let listener = TcpListener::from_std(listener).unwrap();
-            for _ in 0..5 {
-                let (tcp, _) = listener.accept().await.unwrap();
-                let (placed_tx, mut release) = (placed_tx.clone(), release.clone());
-                w.run(tcp, move |mut tcp| async move {
-                    let mut first = [0u8; 1];
-                    tcp.read_exact(&mut first).await.unwrap();
-                    if first[0] == b'c' {
-                        // The client half-closes after its byte.
-                        let mut rest = Vec::new();
-                        tcp.read_to_end(&mut rest).await.unwrap();
-                        closing();
-                    }
-                    placed_tx.send(current().unwrap()).unwrap();
-                    let _ = release.wait_for(|r| *r).await;
-                });
-            }
-        });
-        let listening_on = on.await.unwrap().unwrap();
+        let (addr, here, mut reports, stage) = placement_listener(&workers, 5).await;
         let mut clients = Vec::new();
-        let mut connect = async |byte: &[u8], half_close: bool| {
-            let mut c = TcpStream::connect(addr).await.unwrap();
-            c.write_all(byte).await.unwrap();
-            if half_close {
-                c.shutdown().await.unwrap();
-            }
-            clients.push(c);
-            placed.recv().await.unwrap()
-        };
+        let mut place = async |byte| placed(addr, byte, &mut clients, &mut reports).await;
         // Nothing placed yet: the listener's own worker.
-        assert_eq!(
-            connect(b"c", true).await,
-            listening_on,
-            "an idle worker keeps it"
-        );
+        assert_eq!(place(b'c').await, here, "an idle worker keeps it");
         // The first is still open but closing: it does not count.
-        assert_eq!(
-            connect(b"c", true).await,
-            listening_on,
-            "closing connections do not count"
-        );
+        assert_eq!(place(b'c').await, here, "closing connections do not count");
         // This one keeps sending (not half-closed): it counts...
-        assert_eq!(connect(b"o", false).await, listening_on);
+        assert_eq!(place(b'o').await, here);
         // ...so the next goes to the other, idle, worker.
-        assert_eq!(
-            connect(b"o", false).await,
-            1 - listening_on,
-            "a loaded worker hands off"
-        );
+        assert_eq!(place(b'o').await, 1 - here, "a loaded worker hands off");
         // Even again: the listener's worker.
-        assert_eq!(connect(b"o", false).await, listening_on);
-        release_tx.send(true).unwrap();
+        assert_eq!(place(b'o').await, here);
+        stage.send(2).unwrap();
     }
 
-    /// Waits (at most 5 s, checking every millisecond) for `done`.
-    async fn until(what: &str, done: impl Fn() -> bool) {
-        for _ in 0..5000 {
-            if done() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        panic!("not seen within 5 s: {what}");
+    /// A connection whose client half-closed counts again once it has sent its client more
+    /// than [`DOWNLOAD_AFTER_CLOSE`] bytes: concurrent downloads behind half-closed requests
+    /// spread over the workers like other concurrent connections.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_half_closed_connection_that_keeps_downloading_counts_again() {
+        let workers = Arc::new(Workers::start(2, Duration::ZERO).unwrap());
+        let (addr, here, mut reports, stage) = placement_listener(&workers, 4).await;
+        let mut clients = Vec::new();
+        // Half-closed, and no more sent to its client than the answer to a last request.
+        assert_eq!(placed(addr, b'd', &mut clients, &mut reports).await, here);
+        // It does not count: the listener's worker is no more loaded than the other.
+        assert_eq!(placed(addr, b'o', &mut clients, &mut reports).await, here);
+        assert_eq!(
+            placed(addr, b'o', &mut clients, &mut reports).await,
+            1 - here
+        );
+        // One byte more to its client: a download, it counts again (2 against 1)...
+        stage.send(1).unwrap();
+        assert_eq!(reports.recv().await.unwrap(), here);
+        // ...so the next goes to the other worker, though the two are even without it.
+        assert_eq!(
+            placed(addr, b'o', &mut clients, &mut reports).await,
+            1 - here,
+            "a download behind a half-close counts"
+        );
+        stage.send(2).unwrap();
     }
 
     /// The runtime calls the poll each time a spinning worker runs out of work, and counts it

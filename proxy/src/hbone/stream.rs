@@ -118,6 +118,8 @@ async fn stream_to_tcp(
         let data = data.map_err(h2_io)?;
         wr.write_all(&data).await?;
         total += data.len() as u64;
+        // A download behind a half-closed request keeps its worker counted as busy.
+        crate::workers::sent_to_client(data.len());
         let _ = recv.flow_control().release_capacity(data.len());
     }
     wr.shutdown().await?;
@@ -137,6 +139,60 @@ pub async fn copy(tcp: &mut TcpStream, tunnel: Tunnel, buffer: usize) -> io::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workers::{DOWNLOAD_AFTER_CLOSE, Workers, until};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A relay on a data-path worker: once the app half-closes, its connection stops counting
+    /// toward the worker's load; once more than [`DOWNLOAD_AFTER_CLOSE`] bytes went back to
+    /// the app (a download), it counts again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_download_behind_a_half_close_counts_toward_the_workers_load() {
+        let workers = Arc::new(Workers::start(1, Duration::ZERO).unwrap());
+        // The destination's side of an HBONE stream over an in-memory HTTP/2 connection.
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let (go_tx, go) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let mut send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            let mut body = req.into_body();
+            while let Some(d) = body.data().await {
+                let _ = body.flow_control().release_capacity(d.unwrap().len());
+            }
+            let _ = go.await;
+            // Sent without END_STREAM: the relay stays open to be looked at.
+            let download = vec![7u8; DOWNLOAD_AFTER_CLOSE + 1];
+            send.send_data(Bytes::from(download), false).unwrap();
+            std::future::pending::<()>().await;
+        });
+        let (mut h2, conn) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(conn);
+        let connect = http::Request::connect("10.0.0.1:80").body(()).unwrap();
+        let (answer, send) = h2.send_request(connect, false).unwrap();
+        let recv = answer.await.unwrap().into_body();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        workers.run(tcp, move |mut tcp| async move {
+            let _ = copy(&mut tcp, Tunnel { send, recv }, 64 << 10).await;
+        });
+        let load_is = async |what: &str, n: usize| until(what, || workers.load_of(0) == n).await;
+        load_is("an open connection counts", 1).await;
+        app.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        app.shutdown().await.unwrap();
+        load_is("a half-closed one does not", 0).await;
+        go_tx.send(()).unwrap();
+        let mut got = vec![0u8; DOWNLOAD_AFTER_CLOSE + 1];
+        app.read_exact(&mut got).await.unwrap();
+        load_is("a download behind the half-close counts again", 1).await;
+    }
 
     #[test]
     fn bulk_frames_fill_whole_tls_records() {
