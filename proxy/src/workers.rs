@@ -9,11 +9,12 @@
 //! more loaded than the others, else goes to the least loaded ([`Workers::place`]: a
 //! sequential client's next connection finds the thread it just used awake, concurrent
 //! connections spread; a connection whose client half-closed stops counting, [`closing`],
-//! unless it goes on to download, [`sent_to_client`]). Everything it spawns (the HBONE connection it opens, an inbound
-//! connection's streams) runs on that same worker, and the HBONE client pool keeps separate
-//! connections per worker ([`current`]), so a chunk crosses no thread boundary between the
-//! app's socket and the TLS socket. Concurrent connections are spread over the workers, so
-//! several connections still use every core; one connection uses one.
+//! unless it goes on to download, [`sent_to_client`]). Everything it spawns (the HBONE
+//! connection it opens, an inbound connection's streams) runs on that same worker, and the
+//! HBONE client pool keeps separate connections per worker ([`current`]), so a chunk
+//! crosses no thread boundary between the app's socket and the TLS socket. Concurrent
+//! connections are spread over the workers, so several connections still use every core;
+//! one connection uses one.
 //!
 //! A pod's listeners are spread over the workers too (their accept loops are never held up by
 //! the control plane); the control plane stays on the agent's main runtime.
@@ -37,6 +38,7 @@ use ambit_common::sys;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use tokio::net::TcpStream;
@@ -72,6 +74,11 @@ struct PollLabels {
 
 const OUTCOMES: [&str; 2] = ["event", "slept"];
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    worker: String,
+}
+
 /// Tells the `Workers` of one process apart (tests run several).
 static IDS: AtomicUsize = AtomicUsize::new(0);
 
@@ -88,8 +95,10 @@ pub struct Workers {
     next: AtomicUsize,
     stop: CancellationToken,
     polls: Family<PollLabels, Counter>,
-    /// Per worker, the connections placed on it that are not closing (see [`closing`]).
-    load: Arc<[AtomicUsize]>,
+    /// Per worker, the connections placed on it that are not closing (see [`closing`]); also
+    /// `ambit_worker_connections`.
+    load: Arc<[Gauge]>,
+    connections: Family<WorkerLabels, Gauge>,
 }
 
 tokio::task_local! {
@@ -100,7 +109,7 @@ tokio::task_local! {
 
 /// One connection's share of its worker's load; given back when dropped.
 struct Load {
-    load: Arc<[AtomicUsize]>,
+    load: Arc<[Gauge]>,
     worker: usize,
     /// Counted in `load` now (not from [`closing`] until [`sent_to_client`] sees a download).
     counted: bool,
@@ -109,8 +118,8 @@ struct Load {
 }
 
 impl Load {
-    fn new(load: Arc<[AtomicUsize]>, worker: usize) -> Self {
-        load[worker].fetch_add(1, Ordering::Relaxed);
+    fn new(load: Arc<[Gauge]>, worker: usize) -> Self {
+        load[worker].inc();
         Self {
             load,
             worker,
@@ -124,9 +133,9 @@ impl Load {
             return;
         }
         if counted {
-            self.load[self.worker].fetch_add(1, Ordering::Relaxed);
+            self.load[self.worker].inc();
         } else {
-            self.load[self.worker].fetch_sub(1, Ordering::Relaxed);
+            self.load[self.worker].dec();
         }
     }
 }
@@ -177,6 +186,7 @@ impl Workers {
         let stop = CancellationToken::new();
         let id = IDS.fetch_add(1, Ordering::Relaxed);
         let polls = Family::<PollLabels, Counter>::default();
+        let connections = Family::<WorkerLabels, Gauge>::default();
         let mut handles = Vec::with_capacity(n);
         for i in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -225,7 +235,13 @@ impl Workers {
             next: AtomicUsize::new(0),
             stop,
             polls,
-            load: (0..n.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+            load: (0..n.max(1))
+                .map(|i| {
+                    let worker = i.to_string();
+                    connections.get_or_create(&WorkerLabels { worker }).clone()
+                })
+                .collect(),
+            connections,
         })
     }
 
@@ -236,12 +252,17 @@ impl Workers {
             "Times a data-path worker ran out of work and polled before sleeping, by outcome: event (one came while it polled, so it did not sleep), slept (none came within --worker-spin-us)",
             self.polls.clone(),
         );
+        r.register(
+            "ambit_worker_connections",
+            "Connections on a data-path worker that count toward its load when a new connection is placed: open, except those whose client has half-closed and that only finish (one that goes on to download counts)",
+            self.connections.clone(),
+        );
     }
 
     /// How many connections count toward `worker`'s load now.
     #[cfg(test)]
     pub(crate) fn load_of(&self, worker: usize) -> usize {
-        self.load[worker].load(Ordering::Relaxed)
+        self.load[worker].get() as usize
     }
 
     /// The next worker in turn.
@@ -263,7 +284,7 @@ impl Workers {
     /// than any other (no hand-off, and the thread is awake), else the least loaded, ties
     /// going to the workers in turn; and whether that is the calling worker.
     fn place(&self) -> (usize, bool) {
-        let load = |j: usize| self.load[j].load(Ordering::Relaxed);
+        let load = |j: usize| self.load[j].get();
         let n = self.handles.len();
         let start = self.next();
         let least = (0..n)
@@ -402,7 +423,7 @@ mod tests {
             assert_eq!(&b, b"x", "the connection works on its worker");
             // Placement follows the load: the next connection is placed once this one has
             // ended and given its load back (its worker may still be finishing it).
-            let idle = || workers.load.iter().all(|l| l.load(Ordering::Relaxed) == 0);
+            let idle = || workers.load.iter().all(|l| l.get() == 0);
             until("the connection's load given back", idle).await;
         }
         drop(tx);

@@ -192,6 +192,15 @@ mod tests {
         let mut got = vec![0u8; DOWNLOAD_AFTER_CLOSE + 1];
         app.read_exact(&mut got).await.unwrap();
         load_is("a download behind the half-close counts again", 1).await;
+        // Operators see the same load.
+        let mut registry = prometheus_client::registry::Registry::default();
+        workers.register_metrics(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("ambit_worker_connections{worker=\"0\"} 1\n"),
+            "{text}"
+        );
     }
 
     #[test]
