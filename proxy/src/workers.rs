@@ -103,7 +103,7 @@ pub struct Workers {
 
 tokio::task_local! {
     /// The load a connection placed by [`Workers::run`] adds to its worker, until the
-    /// connection ends or [`closing`] gives it back.
+    /// connection ends or [`closing`] gives it back (and [`sent_to_client`] takes it again).
     static LOAD: RefCell<Load>;
 }
 
