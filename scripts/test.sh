@@ -29,8 +29,18 @@ fi
 # promtool checks the agent's /metrics (the exporter it recommends is not needed).
 if ! command -v promtool >/dev/null 2>&1; then
   [ "$need_apt" = 1 ] || apt-get update -q
+  need_apt=1
   apt-get install -y -q --no-install-recommends prometheus
 fi
+# The kernel TLS spike's check (bench/tests/smoke.rs) boots Debian's kernel in an emulated
+# guest (bench/ktls-guest.sh, which downloads the kernel package: the lists must be fresh).
+[ "$need_apt" = 1 ] || apt-get update -q
+for bin in qemu-system-x86_64 depmod cpio; do
+  if ! command -v "$bin" >/dev/null 2>&1; then
+    apt-get install -y -q --no-install-recommends qemu-system-x86 kmod cpio
+    break
+  fi
+done
 
 # tests/tests/deploy.rs installs kubernetes-validate from PyPI under target/ (pip --target);
 # Debian's python3 marks itself externally managed, which does not concern --target installs.

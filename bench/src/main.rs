@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 mod cross;
+mod ktls;
 mod pods;
 mod services;
 mod sockmap;
@@ -98,6 +99,12 @@ struct Args {
     /// redirection, `--repeat` alternated runs of `--seconds` and `--iterations`; no node.
     #[arg(long)]
     sockmap_spike: bool,
+    /// Only the kernel TLS spike (issue 20): one stream relayed through TLS across a veth pair
+    /// with rustls, with kernel TLS, and with kernel TLS and `splice`, `--repeat` alternated
+    /// runs of `--seconds`; no node. Needs a kernel with `CONFIG_TLS` (`bench/ktls-guest.sh`
+    /// boots one).
+    #[arg(long)]
+    ktls_spike: bool,
     /// A short run that only checks the suite works (CI): tiny durations, one repetition.
     #[arg(long)]
     smoke: bool,
@@ -1315,6 +1322,18 @@ fn main() -> Result<()> {
         }
         if let Some(p) = &args.json {
             std::fs::write(p, serde_json::to_vec_pretty(&sockmap::json(&spike))?)?;
+        }
+        return Ok(());
+    }
+    if args.ktls_spike {
+        let spike = ktls::spike(args.seconds, args.repeat)?;
+        let table = ktls::table(&spike);
+        println!("{table}");
+        if let Some(p) = &args.markdown {
+            std::fs::write(p, &table)?;
+        }
+        if let Some(p) = &args.json {
+            std::fs::write(p, serde_json::to_vec_pretty(&ktls::json(&spike))?)?;
         }
         return Ok(());
     }

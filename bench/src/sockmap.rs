@@ -135,24 +135,6 @@ fn one_run(leg: &Leg, redirect: Option<&Redirect>, seconds: f64, iterations: usi
     })
 }
 
-/// Whether this kernel can put kernel TLS on a socket (the other kernel-side lever of the
-/// spike): `setsockopt(TCP_ULP, "tls")` on an established socket.
-fn ktls(leg: &Leg) -> Result<String> {
-    let (c, _s) = pair(leg, None)?;
-    Ok(
-        match nix::sys::socket::setsockopt(&c, nix::sys::socket::sockopt::TcpUlp::default(), b"tls")
-        {
-            Ok(()) => "kernel TLS: available (TCP_ULP \"tls\" accepted)".to_string(),
-            Err(e) => format!(
-                "kernel TLS: unavailable here, TCP_ULP \"tls\" refused with {e} (tcp_available_ulp: {})",
-                std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
-                    .unwrap_or_default()
-                    .trim()
-            ),
-        },
-    )
-}
-
 /// What the spike measured on one leg.
 pub struct LegRuns {
     pub name: &'static str,
@@ -163,13 +145,12 @@ pub struct LegRuns {
 /// What the spike measured.
 pub struct Spike {
     pub legs: Vec<LegRuns>,
-    pub ktls: String,
 }
 
 /// `repeat` runs of each mode (plain TCP, redirected), alternated, on each kind of same-host
 /// leg, in namespaces of their own: `loopback`, as between an app and the agent's socket in
 /// its pod (one namespace); `veth`, as between the agent's HBONE sockets in two pods of the
-/// node (two namespaces joined by a veth pair). And whether kernel TLS is there to measure.
+/// node (two namespaces joined by a veth pair).
 pub fn spike(seconds: f64, iterations: usize, repeat: usize) -> Result<Spike> {
     let pod = ambit_tests::NsGuard::new(ambit_tests::unique("ambit-spike"))?;
     let (a, b) = (
@@ -207,7 +188,6 @@ pub fn spike(seconds: f64, iterations: usize, repeat: usize) -> Result<Spike> {
             dev: "spk1",
         },
     ];
-    let ktls = ktls(&legs[0])?;
     let redirect = Redirect::new()?;
     let mut out: Vec<LegRuns> = legs
         .iter()
@@ -225,7 +205,7 @@ pub fn spike(seconds: f64, iterations: usize, repeat: usize) -> Result<Spike> {
                 .push(one_run(leg, Some(&redirect), seconds, iterations)?);
         }
     }
-    Ok(Spike { legs: out, ktls })
+    Ok(Spike { legs: out })
 }
 
 /// Every run, as JSON.
@@ -254,10 +234,10 @@ pub fn json(spike: &Spike) -> serde_json::Value {
             (l.name.to_string(), v)
         })
         .collect();
-    serde_json::json!({ "legs": legs, "ktls": spike.ktls })
+    serde_json::json!({ "legs": legs })
 }
 
-/// The spike's table: medians per leg, and redirected ÷ plain; then the kernel TLS probe.
+/// The spike's table: medians per leg, and redirected ÷ plain.
 pub fn table(spike: &Spike) -> String {
     type Row = (&'static str, fn(&Run) -> f64);
     let rows: [Row; 5] = [
@@ -281,8 +261,5 @@ pub fn table(spike: &Spike) -> String {
             ));
         }
     }
-    out.push('\n');
-    out.push_str(&spike.ktls);
-    out.push('\n');
     out
 }
