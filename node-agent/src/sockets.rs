@@ -63,8 +63,9 @@ impl SocketFactory for InPodSockets {
             } else {
                 Domain::IPV6
             };
-            let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-            s.set_nonblocking(true)?;
+            // Non-blocking from the start: `set_nonblocking` after would cost two `fcntl`
+            // calls on every connection.
+            let s = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
             if let Some(src) = source {
                 match src {
                     IpAddr::V4(_) => {
@@ -90,5 +91,33 @@ impl SocketFactory for InPodSockets {
             }
             Ok(TcpSocket::from_std_stream(s.into()))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+
+    use super::*;
+
+    /// A socket to an app is non-blocking as created (the runtime needs it so; it is no
+    /// longer switched after creation), with and without a transparent source address. As
+    /// root (entering a namespace, even one's own, and transparent sockets need it).
+    #[test]
+    fn sockets_to_apps_are_created_non_blocking() {
+        let f = InPodSockets {
+            netns: Arc::new(Netns::current_thread().unwrap()),
+        };
+        let dst: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        for source in [None, Some(IpAddr::from([127, 0, 0, 2]))] {
+            let s = f.upstream(dst, source).unwrap();
+            let flags = OFlag::from_bits_truncate(fcntl(s.as_fd(), FcntlArg::F_GETFL).unwrap());
+            assert!(
+                flags.contains(OFlag::O_NONBLOCK),
+                "source {source:?}: {flags:?}"
+            );
+        }
     }
 }

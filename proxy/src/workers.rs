@@ -224,6 +224,7 @@ impl Workers {
                             Err(e) => warn!("worker {i} sleeps without polling first: {e}"),
                         }
                     }
+                    rt.spawn(anchor_timers());
                     rt.block_on(stop.cancelled());
                     // Dropping the runtime cancels what still runs on it (the process is
                     // ending: the agent drained its connections before).
@@ -363,6 +364,26 @@ fn poll_before_park() {
             std::thread::yield_now();
         }
     });
+}
+
+/// How far ahead a worker always has a timer ([`anchor_timers`]).
+const TIMER_ANCHOR: Duration = Duration::from_secs(1);
+
+/// Keeps a timer at most [`TIMER_ANCHOR`] ahead on the worker's runtime, for as long as it
+/// runs.
+///
+/// Why: tokio's time driver wakes its own thread through the runtime's eventfd whenever a
+/// timer is registered that is due earlier than the wake-up the driver last planned
+/// (`reregister` in tokio's `runtime/time`), and an idle worker plans none. Every new
+/// connection registers one (the CONNECT's answer on the client side, the connect to the app
+/// on the destination side, both `connect_timeout`, 10 s), so every connection cost a `write`
+/// to the worker's own eventfd and an extra turn of its event loop (strace: one per connection
+/// on each agent, ARCHITECTURE.md). With this timer never more than a second away, a timeout
+/// of more than a second is never the earliest. Costs one wake-up a second of an idle worker.
+async fn anchor_timers() {
+    loop {
+        tokio::time::sleep(TIMER_ANCHOR).await;
+    }
 }
 
 impl Drop for Workers {
@@ -642,5 +663,58 @@ mod tests {
                 assert_eq!(b[0], u8::from(!spin.is_zero()), "spin {spin:?}");
             }
         }
+    }
+
+    /// The eventfd through which the calling worker's runtime is woken (the one its epoll
+    /// instance watches), and how many times it has been written.
+    fn runtime_eventfd() -> std::os::fd::RawFd {
+        let epoll = runtime_epoll().unwrap();
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let n = e.file_name().to_str()?.parse().ok()?;
+                let is_eventfd =
+                    std::fs::read_link(e.path()).ok()?.as_os_str() == "anon_inode:[eventfd]";
+                (is_eventfd && sys::epoll_watches(epoll.as_raw_fd(), n)).then_some(n)
+            })
+            .next()
+            .expect("the runtime's eventfd")
+    }
+
+    fn eventfd_count(fd: std::os::fd::RawFd) -> u64 {
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
+        let hex = info
+            .lines()
+            .find_map(|l| l.strip_prefix("eventfd-count:"))
+            .unwrap()
+            .trim();
+        u64::from_str_radix(hex, 16).unwrap()
+    }
+
+    /// A connection's timeout does not wake its worker through the runtime's own eventfd
+    /// ([`anchor_timers`]): a hundred connections' worth of 10 s timeouts, each registered
+    /// after the worker's runtime parked with no other timeout of its own, write it not once.
+    #[tokio::test]
+    async fn a_connections_timeout_does_not_wake_its_worker_through_the_eventfd() {
+        let workers = Workers::start(1, Duration::ZERO).unwrap();
+        let writes = workers.handles[0]
+            .spawn(async {
+                let eventfd = runtime_eventfd();
+                // Settled: the anchor registered, the spawn's own wake-up behind.
+                tokio::task::yield_now().await;
+                let before = eventfd_count(eventfd);
+                for _ in 0..100 {
+                    // As a connection: a 10 s timeout around something pending once...
+                    let pending_once = tokio::task::yield_now();
+                    let _ = tokio::time::timeout(Duration::from_secs(10), pending_once).await;
+                    // ...then the runtime parks (without sleeping) with that timeout gone.
+                    tokio::task::yield_now().await;
+                }
+                eventfd_count(eventfd) - before
+            })
+            .await
+            .unwrap();
+        assert_eq!(writes, 0, "writes to the worker's eventfd");
     }
 }
