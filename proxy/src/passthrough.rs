@@ -72,7 +72,7 @@ pub async fn serve(
 
 async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared: Arc<PodShared>) {
     let pod = &shared.ctx;
-    let dst = match original_dst(&client) {
+    let dst = match original_dst(&client, peer) {
         Ok(d) => d,
         Err(e) => {
             debug!(%peer, dir = dir.as_str(), "no original destination ({e}); closing");

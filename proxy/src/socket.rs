@@ -38,11 +38,12 @@ pub fn limit_receive_buffer(sock: SockRef<'_>, bytes: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// The destination a connection had before REDIRECT rewrote it.
-pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+/// The destination a connection had before REDIRECT rewrote it; `peer` is its source as
+/// `accept` gave it (which family to ask for; taken from the caller, not `getpeername`, which
+/// would be one more system call per connection).
+pub fn original_dst(stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAddr> {
     let sock = SockRef::from(stream);
-    let peer = canonical(stream.peer_addr()?);
-    let addr = if peer.is_ipv4() {
+    let addr = if canonical(peer).is_ipv4() {
         sock.original_dst_v4()?
     } else {
         sock.original_dst_v6()?
