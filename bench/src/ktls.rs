@@ -22,7 +22,7 @@
 //! `server_config`, the suites it negotiates: AES-256-GCM first).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -178,14 +178,38 @@ fn pair(from: &Netns, listener: &TcpListener) -> Result<(TcpStream, TcpStream)> 
     Ok((c, s))
 }
 
-/// Relay A in user space: app bytes in, records sealed by rustls out; returns the thread's
-/// CPU and switches.
+/// Runs `relay` on a thread of its own; the thread's CPU seconds and context switches.
+fn spawn_measured(relay: impl FnOnce() -> Result<()> + Send + 'static) -> Relay {
+    std::thread::spawn(move || {
+        let u0 = thread_usage()?;
+        relay()?;
+        let u1 = thread_usage()?;
+        Ok((u1.0 - u0.0, u1.1 - u0.1))
+    })
+}
+
+type Relay = std::thread::JoinHandle<Result<(f64, u64)>>;
+
+/// Copies `from` to `to` with reads of up to `buf` bytes until `from` ends, then ends `to`.
+fn pump(from: &mut TcpStream, to: &mut TcpStream, buf: usize) -> Result<()> {
+    let mut buf = vec![0u8; buf];
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        to.write_all(&buf[..n])?;
+    }
+    to.shutdown(std::net::Shutdown::Write)?;
+    Ok(())
+}
+
+/// Relay A in user space: app bytes in, records sealed by rustls out.
 fn relay_a_rustls(
     mut app: TcpStream,
     mut tls: TcpStream,
     mut conn: ClientConnection,
-) -> Result<(f64, u64)> {
-    let u0 = thread_usage()?;
+) -> Result<()> {
     // A multiple of the 16 KiB record, as the agent's relay reads.
     let mut buf = vec![0u8; 64 << 10];
     loop {
@@ -201,8 +225,7 @@ fn relay_a_rustls(
     // No close_notify: a kernel-TLS reader would see an alert record where it expects data;
     // both readers end at the TCP end of stream.
     tls.shutdown(std::net::Shutdown::Write)?;
-    let u1 = thread_usage()?;
-    Ok((u1.0 - u0.0, u1.1 - u0.1))
+    Ok(())
 }
 
 /// Relay B in user space: records in, opened by rustls, app bytes out.
@@ -210,8 +233,7 @@ fn relay_b_rustls(
     mut tls: TcpStream,
     mut app: TcpStream,
     mut conn: ServerConnection,
-) -> Result<(f64, u64)> {
-    let u0 = thread_usage()?;
+) -> Result<()> {
     let mut buf = vec![0u8; 64 << 10];
     'outer: loop {
         if conn.read_tls(&mut tls)? == 0 {
@@ -229,71 +251,49 @@ fn relay_b_rustls(
         }
     }
     app.shutdown(std::net::Shutdown::Write)?;
-    let u1 = thread_usage()?;
-    Ok((u1.0 - u0.0, u1.1 - u0.1))
+    Ok(())
 }
 
 /// Relay A with kernel TLS: app bytes in, plaintext written to the TLS socket (or spliced).
-fn relay_a_kernel(mut app: TcpStream, mut tls: TcpStream, splice: bool) -> Result<(f64, u64)> {
+fn relay_a_kernel(mut app: TcpStream, mut tls: TcpStream, splice: bool) -> Result<()> {
     use nix::fcntl::{SpliceFFlags, splice as splice2};
-    let u0 = thread_usage()?;
-    if splice {
-        let (r, w) = nix::unistd::pipe()?;
-        loop {
-            let n = splice2(
-                app.as_fd(),
-                None,
-                w.as_fd(),
-                None,
-                64 << 10,
-                SpliceFFlags::SPLICE_F_MOVE,
-            )?;
-            if n == 0 {
-                break;
-            }
-            let mut left = n;
-            while left > 0 {
-                left -= splice2(
-                    r.as_fd(),
-                    None,
-                    tls.as_fd(),
-                    None,
-                    left,
-                    SpliceFFlags::SPLICE_F_MOVE,
-                )?;
-            }
-        }
-    } else {
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            let n = app.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            tls.write_all(&buf[..n])?;
-        }
+    if !splice {
+        return pump(&mut app, &mut tls, 64 << 10);
     }
-    tls.shutdown(std::net::Shutdown::Write)?;
-    let u1 = thread_usage()?;
-    Ok((u1.0 - u0.0, u1.1 - u0.1))
-}
-
-/// Relay B with kernel TLS: plaintext read from the TLS socket, written to the app.
-fn relay_b_kernel(mut tls: TcpStream, mut app: TcpStream) -> Result<(f64, u64)> {
-    let u0 = thread_usage()?;
-    // As large as the agent's largest relay buffer: the kernel fills it with as many
-    // records as are there.
-    let mut buf = vec![0u8; 128 << 10];
+    let (r, w) = nix::unistd::pipe()?;
     loop {
-        let n = tls.read(&mut buf)?;
+        let n = splice2(
+            app.as_fd(),
+            None,
+            w.as_fd(),
+            None,
+            64 << 10,
+            SpliceFFlags::SPLICE_F_MOVE,
+        )?;
         if n == 0 {
             break;
         }
-        app.write_all(&buf[..n])?;
+        let mut left = n;
+        while left > 0 {
+            left -= splice2(
+                r.as_fd(),
+                None,
+                tls.as_fd(),
+                None,
+                left,
+                SpliceFFlags::SPLICE_F_MOVE,
+            )?;
+        }
     }
-    app.shutdown(std::net::Shutdown::Write)?;
-    let u1 = thread_usage()?;
-    Ok((u1.0 - u0.0, u1.1 - u0.1))
+    tls.shutdown(std::net::Shutdown::Write)?;
+    Ok(())
+}
+
+/// Relay B with kernel TLS: plaintext read from the TLS socket (reads as large as the
+/// agent's largest relay buffer: the kernel fills them with as many records as are there),
+/// written to the app.
+fn relay_b_kernel(mut tls: TcpStream, mut app: TcpStream) -> Result<()> {
+    pump(&mut tls, &mut app, 128 << 10)
 }
 
 /// The namespaces and listeners of one spike: app A and relay A in `a`, relay B and app B in
@@ -312,7 +312,6 @@ fn one_run(rig: &Rig, tls: &Tls, mode: &str, seconds: f64) -> Result<Run> {
     let (relay_b_app, app_b) = pair(&rig.b, &rig.app_b)?;
     relay_a_tls.set_nodelay(true)?;
     let (cconn, sconn, relay_b_tls) = tls.handshake(&mut relay_a_tls, relay_b_tls)?;
-    type Relay = std::thread::JoinHandle<Result<(f64, u64)>>;
     let (kernel_a, kernel_b) = match mode {
         "rustls" => (false, false),
         "ktls-tx" => (true, false),
@@ -325,29 +324,21 @@ fn one_run(rig: &Rig, tls: &Tls, mode: &str, seconds: f64) -> Result<Run> {
     #[allow(deprecated)]
     let ra: Relay = if kernel_a {
         to_kernel(&relay_a_tls, cconn.dangerous_extract_secrets()?)?;
-        std::thread::spawn(move || relay_a_kernel(relay_a_app, relay_a_tls, splice))
+        spawn_measured(move || relay_a_kernel(relay_a_app, relay_a_tls, splice))
     } else {
-        std::thread::spawn(move || relay_a_rustls(relay_a_app, relay_a_tls, cconn))
+        spawn_measured(move || relay_a_rustls(relay_a_app, relay_a_tls, cconn))
     };
     #[allow(deprecated)]
     let rb: Relay = if kernel_b {
         to_kernel(&relay_b_tls, sconn.dangerous_extract_secrets()?)?;
-        std::thread::spawn(move || relay_b_kernel(relay_b_tls, relay_b_app))
+        spawn_measured(move || relay_b_kernel(relay_b_tls, relay_b_app))
     } else {
-        std::thread::spawn(move || relay_b_rustls(relay_b_tls, relay_b_app, sconn))
+        spawn_measured(move || relay_b_rustls(relay_b_tls, relay_b_app, sconn))
     };
     let t0 = Instant::now();
     let reader = std::thread::spawn(move || {
         let mut app_b = app_b;
-        let mut buf = vec![0u8; 64 << 10];
-        let mut n = 0u64;
-        while let Ok(k) = app_b.read(&mut buf) {
-            if k == 0 {
-                break;
-            }
-            n += k as u64;
-        }
-        n
+        crate::count_to_eof(&mut app_b, &mut vec![0u8; 64 << 10])
     });
     let mut app_a = app_a;
     let chunk = vec![7u8; 64 << 10];
@@ -401,30 +392,15 @@ pub enum Spike {
 
 /// `repeat` runs of each mode, alternated, of `seconds` each.
 pub fn spike(seconds: f64, repeat: usize) -> Result<Spike> {
-    let (a, b) = (
-        ambit_tests::NsGuard::new(ambit_tests::unique("ambit-ktls-a"))?,
-        ambit_tests::NsGuard::new(ambit_tests::unique("ambit-ktls-b"))?,
-    );
-    // Created in its namespaces directly: the names never exist in the host's.
-    ambit_tests::run_ok(std::process::Command::new("ip").args([
-        "link", "add", "ktl0", "netns", &a.name, "type", "veth", "peer", "name", "ktl1", "netns",
-        &b.name,
-    ]))?;
-    for (ns, dev, addr) in [(&a, "ktl0", "192.0.2.5/30"), (&b, "ktl1", "192.0.2.6/30")] {
-        ns.exec(&["ip", "addr", "add", addr, "dev", dev])?;
-        ns.exec(&["ip", "link", "set", dev, "up"])?;
-        ns.exec(&["ip", "link", "set", "lo", "up"])?;
-    }
-    let listen = |ns: &Netns, addr: &str| -> Result<TcpListener> {
-        let addr: SocketAddr = addr.parse()?;
-        ns.run(|| TcpListener::bind(addr))
-            .map_err(anyhow::Error::msg)?
-            .context("binding the spike's listener")
-    };
+    let (a, b) = crate::veth_pair(
+        "ambit-ktls",
+        ["ktl0", "ktl1"],
+        ["192.0.2.5/30", "192.0.2.6/30"],
+    )?;
     let rig = Rig {
-        app_a: listen(&a.open(), "127.0.0.1:0")?,
-        wire: listen(&b.open(), "192.0.2.6:0")?,
-        app_b: listen(&b.open(), "127.0.0.1:0")?,
+        app_a: crate::listen_in(&a.open(), "127.0.0.1:0")?,
+        wire: crate::listen_in(&b.open(), "192.0.2.6:0")?,
+        app_b: crate::listen_in(&b.open(), "127.0.0.1:0")?,
         a: a.open(),
         b: b.open(),
     };

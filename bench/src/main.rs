@@ -324,6 +324,49 @@ fn bind(ns: &Netns, port: u16) -> Result<TcpListener> {
     .with_context(|| format!("binding :{port}"))
 }
 
+/// Two namespaces named after `tag` joined by a veth pair: `devs[i]` with `addrs[i]` (CIDR)
+/// in the i-th; the spikes' wire.
+fn veth_pair(
+    tag: &str,
+    devs: [&str; 2],
+    addrs: [&str; 2],
+) -> Result<(ambit_tests::NsGuard, ambit_tests::NsGuard)> {
+    let (a, b) = (
+        ambit_tests::NsGuard::new(ambit_tests::unique(&format!("{tag}-a")))?,
+        ambit_tests::NsGuard::new(ambit_tests::unique(&format!("{tag}-b")))?,
+    );
+    // Created in its namespaces directly: the names never exist in the host's.
+    ambit_tests::run_ok(std::process::Command::new("ip").args([
+        "link", "add", devs[0], "netns", &a.name, "type", "veth", "peer", "name", devs[1], "netns",
+        &b.name,
+    ]))?;
+    for (ns, dev, addr) in [(&a, devs[0], addrs[0]), (&b, devs[1], addrs[1])] {
+        ns.exec(&["ip", "addr", "add", addr, "dev", dev])?;
+        ns.exec(&["ip", "link", "set", dev, "up"])?;
+    }
+    Ok((a, b))
+}
+
+/// A listener on `addr` in `ns`.
+fn listen_in(ns: &Netns, addr: &str) -> Result<TcpListener> {
+    let addr: SocketAddr = addr.parse()?;
+    ns.run(|| TcpListener::bind(addr))
+        .map_err(anyhow::Error::msg)?
+        .context("binding a spike's listener")
+}
+
+/// Prints a spike's table and writes it (`--markdown`) and its runs (`--json`).
+fn report_spike(args: &Args, table: &str, json: &Value) -> Result<()> {
+    println!("{table}");
+    if let Some(p) = &args.markdown {
+        std::fs::write(p, table)?;
+    }
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_vec_pretty(json)?)?;
+    }
+    Ok(())
+}
+
 fn connect(ns: &Netns, dst: SocketAddr) -> Result<TcpStream> {
     let s = ns
         .run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(5)))
@@ -342,16 +385,22 @@ fn sink(l: TcpListener, conns: usize, pinned: bool) -> std::thread::JoinHandle<(
         let mut buf = vec![0u8; 256 << 10];
         for _ in 0..conns {
             let Ok((mut c, _)) = l.accept() else { return };
-            let mut n = 0u64;
-            while let Ok(k) = c.read(&mut buf) {
-                if k == 0 {
-                    break;
-                }
-                n += k as u64;
-            }
+            let n = count_to_eof(&mut c, &mut buf);
             let _ = c.write_all(&n.to_be_bytes());
         }
     })
+}
+
+/// Reads `from` into `buf` until its end (or an error); the bytes read.
+fn count_to_eof(from: &mut impl Read, buf: &mut [u8]) -> u64 {
+    let mut n = 0u64;
+    while let Ok(k) = from.read(buf) {
+        if k == 0 {
+            break;
+        }
+        n += k as u64;
+    }
+    n
 }
 
 /// Serves `conns` connections, echoing everything until EOF, one thread per connection.
@@ -1315,27 +1364,11 @@ fn main() -> Result<()> {
     require_root();
     if args.sockmap_spike {
         let spike = sockmap::spike(args.seconds, args.iterations, args.repeat)?;
-        let table = sockmap::table(&spike);
-        println!("{table}");
-        if let Some(p) = &args.markdown {
-            std::fs::write(p, &table)?;
-        }
-        if let Some(p) = &args.json {
-            std::fs::write(p, serde_json::to_vec_pretty(&sockmap::json(&spike))?)?;
-        }
-        return Ok(());
+        return report_spike(&args, &sockmap::table(&spike), &sockmap::json(&spike));
     }
     if args.ktls_spike {
         let spike = ktls::spike(args.seconds, args.repeat)?;
-        let table = ktls::table(&spike);
-        println!("{table}");
-        if let Some(p) = &args.markdown {
-            std::fs::write(p, &table)?;
-        }
-        if let Some(p) = &args.json {
-            std::fs::write(p, serde_json::to_vec_pretty(&ktls::json(&spike))?)?;
-        }
-        return Ok(());
+        return report_spike(&args, &ktls::table(&spike), &ktls::json(&spike));
     }
     if std::env::var("AMBIT_PROFILE").as_deref() != Ok("release") {
         eprintln!(

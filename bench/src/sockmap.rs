@@ -18,10 +18,10 @@
 //! no flow control towards the agent (ARCHITECTURE.md, "The app legs keep TCP, on purpose").
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use ambit_common::netns::Netns;
 use ambit_common::sockmap::Redirect;
@@ -83,17 +83,7 @@ fn one_run(leg: &Leg, redirect: Option<&Redirect>, seconds: f64, iterations: usi
     let dev0 = rx_bytes(&leg.server, leg.dev);
     let (cpu0, cs0) = (crate::cpu_seconds(pid), crate::ctx_switches(pid));
     let t0 = Instant::now();
-    let reader = std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 << 10];
-        let mut n = 0u64;
-        while let Ok(k) = s.read(&mut buf) {
-            if k == 0 {
-                break;
-            }
-            n += k as u64;
-        }
-        n
-    });
+    let reader = std::thread::spawn(move || crate::count_to_eof(&mut s, &mut vec![0u8; 64 << 10]));
     let chunk = vec![7u8; 64 << 10];
     let until = t0 + Duration::from_secs_f64(seconds);
     while Instant::now() < until {
@@ -153,38 +143,24 @@ pub struct Spike {
 /// node (two namespaces joined by a veth pair).
 pub fn spike(seconds: f64, iterations: usize, repeat: usize) -> Result<Spike> {
     let pod = ambit_tests::NsGuard::new(ambit_tests::unique("ambit-spike"))?;
-    let (a, b) = (
-        ambit_tests::NsGuard::new(ambit_tests::unique("ambit-spike-a"))?,
-        ambit_tests::NsGuard::new(ambit_tests::unique("ambit-spike-b"))?,
-    );
-    // Created in its namespaces directly: the names never exist in the host's.
-    ambit_tests::run_ok(std::process::Command::new("ip").args([
-        "link", "add", "spk0", "netns", &a.name, "type", "veth", "peer", "name", "spk1", "netns",
-        &b.name,
-    ]))?;
-    for (ns, dev, addr) in [(&a, "spk0", "192.0.2.1/30"), (&b, "spk1", "192.0.2.2/30")] {
-        ns.exec(&["ip", "addr", "add", addr, "dev", dev])?;
-        ns.exec(&["ip", "link", "set", dev, "up"])?;
-    }
-    let listen = |ns: &Netns, addr: &str| -> Result<TcpListener> {
-        let addr: SocketAddr = addr.parse()?;
-        ns.run(|| TcpListener::bind(addr))
-            .map_err(anyhow::Error::msg)?
-            .context("binding the spike's listener")
-    };
+    let (a, b) = crate::veth_pair(
+        "ambit-spike",
+        ["spk0", "spk1"],
+        ["192.0.2.1/30", "192.0.2.2/30"],
+    )?;
     let legs = [
         Leg {
             name: "loopback",
             client: pod.open(),
             server: pod.open(),
-            listener: listen(&pod.open(), "127.0.0.1:0")?,
+            listener: crate::listen_in(&pod.open(), "127.0.0.1:0")?,
             dev: "lo",
         },
         Leg {
             name: "veth",
             client: a.open(),
             server: b.open(),
-            listener: listen(&b.open(), "192.0.2.2:0")?,
+            listener: crate::listen_in(&b.open(), "192.0.2.2:0")?,
             dev: "spk1",
         },
     ];
