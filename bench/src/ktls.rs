@@ -8,15 +8,20 @@
 //! gives plaintext back on `read`, as many records per call as the buffer holds; with `splice`
 //! the sender's bytes go from the app's socket to the TLS socket without entering user space.
 //!
+//! On the machines this project runs on the kernel has no `CONFIG_TLS`; `bench/ktls-guest.sh`
+//! runs the spike in a guest booted from a kernel that has it.
+//!
 //! This measures, on one stream and alternated in the same run, the two relays of a
 //! cross-node connection, modelled without HTTP/2 (the framing is the same in every mode):
 //! app A → (loopback) → relay A → TLS over a veth pair between two namespaces → relay B →
-//! (loopback) → app B. Modes: `rustls` (as the agent does it now: blocking sockets, rustls's
-//! buffered connection), `ktls` (the rustls handshake, then the keys given to the kernel with
-//! `TLS_TX` / `TLS_RX`; relays `read` and `write` plaintext), `ktls-splice` (as `ktls`, relay A
-//! moves the bytes from app A's socket to the TLS socket with `splice` through a pipe). Figures:
-//! throughput, and CPU and context switches of the two relay threads (`getrusage` per thread:
-//! the apps' own costs are the same in every mode and left out) per GB.
+//! (loopback) → app B. Modes ([`MODES`]): `rustls` (as the agent does it now: blocking
+//! sockets, rustls's buffered connection), `ktls` (the rustls handshake, then the keys given to
+//! the kernel with `TLS_TX` / `TLS_RX`; relays `read` and `write` plaintext), `ktls-tx` and
+//! `ktls-rx` (only relay A's or only relay B's side in the kernel, the other in rustls),
+//! `ktls-splice` (as `ktls`, relay A moves the bytes from app A's socket to the TLS socket with
+//! `splice` through a pipe). Figures: throughput, and CPU and context switches of the two
+//! relay threads (`getrusage` per thread: the apps' own costs are the same in every mode and
+//! left out) per GB.
 //!
 //! The certificates and TLS configurations are the agent's own (`tls::client_config` and
 //! `server_config`, the suites it negotiates: AES-256-GCM first).

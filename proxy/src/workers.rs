@@ -666,7 +666,7 @@ mod tests {
     }
 
     /// The eventfd through which the calling worker's runtime is woken (the one its epoll
-    /// instance watches), and how many times it has been written.
+    /// instance watches).
     fn runtime_eventfd() -> std::os::fd::RawFd {
         let epoll = runtime_epoll().unwrap();
         std::fs::read_dir("/proc/self/fd")
@@ -682,6 +682,8 @@ mod tests {
             .expect("the runtime's eventfd")
     }
 
+    /// How many times eventfd `fd` has been written: its counter, which tokio's waker never
+    /// reads back (edge-triggered, it needs no reset).
     fn eventfd_count(fd: std::os::fd::RawFd) -> u64 {
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
         let hex = info
