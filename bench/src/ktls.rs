@@ -28,13 +28,11 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use nix::sys::resource::{UsageWho, getrusage};
-use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::socket::sockopt;
 use rustls::{ClientConnection, ConnectionTrafficSecrets, ServerConnection};
 
 use ambit_common::netns::Netns;
@@ -54,16 +52,6 @@ pub struct Run {
     pub cpu_per_gb: f64,
     /// Their voluntary and involuntary context switches per GB.
     pub switches_per_gb: f64,
-}
-
-/// CPU seconds and context switches of the calling thread so far.
-fn thread_usage() -> Result<(f64, u64)> {
-    let u = getrusage(UsageWho::RUSAGE_THREAD)?;
-    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-    Ok((
-        secs(u.user_time()) + secs(u.system_time()),
-        (u.voluntary_context_switches() + u.involuntary_context_switches()) as u64,
-    ))
 }
 
 /// The kernel's description of one direction's key: TLS 1.3 with the suite rustls negotiated,
@@ -100,20 +88,12 @@ fn crypto_info(seq: u64, secrets: ConnectionTrafficSecrets) -> Result<sockopt::T
 
 /// Hands an established connection's keys to the kernel (both directions).
 fn to_kernel(sock: &TcpStream, secrets: rustls::ExtractedSecrets) -> Result<()> {
-    setsockopt(sock, sockopt::TcpUlp::default(), b"tls").context("TCP_ULP \"tls\"")?;
-    setsockopt(
-        sock,
-        sockopt::TcpTlsTx,
-        &crypto_info(secrets.tx.0, secrets.tx.1)?,
-    )
-    .context("TLS_TX")?;
-    setsockopt(
-        sock,
-        sockopt::TcpTlsRx,
-        &crypto_info(secrets.rx.0, secrets.rx.1)?,
-    )
-    .context("TLS_RX")?;
-    Ok(())
+    crate::sys::tls_ulp(sock).context("TCP_ULP \"tls\"")?;
+    let (tx, rx) = (
+        crypto_info(secrets.tx.0, secrets.tx.1)?,
+        crypto_info(secrets.rx.0, secrets.rx.1)?,
+    );
+    crate::sys::tls_keys(sock, &tx, &rx).map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))
 }
 
 /// The two sides of one TLS connection, with the agent's configurations.
@@ -186,9 +166,9 @@ fn pair(from: &Netns, listener: &TcpListener) -> Result<(TcpStream, TcpStream)> 
 /// Runs `relay` on a thread of its own; the thread's CPU seconds and context switches.
 fn spawn_measured(relay: impl FnOnce() -> Result<()> + Send + 'static) -> Relay {
     std::thread::spawn(move || {
-        let u0 = thread_usage()?;
+        let u0 = crate::sys::thread_usage()?;
         relay()?;
-        let u1 = thread_usage()?;
+        let u1 = crate::sys::thread_usage()?;
         Ok((u1.0 - u0.0, u1.1 - u0.1))
     })
 }
@@ -261,35 +241,11 @@ fn relay_b_rustls(
 
 /// Relay A with kernel TLS: app bytes in, plaintext written to the TLS socket (or spliced).
 fn relay_a_kernel(mut app: TcpStream, mut tls: TcpStream, splice: bool) -> Result<()> {
-    use nix::fcntl::{SpliceFFlags, splice as splice2};
     if !splice {
         return pump(&mut app, &mut tls, 64 << 10);
     }
-    let (r, w) = nix::unistd::pipe()?;
-    loop {
-        let n = splice2(
-            app.as_fd(),
-            None,
-            w.as_fd(),
-            None,
-            64 << 10,
-            SpliceFFlags::SPLICE_F_MOVE,
-        )?;
-        if n == 0 {
-            break;
-        }
-        let mut left = n;
-        while left > 0 {
-            left -= splice2(
-                r.as_fd(),
-                None,
-                tls.as_fd(),
-                None,
-                left,
-                SpliceFFlags::SPLICE_F_MOVE,
-            )?;
-        }
-    }
+    let (r, w) = crate::sys::pipe()?;
+    while crate::sys::splice_through(&app, (&r, &w), &tls, 64 << 10)? > 0 {}
     tls.shutdown(std::net::Shutdown::Write)?;
     Ok(())
 }
@@ -315,7 +271,6 @@ fn one_run(rig: &Rig, tls: &Tls, mode: &str, seconds: f64) -> Result<Run> {
     let (app_a, relay_a_app) = pair(&rig.a, &rig.app_a)?;
     let (mut relay_a_tls, relay_b_tls) = pair(&rig.a, &rig.wire)?;
     let (relay_b_app, app_b) = pair(&rig.b, &rig.app_b)?;
-    relay_a_tls.set_nodelay(true)?;
     let (cconn, sconn, relay_b_tls) = tls.handshake(&mut relay_a_tls, relay_b_tls)?;
     let (kernel_a, kernel_b) = match mode {
         "rustls" => (false, false),
@@ -417,7 +372,7 @@ pub fn spike(seconds: f64, repeat: usize) -> Result<Spike> {
     {
         let (mut c, s) = pair(&rig.a, &rig.wire)?;
         let (_, _, _s) = tls.handshake(&mut c, s)?;
-        if let Err(e) = setsockopt(&c, sockopt::TcpUlp::default(), b"tls") {
+        if let Err(e) = crate::sys::tls_ulp(&c) {
             return Ok(Spike::Unavailable(format!(
                 "kernel TLS: unavailable here, TCP_ULP \"tls\" refused with {e} (tcp_available_ulp: {})",
                 std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")

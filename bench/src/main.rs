@@ -29,6 +29,7 @@ mod ktls;
 mod pods;
 mod services;
 mod sockmap;
+mod sys;
 
 use ambit_common::netns::Netns;
 use ambit_tests::{Node, require_root};
@@ -263,13 +264,6 @@ fn uncapture(pods: &[&ambit_tests::Pod]) -> Result<()> {
     Ok(())
 }
 
-/// Pins the calling thread to CPU 0.
-fn pin_thread() {
-    let mut set = nix::sched::CpuSet::new();
-    let _ = set.set(0);
-    let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
-}
-
 /// How the progress lines name a variant: nothing, or that every process ran on CPU 0.
 fn pinned_tag(pinned: bool) -> &'static str {
     if pinned { ", pinned to CPU 0" } else { "" }
@@ -380,7 +374,7 @@ fn connect(ns: &Netns, dst: SocketAddr) -> Result<TcpStream> {
 fn sink(l: TcpListener, conns: usize, pinned: bool) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         if pinned {
-            pin_thread();
+            sys::pin_thread();
         }
         let mut buf = vec![0u8; 256 << 10];
         for _ in 0..conns {
@@ -407,14 +401,14 @@ fn count_to_eof(from: &mut impl Read, buf: &mut [u8]) -> u64 {
 fn echo(l: TcpListener, conns: usize, pinned: bool) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         if pinned {
-            pin_thread();
+            sys::pin_thread();
         }
         for _ in 0..conns {
             let Ok((mut c, _)) = l.accept() else { return };
             let _ = c.set_nodelay(true);
             std::thread::spawn(move || {
                 if pinned {
-                    pin_thread();
+                    sys::pin_thread();
                 }
                 let mut buf = vec![0u8; 64 << 10];
                 while let Ok(k) = c.read(&mut buf) {
@@ -470,7 +464,7 @@ fn throughput_many(
     listener.set_nonblocking(true)?;
     let sink = std::thread::spawn(move || -> Result<u64> {
         if pinned {
-            pin_thread();
+            sys::pin_thread();
         }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -762,7 +756,7 @@ fn runs(
     std::thread::scope(|s| {
         s.spawn(|| {
             if pinned {
-                pin_thread();
+                sys::pin_thread();
             }
             (0..args.repeat)
                 .map(|i| {
