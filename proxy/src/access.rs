@@ -6,14 +6,13 @@
 //! fields (`src.identity`, `dst.identity`, `dst.service`, `dst.vip`) are absent when they do
 //! not apply; every other field is on every line.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::context::PodContext;
 use crate::identity::Identity;
-use crate::metrics::{ProxyMetrics, TrafficLabels};
+use crate::metrics::{PodSeries, ProxyMetrics, TrafficLabels, TrafficSeries};
 use crate::service::ServiceName;
 
 /// How a connection ended; each has its own message.
@@ -73,7 +72,7 @@ pub struct ConnRecord<'a> {
     dst_vip: Option<SocketAddr>,
     pod: &'a PodContext,
     start: Instant,
-    counted: Option<(&'a ProxyMetrics, TrafficLabels)>,
+    counted: Option<TrafficSeries>,
     ended: bool,
 }
 
@@ -144,20 +143,17 @@ impl<'a> ConnRecord<'a> {
         self
     }
 
-    /// Counts the connection as opened under `labels`; `series` remembers the label set so
-    /// the pod's series can be removed with it.
+    /// Counts the connection as opened under `labels`; `series` is the pod's, which keeps the
+    /// label set's counters so they are removed with the pod ([`ProxyMetrics::series`]).
     pub fn count(
         &mut self,
-        metrics: &'a ProxyMetrics,
+        metrics: &ProxyMetrics,
         labels: TrafficLabels,
-        series: &Mutex<HashSet<TrafficLabels>>,
+        series: &Mutex<PodSeries>,
     ) {
-        metrics.opened.get_or_create(&labels).inc();
-        series
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(labels.clone());
-        self.counted = Some((metrics, labels));
+        let s = metrics.series(labels, series);
+        s.opened.inc();
+        self.counted = Some(s);
     }
 
     /// Counts the connection as closed (if counted) and writes its access line.
@@ -173,11 +169,11 @@ impl<'a> ConnRecord<'a> {
             End::Complete { sent, recv, error } => (*sent, *recv, error.as_deref().unwrap_or("")),
             End::Failed(e) | End::Refused(e) => (0, 0, e.as_str()),
         };
-        if let Some((m, labels)) = &self.counted {
+        if let Some(s) = &self.counted {
             // Istio's meaning: `received` is source → destination (what `sent` is here).
-            m.closed.get_or_create(labels).inc();
-            m.received_bytes.get_or_create(labels).inc_by(sent);
-            m.sent_bytes.get_or_create(labels).inc_by(recv);
+            s.closed.inc();
+            s.received_bytes.inc_by(sent);
+            s.sent_bytes.inc_by(recv);
         }
         tracing::info!(target: "access",
             direction = self.direction,
@@ -274,7 +270,7 @@ mod tests {
     fn every_end_writes_one_line_with_the_fixed_fields_and_counts_a_counted_connection_once() {
         let pod = pod();
         let metrics = ProxyMetrics::default();
-        let series = Mutex::new(HashSet::new());
+        let series = Mutex::new(PodSeries::default());
         let src: SocketAddr = "10.0.0.5:40000".parse().unwrap();
         let to: SocketAddr = "10.0.1.7:9080".parse().unwrap();
         let labels = TrafficLabels::new("source", &Peer::unknown(), &Peer::unknown(), true, "-");
@@ -322,5 +318,69 @@ mod tests {
         assert_eq!(metrics.received_bytes.get_or_create(&labels).get(), 5);
         assert_eq!(metrics.sent_bytes.get_or_create(&labels).get(), 7);
         assert_eq!(series.lock().unwrap().len(), 1);
+    }
+
+    /// The series a registry exports, as text.
+    fn exported(metrics: &ProxyMetrics) -> String {
+        let mut r = prometheus_client::registry::Registry::default();
+        metrics.register(&mut r);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &r).unwrap();
+        out
+    }
+
+    /// A connection still open when its pod is released ends after the pod's series were
+    /// removed: it is logged, but no series comes back (it would be exported for a pod that
+    /// is gone, and never removed). Other pods' series stay.
+    #[test]
+    fn a_connection_ending_after_its_pod_was_released_brings_no_series_back() {
+        let pod = pod();
+        let metrics = ProxyMetrics::default();
+        let (gone, stays) = (
+            Mutex::new(PodSeries::default()),
+            Mutex::new(PodSeries::default()),
+        );
+        let src: SocketAddr = "10.0.0.5:40000".parse().unwrap();
+        let peer = |w: &str| Peer {
+            workload: w.into(),
+            ..Peer::unknown()
+        };
+        let labels = |w: &str| TrafficLabels::new("source", &peer(w), &Peer::unknown(), true, "-");
+        let out = lines(|| {
+            let mut open = ConnRecord::new(&pod, "outbound", "hbone", src);
+            open.count(&metrics, labels("leaving"), &gone);
+            let mut other = ConnRecord::new(&pod, "outbound", "hbone", src);
+            other.count(&metrics, labels("staying"), &stays);
+            other.end(End::Complete {
+                sent: 1,
+                recv: 2,
+                error: None,
+            });
+            let before = exported(&metrics);
+            assert!(
+                before.contains("source_workload=\"leaving\"")
+                    && before.contains("source_workload=\"staying\""),
+                "{before}"
+            );
+            // The pod is released (PodProxy's drop), then its connection ends.
+            metrics.forget(&std::mem::take(&mut *gone.lock().unwrap()));
+            open.end(End::Complete {
+                sent: 3,
+                recv: 4,
+                error: None,
+            });
+        });
+        assert_eq!(out.len(), 2, "both connections logged: {out:#?}");
+        let after = exported(&metrics);
+        assert!(
+            !after.contains("source_workload=\"leaving\""),
+            "the released pod's series came back:\n{after}"
+        );
+        assert!(
+            after.contains("istio_tcp_connections_closed_total{")
+                && after.contains("source_workload=\"staying\""),
+            "the other pod's series must stay:\n{after}"
+        );
+        assert!(gone.lock().unwrap().is_empty());
     }
 }

@@ -3,7 +3,7 @@
 //! stop it. A leaf of the pod's modules: [`crate::pod`] creates it, the listeners
 //! ([`crate::passthrough`], [`crate::hbone::server`]) use it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -15,7 +15,7 @@ use crate::authz::{Connection, Decision};
 use crate::hbone;
 use crate::identity::Identity;
 use crate::mesh::Mesh;
-use crate::metrics::{Peer, TrafficLabels, UNKNOWN};
+use crate::metrics::{Peer, PodSeries, UNKNOWN};
 use crate::socket::SocketFactory;
 
 /// Ports that must never be a forwarding destination (loop protection).
@@ -52,7 +52,7 @@ pub struct PodShared {
     live: Mutex<HashMap<u64, (Connection, CancellationToken)>>,
     next_id: AtomicU64,
     /// Metric series this pod reported; removed with the pod.
-    pub series: Mutex<HashSet<TrafficLabels>>,
+    pub series: Mutex<PodSeries>,
     /// Fires when the listeners must stop accepting (drain); connections go on.
     pub accepting: CancellationToken,
     /// Fires when the pod is released: everything stops.
@@ -100,7 +100,7 @@ impl PodShared {
             mesh,
             live: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
-            series: Mutex::new(HashSet::new()),
+            series: Mutex::new(PodSeries::default()),
             accepting: stop.child_token(),
             stopped: stop.clone(),
             active: Default::default(),
