@@ -67,15 +67,13 @@ impl SocketFactory for InPodSockets {
             // calls on every connection.
             let s = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
             if let Some(src) = source {
+                // IP_TRANSPARENT alone lets the socket bind an address that is not the pod's
+                // (the kernel's non-local bind check accepts transparent, free-bind or the
+                // sysctl): IP_FREEBIND beside it, as ztunnel sets, would be one more
+                // `setsockopt` per connection for nothing.
                 match src {
-                    IpAddr::V4(_) => {
-                        s.set_ip_transparent_v4(true)?;
-                        s.set_freebind_v4(true)?;
-                    }
-                    IpAddr::V6(_) => {
-                        s.set_ip_transparent_v6(true)?;
-                        s.set_freebind_v6(true)?;
-                    }
+                    IpAddr::V4(_) => s.set_ip_transparent_v4(true)?,
+                    IpAddr::V6(_) => s.set_ip_transparent_v6(true)?,
                 }
                 // The port is picked at connect time, from the full 4-tuple: a bind to port 0
                 // would reserve a port unique across every socket of the namespace, a search

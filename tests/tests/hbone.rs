@@ -621,6 +621,42 @@ fn a_stream_refused_by_goaway_is_retried_on_a_new_connection() {
     );
 }
 
+/// A request sent with its end ahead of the answer (write, half-close) to an app that reads
+/// to the end before it replies: the destination holds its 200 for the app's reply, and the
+/// client's end, sent before the answer, releases it — the hold never runs out (it would
+/// cost the connection a second). As in the test below, whether the bytes go ahead depends
+/// on the app having written before the answer came back: up to five connections are made
+/// until one has; none in five fails.
+#[test]
+fn a_request_ended_ahead_of_the_answer_releases_the_held_answer() {
+    let _shared = beside_captures();
+    let mut node = Node::new("1.0.0").unwrap();
+    node.start_agent().unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    let server = echo_server(&b.ns.open(), 7320, 5);
+    let dst = SocketAddr::new(b.ip, 7320);
+    let held = |log: &str, why: &str| {
+        log.lines()
+            .filter(|l| l.contains(&format!("200 held until {why}")))
+            .count()
+    };
+    for attempt in 0..5 {
+        let reply = talk(&a.ns.open(), dst, b"ping").unwrap();
+        assert_eq!(reply, format!("peer={};ping", a.ip), "connection {attempt}");
+        let log = node.agent_log();
+        assert_eq!(held(&log, "the hold ran out"), 0, "{log}");
+        if held(&log, "the client's end") > 0 {
+            drop(server);
+            return;
+        }
+    }
+    panic!(
+        "no connection in five sent its request ahead of the answer:\n{}",
+        node.agent_log()
+    );
+}
+
 /// The app's first bytes travel right behind the CONNECT, before its answer (one round trip
 /// less): once accepted, the app gets them exactly once and in order, then the rest.
 ///

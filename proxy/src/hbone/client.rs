@@ -10,7 +10,10 @@
 //! Early data: the app's first bytes go right behind the CONNECT request, without waiting for
 //! the answer, so a client-speaks-first protocol saves one round trip per connection. The
 //! destination holds them until its connection to the app exists and discards them when it
-//! refuses (401, 503): they reach the app only behind a 200, once, in order.
+//! refuses (401, 503): they reach the app only behind a 200, once, in order. An app that
+//! closes its side before the answer ends the stream then, not after the answer: an Ambit
+//! destination holds the 200 until the app's reply (`server::hold_answer`), and the reply of
+//! a request read to its end comes only once that end reached the app.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -248,15 +251,22 @@ impl Pool {
             for b in &early.sent {
                 let _ = stream.send_data(b.clone(), false);
             }
+            if early.done {
+                let _ = stream.send_data(Bytes::new(), true);
+            }
             let mut buf = BytesMut::with_capacity(4 << 10);
             let response = loop {
                 tokio::select! {
                     biased;
                     r = &mut response => break r.map_err(sent)?,
                     n = app.read_buf(&mut buf), if early.wants_more() => match n {
+                        // The app is done sending: so is the stream, before the answer (a
+                        // destination that holds its answer for the app's reply, as Ambit's
+                        // does, must not wait for an end that would only come after it).
                         Ok(0) => {
                             early.done = true;
                             crate::workers::closing();
+                            let _ = stream.send_data(Bytes::new(), true);
                         }
                         // The app's connection failed: the stream is dropped unanswered (a
                         // reset), and the destination resets its app connection in turn.
@@ -290,6 +300,7 @@ impl Pool {
         Ok(Tunnel {
             send: stream,
             recv: response.into_body(),
+            ended: early.done,
         })
     }
 

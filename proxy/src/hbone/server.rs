@@ -330,6 +330,32 @@ async fn stream(
         }
     };
     let _ = upstream.set_nodelay(true);
+    let mut body = req.into_body();
+    let early = match early_data(&mut body) {
+        Ok(Some(first)) => tokio::select! {
+            biased;
+            _ = expired.cancelled() => Ok(0),
+            _ = admitted.revoked.cancelled() => Ok(0),
+            _ = pod.stopped.cancelled() => Ok(0),
+            r = hold_answer(&mut upstream, &mut body, first) => r.map(|(n, why)| {
+                debug!(%peer, %dst, bytes = n, "200 held until {why}");
+                n
+            }),
+        },
+        Ok(None) => Ok(0),
+        Err(e) => Err(e),
+    };
+    let early = match early {
+        Ok(n) => n,
+        Err(e) => {
+            // Writing the early bytes failed (the app reset) or the stream did: both ends go.
+            debug!(%peer, %dst, "HBONE stream failed before 200: {e}");
+            super::abort(&upstream);
+            record.count(metrics, labels("-"), &pod.series);
+            record.end(End::relayed(Err(e)));
+            return;
+        }
+    };
     let ok = Response::builder()
         .status(StatusCode::OK)
         .body(())
@@ -347,7 +373,8 @@ async fn stream(
     let _stream_gauge = GaugeGuard::new(ProxyMetrics::gauge(&metrics.hbone_streams, "inbound"));
     let tunnel = Tunnel {
         send,
-        recv: req.into_body(),
+        recv: body,
+        ended: false,
     };
     // Biased: when the connection is ended for its certificate, the stream's own error (the
     // connection is gone) is the consequence, not the cause.
@@ -369,6 +396,272 @@ async fn stream(
     };
     // The relay counts (upstream → stream, stream → upstream): client to app is the second.
     record.end(End::relayed(
-        result.map(|(to_client, to_app)| (to_app, to_client)),
+        result.map(|(to_client, to_app)| (early + to_app, to_client)),
     ));
+}
+
+/// How long the 200 may wait for the app's first bytes ([`hold_answer`]): well inside the
+/// client's CONNECT timeout (10 s), and never earlier than the timer a data-path worker always
+/// has (`workers::anchor_timers`), so this timer does not wake the worker by itself.
+const ANSWER_HOLD: Duration = Duration::from_secs(1);
+
+/// Early bytes after which the 200 goes at once: half of what an Ambit client sends ahead of
+/// the answer (`client::EARLY_LIMIT`), so a client that has more to send before its server
+/// answers (an upload) never stops to wait for the 200.
+const ANSWER_HOLD_BYTES: u64 = 16 << 10;
+
+/// The client's first bytes if h2 already holds them: a client that sends the app's bytes
+/// ahead of the answer (an Ambit client) has, by the time the app's connection exists (they
+/// come with the request); one that waits for the 200 (ztunnel) has not. Polled once, with
+/// a waker that is never woken (the relay's polls register their own).
+fn early_data(body: &mut h2::RecvStream) -> std::io::Result<Option<Bytes>> {
+    let noop = &mut std::task::Context::from_waker(std::task::Waker::noop());
+    match body.poll_data(noop) {
+        std::task::Poll::Ready(Some(d)) => d.map(Some).map_err(super::stream::h2_io),
+        // Nothing yet, or the client's side already ended (the relay sees that again).
+        std::task::Poll::Ready(None) | std::task::Poll::Pending => Ok(None),
+    }
+}
+
+/// Before the 200, for a client that sent the app's first bytes ahead of the answer
+/// ([`early_data`], `first`): writes them to the app and holds the answer until the app's
+/// first bytes or its end are there to read, the client's side ends, [`ANSWER_HOLD_BYTES`]
+/// went to the app, or [`ANSWER_HOLD`] passed. Returns the bytes written to the app, and
+/// which of these ended the hold.
+///
+/// Why: the 200 then leaves in the same TLS record as the app's reply, instead of a record of
+/// its own that wakes the client's agent for nothing (the client does not wait for it: its
+/// app's bytes already went ahead). Per new connection that is one `writev` here and one
+/// wake-up, `recvfrom` and frame of the client's agent fewer. A client that waits for the
+/// 200 is answered at once.
+async fn hold_answer(
+    upstream: &mut TcpStream,
+    body: &mut h2::RecvStream,
+    first: Bytes,
+) -> std::io::Result<(u64, Released)> {
+    use tokio::io::AsyncWriteExt;
+    let hold = tokio::time::sleep(ANSWER_HOLD);
+    tokio::pin!(hold);
+    let mut chunk = Some(first);
+    let mut written = 0u64;
+    loop {
+        if let Some(d) = chunk.take() {
+            upstream.write_all(&d).await?;
+            written += d.len() as u64;
+            let _ = body.flow_control().release_capacity(d.len());
+        }
+        if written >= ANSWER_HOLD_BYTES {
+            return Ok((written, Released::Bytes));
+        }
+        tokio::select! {
+            biased;
+            // The app's first bytes, or its end (readable too), leave with the answer.
+            r = upstream.readable() => {
+                r?;
+                return Ok((written, Released::Reply));
+            }
+            d = body.data() => match d {
+                Some(d) => chunk = Some(d.map_err(super::stream::h2_io)?),
+                // The client's side ended: the relay sees it again and half-closes the app.
+                None => return Ok((written, Released::ClientEnd)),
+            },
+            _ = &mut hold => return Ok((written, Released::Timeout)),
+        }
+    }
+}
+
+/// What ended [`hold_answer`] (logged at debug).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Released {
+    /// The app's first bytes or its end were there to read.
+    Reply,
+    /// The client ended its side of the stream.
+    ClientEnd,
+    /// [`ANSWER_HOLD_BYTES`] went to the app.
+    Bytes,
+    /// [`ANSWER_HOLD`] passed.
+    Timeout,
+}
+
+impl std::fmt::Display for Released {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Released::Reply => "the app's reply",
+            Released::ClientEnd => "the client's end",
+            Released::Bytes => "enough early bytes",
+            Released::Timeout => "the hold ran out",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// One CONNECT stream over an in-memory HTTP/2 connection: the client's request stream
+    /// (`send`, for its early bytes), the destination's view of it, and a loopback TCP
+    /// connection standing for the destination's connection to its app (`upstream`, `app`).
+    struct Setup {
+        send: h2::SendStream<Bytes>,
+        body: h2::RecvStream,
+        upstream: TcpStream,
+        app: TcpStream,
+    }
+
+    async fn setup(early: &[u8], end: bool) -> Setup {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            let (req, _respond) = conn.accept().await.unwrap().unwrap();
+            tokio::spawn(async move {
+                let _respond = _respond;
+                while conn.accept().await.is_some() {}
+            });
+            req.into_body()
+        });
+        let (h2c, conn) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(conn);
+        let mut h2c = h2c.ready().await.unwrap();
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("10.0.0.1:80")
+            .body(())
+            .unwrap();
+        let (_response, mut send) = h2c.send_request(req, early.is_empty() && end).unwrap();
+        if !early.is_empty() {
+            send.send_data(Bytes::copy_from_slice(early), end).unwrap();
+        }
+        let body = server.await.unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (app, _) = l.accept().await.unwrap();
+        Setup {
+            send,
+            body,
+            upstream,
+            app,
+        }
+    }
+
+    /// Runs [`hold_answer`] on its own task (it owns the app's socket and the stream until it
+    /// returns, and gives them back).
+    fn hold(
+        mut upstream: TcpStream,
+        mut body: h2::RecvStream,
+        first: Bytes,
+    ) -> tokio::task::JoinHandle<(std::io::Result<(u64, Released)>, TcpStream)> {
+        tokio::spawn(async move {
+            let r = hold_answer(&mut upstream, &mut body, first).await;
+            drop(body);
+            (r, upstream)
+        })
+    }
+
+    async fn read_exactly(app: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        tokio::time::timeout(Duration::from_secs(5), app.read_exact(&mut b))
+            .await
+            .expect("the app got nothing within 5 s")
+            .unwrap();
+        b
+    }
+
+    /// Early bytes reach the app before the 200, and so do more of the client's bytes sent
+    /// while it waits; the answer is held while the app is silent and goes as soon as the
+    /// app's reply is there to read (the reply stays for the relay to carry behind the 200).
+    #[tokio::test]
+    async fn the_answer_waits_for_the_apps_reply_while_the_clients_bytes_reach_the_app() {
+        let Setup {
+            mut send,
+            mut body,
+            upstream,
+            mut app,
+        } = setup(b"hello", false).await;
+        let first = body.data().await.unwrap().unwrap();
+        let held = hold(upstream, body, first);
+        assert_eq!(read_exactly(&mut app, 5).await, b"hello");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !held.is_finished(),
+            "the answer went before the app said anything"
+        );
+        send.send_data(Bytes::from_static(b" world"), false)
+            .unwrap();
+        assert_eq!(read_exactly(&mut app, 6).await, b" world");
+        assert!(
+            !held.is_finished(),
+            "the answer went with the client's bytes"
+        );
+        app.write_all(b"reply").await.unwrap();
+        let (r, mut upstream) = tokio::time::timeout(Duration::from_secs(5), held)
+            .await
+            .expect("the app replied: the answer must go")
+            .unwrap();
+        assert_eq!(
+            r.unwrap(),
+            (11, Released::Reply),
+            "bytes written before the answer"
+        );
+        assert_eq!(read_exactly(&mut upstream, 5).await, b"reply");
+    }
+
+    /// The answer is not held past the client's end, past half of an Ambit client's early
+    /// limit (it would then stop to wait for the 200 while the app waits for more), or past
+    /// [`ANSWER_HOLD`] when the app stays silent.
+    #[tokio::test]
+    async fn the_answer_goes_when_the_client_ends_sends_enough_or_the_hold_runs_out() {
+        let limit = Duration::from_secs(5);
+        // The client's side ends with its early bytes.
+        let s = setup(b"bye", true).await;
+        let (mut body, mut app) = (s.body, s.app);
+        let first = body.data().await.unwrap().unwrap();
+        let (r, _) = tokio::time::timeout(limit, hold(s.upstream, body, first))
+            .await
+            .expect("ended client: answer held")
+            .unwrap();
+        assert_eq!(r.unwrap(), (3, Released::ClientEnd));
+        assert_eq!(read_exactly(&mut app, 3).await, b"bye");
+        // More than ANSWER_HOLD_BYTES ahead of the answer (frames of at most 16 KiB).
+        let big = vec![7u8; 20 << 10];
+        let s = setup(&big, false).await;
+        let (mut body, mut app) = (s.body, s.app);
+        let first = body.data().await.unwrap().unwrap();
+        let (r, _) = tokio::time::timeout(limit, hold(s.upstream, body, first))
+            .await
+            .expect("enough early bytes: answer held")
+            .unwrap();
+        let (n, why) = r.unwrap();
+        assert!(n >= ANSWER_HOLD_BYTES, "{n} bytes before the answer");
+        assert_eq!(why, Released::Bytes);
+        assert_eq!(read_exactly(&mut app, n as usize).await, big[..n as usize]);
+        // A silent app: the hold runs out.
+        let s = setup(b"x", false).await;
+        let mut body = s.body;
+        let first = body.data().await.unwrap().unwrap();
+        let (r, _) = tokio::time::timeout(ANSWER_HOLD + limit, hold(s.upstream, body, first))
+            .await
+            .expect("silent app: answer held past ANSWER_HOLD")
+            .unwrap();
+        assert_eq!(r.unwrap(), (1, Released::Timeout));
+    }
+
+    /// Only a client whose bytes came with the request is held: one that waits for the 200
+    /// (ztunnel) has sent nothing, and is answered at once.
+    #[tokio::test]
+    async fn only_bytes_already_there_count_as_early() {
+        let mut s = setup(b"", false).await;
+        assert!(early_data(&mut s.body).unwrap().is_none());
+        let mut s = setup(b"hi", false).await;
+        // h2 takes the DATA frame on its connection task: give it its turns (bounded).
+        let mut got = None;
+        for _ in 0..1000 {
+            got = early_data(&mut s.body).unwrap();
+            if got.is_some() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(got.as_deref(), Some(&b"hi"[..]));
+    }
 }

@@ -22,9 +22,12 @@ use tokio::net::TcpStream;
 pub struct Tunnel {
     pub send: SendStream<Bytes>,
     pub recv: RecvStream,
+    /// This side has already ended the stream (END_STREAM sent): the client's app closed its
+    /// side before the CONNECT answer. The relay then only carries the other direction.
+    pub ended: bool,
 }
 
-fn h2_io(e: h2::Error) -> io::Error {
+pub(crate) fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
         return e
             .into_io()
@@ -128,12 +131,20 @@ async fn stream_to_tcp(
 
 /// Copies both ways until both directions ended: (bytes TCP→stream, bytes stream→TCP).
 pub async fn copy(tcp: &mut TcpStream, tunnel: Tunnel, buffer: usize) -> io::Result<(u64, u64)> {
-    let Tunnel { mut send, mut recv } = tunnel;
+    let Tunnel {
+        mut send,
+        mut recv,
+        ended,
+    } = tunnel;
     let (mut rd, mut wr) = tcp.split();
-    tokio::try_join!(
-        tcp_to_stream(&mut rd, &mut send, buffer),
-        stream_to_tcp(&mut recv, &mut wr)
-    )
+    let up = async {
+        if ended {
+            // Its EOF was read and sent already; a second END_STREAM would be an error.
+            return Ok(0);
+        }
+        tcp_to_stream(&mut rd, &mut send, buffer).await
+    };
+    tokio::try_join!(up, stream_to_tcp(&mut recv, &mut wr))
 }
 
 #[cfg(test)]
@@ -181,7 +192,12 @@ mod tests {
             .unwrap();
         let (tcp, _) = listener.accept().await.unwrap();
         workers.run(tcp, move |mut tcp| async move {
-            let _ = copy(&mut tcp, Tunnel { send, recv }, 64 << 10).await;
+            let tunnel = Tunnel {
+                send,
+                recv,
+                ended: false,
+            };
+            let _ = copy(&mut tcp, tunnel, 64 << 10).await;
         });
         let load_is = async |what: &str, n: usize| until(what, || workers.load_of(0) == n).await;
         load_is("an open connection counts", 1).await;
