@@ -383,4 +383,50 @@ mod tests {
         );
         assert!(gone.lock().unwrap().is_empty());
     }
+
+    /// Two pods with one label set (a pod re-created under its name before the old one's
+    /// release): the first release leaves the series to the other, which goes on counting
+    /// into it; the last release removes it.
+    #[test]
+    fn a_label_set_two_pods_share_goes_with_the_last_of_them() {
+        let pod = pod();
+        let metrics = ProxyMetrics::default();
+        let (old, new) = (
+            Mutex::new(PodSeries::default()),
+            Mutex::new(PodSeries::default()),
+        );
+        let src: SocketAddr = "10.0.0.5:40000".parse().unwrap();
+        let labels = TrafficLabels::new("source", &Peer::unknown(), &Peer::unknown(), true, "-");
+        let closed = |m: &ProxyMetrics| {
+            exported(m)
+                .lines()
+                .find(|l| l.starts_with("istio_tcp_connections_closed_total{"))
+                .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+        };
+        lines(|| {
+            for cache in [&old, &new] {
+                let mut r = ConnRecord::new(&pod, "outbound", "hbone", src);
+                r.count(&metrics, labels.clone(), cache);
+                r.end(End::Failed("x".into()));
+            }
+            metrics.forget(&std::mem::take(&mut *old.lock().unwrap()));
+            assert_eq!(
+                closed(&metrics).as_deref(),
+                Some("2"),
+                "{}",
+                exported(&metrics)
+            );
+            let mut r = ConnRecord::new(&pod, "outbound", "hbone", src);
+            r.count(&metrics, labels.clone(), &new);
+            r.end(End::Failed("y".into()));
+            assert_eq!(
+                closed(&metrics).as_deref(),
+                Some("3"),
+                "{}",
+                exported(&metrics)
+            );
+            metrics.forget(&std::mem::take(&mut *new.lock().unwrap()));
+            assert_eq!(closed(&metrics), None, "{}", exported(&metrics));
+        });
+    }
 }

@@ -74,6 +74,11 @@ pub struct ProxyMetrics {
     /// 1 while same-node HBONE goes socket to socket ([`ambit_common::sockmap`]).
     pub shortcut_enabled: Gauge,
     pub shortcut_sockets: Family<ShortcutLabels, Counter>,
+    /// How many pods hold each traffic label set in their cache ([`ProxyMetrics::series`]):
+    /// a set leaves the families only with its last holder. Two pods can share one (a pod
+    /// re-created under its name, e.g. a StatefulSet's, before the old one's release); the
+    /// first release must not take the other's series away under its cached counters.
+    holders: std::sync::Mutex<HashMap<TrafficLabels, usize>>,
 }
 
 impl ProxyMetrics {
@@ -176,15 +181,33 @@ impl ProxyMetrics {
             received_bytes: self.received_bytes.get_or_create_owned(&labels),
             sent_bytes: self.sent_bytes.get_or_create_owned(&labels),
         };
+        // Once per pod and label set (a miss), so the second lock and clone cost nothing per
+        // connection.
+        *self
+            .holders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(labels.clone())
+            .or_default() += 1;
         cache.insert(labels, s.clone());
         s
     }
 
-    /// Forgets series a pod reported (it is gone). A connection of the pod that ends later
-    /// still holds its counters and counts into them, but they are no longer exported and no
-    /// series is created again.
+    /// Forgets series a pod reported (it is gone), those no other pod holds. A connection of
+    /// the pod that ends later still holds its counters and counts into them, but they are no
+    /// longer exported and no series is created again.
     pub fn forget(&self, series: &PodSeries) {
+        let mut holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
         for l in series.keys() {
+            match holders.get_mut(l) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    continue;
+                }
+                _ => {
+                    holders.remove(l);
+                }
+            }
             self.opened.remove(l);
             self.closed.remove(l);
             self.received_bytes.remove(l);

@@ -513,9 +513,10 @@ mod tests {
         let (client_io, server_io) = tokio::io::duplex(1 << 20);
         let server = tokio::spawn(async move {
             let mut conn = h2::server::handshake(server_io).await.unwrap();
-            let (req, _respond) = conn.accept().await.unwrap().unwrap();
+            let (req, respond) = conn.accept().await.unwrap().unwrap();
+            // The answer is never sent; the stream stays open while the connection runs.
             tokio::spawn(async move {
-                let _respond = _respond;
+                let _unanswered = respond;
                 while conn.accept().await.is_some() {}
             });
             req.into_body()
