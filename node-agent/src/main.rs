@@ -99,6 +99,8 @@ fn init_logging(config: &Config) -> LogControl {
             Some(
                 tracing_subscriber::fmt::layer()
                     .with_ansi(ansi)
+                    .fmt_fields(ambit_agent::log::PlainFields)
+                    .with_timer(ambit_agent::log::Clock)
                     .with_writer(ambit_agent::log::Stderr),
             ),
             None,
