@@ -172,7 +172,7 @@ fn parse_drain(s: &str) -> Result<Duration, String> {
 
 fn parse_trust_domain(s: &str) -> Result<String, String> {
     ambit_proxy::identity::Identity::parse(&format!("spiffe://{s}/ns/n/sa/s"))
-        .map(|id| id.trust_domain)
+        .map(|id| id.trust_domain().to_owned())
         .map_err(|_| format!("{s:?} is not a trust domain (letters, digits, '-', '.', '_')"))
 }
 

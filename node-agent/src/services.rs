@@ -382,9 +382,9 @@ impl Index {
             },
         };
         let sname = Arc::new(ServiceName {
-            name: name.clone(),
-            namespace: ns.clone(),
-            hostname: format!("{name}.{ns}.svc.{}", loc.cluster_domain),
+            name: name.as_str().into(),
+            namespace: ns.as_str().into(),
+            hostname: format!("{name}.{ns}.svc.{}", loc.cluster_domain).into(),
         });
         let of_service: Vec<&SliceRecord> = self
             .slices_of
@@ -489,9 +489,9 @@ impl Index {
                     })
                     .collect();
                 serde_json::json!({
-                    "namespace": s.name.namespace,
-                    "name": s.name.name,
-                    "hostname": s.name.hostname,
+                    "namespace": &*s.name.namespace,
+                    "name": &*s.name.name,
+                    "hostname": &*s.name.hostname,
                     "vips": vips,
                     "ports": ports,
                     "internalTrafficPolicyLocal": s.node_local,
@@ -626,7 +626,7 @@ mod tests {
         };
         let index = Index::build(&services, &slices, &loc);
         let svc = index.vip(&"10.96.0.1".parse().unwrap()).unwrap();
-        assert_eq!(svc.name.hostname, "s.d.svc.cluster.local");
+        assert_eq!(&*svc.name.hostname, "s.d.svc.cluster.local");
         let http: Vec<(SocketAddr, Readiness, bool)> = svc.ports[0]
             .endpoints
             .iter()
@@ -644,7 +644,7 @@ mod tests {
         assert_eq!(
             index
                 .endpoint(&"10.1.0.2:9000".parse().unwrap())
-                .map(|n| n.name.as_str()),
+                .map(|n| &*n.name),
             Some("s")
         );
         assert_eq!(index.counts(), (1, 4));

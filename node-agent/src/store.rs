@@ -374,11 +374,11 @@ impl Store {
 
     fn workload(&self, pod: &PodRecord) -> Arc<Workload> {
         Arc::new(Workload {
-            name: pod.name.to_string(),
-            namespace: pod.namespace.to_string(),
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
             identity: self.identity(&pod.namespace, Some(pod)),
             hbone: pod.hbone,
-            app: pod.app().map(str::to_owned),
+            app: pod.app().map(Arc::from),
         })
     }
 
@@ -594,11 +594,11 @@ impl Store {
         for p in inner.local.values() {
             let obj = inner.record(&p.namespace, &p.name);
             let w = Arc::new(Workload {
-                name: p.name.clone(),
-                namespace: p.namespace.clone(),
+                name: p.name.as_str().into(),
+                namespace: p.namespace.as_str().into(),
                 identity: self.identity(&p.namespace, obj.map(|r| &**r)),
                 hbone: true,
-                app: obj.and_then(|r| r.app()).map(str::to_owned),
+                app: obj.and_then(|r| r.app()).map(Arc::from),
             });
             for ip in &p.ips {
                 by_ip.insert(ip.to_canonical(), w.clone());
@@ -812,7 +812,7 @@ impl Directory for Store {
             let w = inner
                 .by_ip
                 .get(&conn.dst_ip.to_canonical())
-                .filter(|w| w.namespace == namespace)?;
+                .filter(|w| *w.namespace == *namespace)?;
             inner.record(&w.namespace, &w.name)
         });
         // Where pods are declared (the Kubernetes source, or Pod objects in the manifests) or
@@ -1067,7 +1067,7 @@ mod tests {
         s.update(k8s, changes(vec![delete("a", "db")]));
         assert_eq!(owner(&s, "10.0.0.2"), None);
         let w = s.by_ip("10.0.0.3".parse().unwrap()).unwrap();
-        assert_eq!(w.identity.service_account, "from-file");
+        assert_eq!(w.identity.service_account(), "from-file");
         assert_eq!(s.counts().0, 2, "web and the manifests' db");
         // A full list from the API server: what it no longer has is gone, the manifests'
         // pods stay.

@@ -7,12 +7,12 @@
 //! not apply; every other field is on every line.
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::context::PodContext;
 use crate::identity::Identity;
-use crate::metrics::{PodSeries, ProxyMetrics, TrafficLabels, TrafficSeries};
+use crate::metrics::{PodSeries, ProxyMetrics, Text, TrafficLabels, TrafficSeries};
 use crate::service::ServiceName;
 
 /// How a connection ended; each has its own message.
@@ -63,12 +63,12 @@ pub struct ConnRecord<'a> {
     direction: &'static str,
     protocol: &'static str,
     src_addr: SocketAddr,
-    src_identity: Option<String>,
-    src_workload: Option<String>,
+    src_identity: Option<Arc<str>>,
+    src_workload: Option<Text>,
     dst_addr: Option<SocketAddr>,
-    dst_identity: Option<String>,
-    dst_workload: Option<String>,
-    dst_service: Option<String>,
+    dst_identity: Option<Arc<str>>,
+    dst_workload: Option<Text>,
+    dst_service: Option<Arc<str>>,
     dst_vip: Option<SocketAddr>,
     pod: &'a PodContext,
     start: Instant,
@@ -121,18 +121,18 @@ impl<'a> ConnRecord<'a> {
     }
 
     pub fn src_identity(&mut self, id: &Identity) -> &mut Self {
-        self.src_identity = Some(id.to_string());
+        self.src_identity = Some(id.uri().clone());
         self
     }
 
     pub fn dst_identity(&mut self, id: &Identity) -> &mut Self {
-        self.dst_identity = Some(id.to_string());
+        self.dst_identity = Some(id.uri().clone());
         self
     }
 
-    pub fn workloads(&mut self, src: &str, dst: &str) -> &mut Self {
-        self.src_workload = Some(src.to_owned());
-        self.dst_workload = Some(dst.to_owned());
+    pub fn workloads(&mut self, src: &Text, dst: &Text) -> &mut Self {
+        self.src_workload = Some(src.clone());
+        self.dst_workload = Some(dst.clone());
         self
     }
 
@@ -276,7 +276,8 @@ mod tests {
         let labels = TrafficLabels::new("source", &Peer::unknown(), &Peer::unknown(), true, "-");
         let out = lines(|| {
             let mut r = ConnRecord::new(&pod, "outbound", "hbone", src);
-            r.dst(to).workloads("reviews-1", "ratings-1");
+            r.dst(to)
+                .workloads(&"reviews-1".into(), &"ratings-1".into());
             r.count(&metrics, labels.clone(), &series);
             r.end(End::Complete {
                 sent: 5,
@@ -341,11 +342,12 @@ mod tests {
             Mutex::new(PodSeries::default()),
         );
         let src: SocketAddr = "10.0.0.5:40000".parse().unwrap();
-        let peer = |w: &str| Peer {
+        let peer = |w: &'static str| Peer {
             workload: w.into(),
             ..Peer::unknown()
         };
-        let labels = |w: &str| TrafficLabels::new("source", &peer(w), &Peer::unknown(), true, "-");
+        let labels =
+            |w: &'static str| TrafficLabels::new("source", &peer(w), &Peer::unknown(), true, "-");
         let out = lines(|| {
             let mut open = ConnRecord::new(&pod, "outbound", "hbone", src);
             open.count(&metrics, labels("leaving"), &gone);

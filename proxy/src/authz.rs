@@ -181,14 +181,14 @@ impl Field {
             .map(Identity::principal)
             .unwrap_or_default();
         let any = |v: &Value| match (self.attr, v) {
-            (Attr::SourcePrincipal, Value::Str(m)) => m.matches(&principal),
+            (Attr::SourcePrincipal, Value::Str(m)) => m.matches(principal),
             (Attr::SourceNamespace, Value::Str(m)) => {
-                m.matches(c.src_identity.as_ref().map_or("", |i| &i.namespace))
+                m.matches(c.src_identity.as_ref().map_or("", Identity::namespace))
             }
             (Attr::SourceServiceAccount, Value::Str(m)) => m.matches(
                 &c.src_identity
                     .as_ref()
-                    .map(|i| format!("{}/{}", i.namespace, i.service_account))
+                    .map(|i| format!("{}/{}", i.namespace(), i.service_account()))
                     .unwrap_or_default(),
             ),
             (Attr::SourceIp, v) => net_contains(v, c.src_ip),

@@ -15,7 +15,7 @@ use crate::authz::{Connection, Decision};
 use crate::hbone;
 use crate::identity::Identity;
 use crate::mesh::Mesh;
-use crate::metrics::{Peer, PodSeries, UNKNOWN};
+use crate::metrics::{Peer, PodSeries, Text, UNKNOWN};
 use crate::socket::SocketFactory;
 
 /// Ports that must never be a forwarding destination (loop protection).
@@ -45,6 +45,12 @@ pub struct PodContext {
 /// State shared by a pod's listeners and connections.
 pub struct PodShared {
     pub ctx: PodContext,
+    /// `ctx`'s name and namespace, shared with every connection's metric labels.
+    name: Arc<str>,
+    namespace: Arc<str>,
+    /// The `baggage` header of this pod's outbound CONNECTs (Istio's: the source pod's
+    /// namespace and name), made once; `None` if the names make no valid header value.
+    pub baggage: Option<http::HeaderValue>,
     pub factory: Arc<dyn SocketFactory>,
     pub mesh: Arc<Mesh>,
     pub pool: hbone::client::Pool,
@@ -94,6 +100,13 @@ impl PodShared {
         stop: &CancellationToken,
     ) -> Self {
         Self {
+            baggage: http::HeaderValue::try_from(format!(
+                "k8s.namespace.name={},k8s.pod.name={}",
+                ctx.namespace, ctx.name
+            ))
+            .ok(),
+            name: ctx.name.as_str().into(),
+            namespace: ctx.namespace.as_str().into(),
             ctx,
             pool: hbone::client::Pool::new(factory.clone(), mesh.clone()),
             factory,
@@ -165,6 +178,11 @@ impl PodShared {
 
     /// This pod, as metric labels describe it.
     pub fn me(&self) -> Peer {
+        self.me_as(&self.identity())
+    }
+
+    /// This pod, as metric labels describe it, with its identity already looked up.
+    pub fn me_as(&self, identity: &Identity) -> Peer {
         let app = self
             .ctx
             .ips
@@ -172,26 +190,26 @@ impl PodShared {
             .and_then(|ip| self.mesh.directory.by_ip(*ip))
             .and_then(|w| w.app.clone());
         Peer {
-            workload: self.ctx.name.clone(),
-            namespace: self.ctx.namespace.clone(),
-            principal: self.identity().to_string(),
-            app: app.unwrap_or_else(|| UNKNOWN.into()),
+            workload: (&self.name).into(),
+            namespace: (&self.namespace).into(),
+            principal: identity.uri().into(),
+            app: app.map_or(UNKNOWN.into(), Text::Shared),
         }
     }
 
     /// The other end of a connection, from the workload store (and its verified identity).
-    pub fn peer(&self, ip: std::net::IpAddr, identity: Option<&crate::identity::Identity>) -> Peer {
+    pub fn peer(&self, ip: std::net::IpAddr, identity: Option<&Identity>) -> Peer {
         let mut p = match self.mesh.directory.by_ip(ip) {
             Some(w) => Peer {
-                workload: w.name.clone(),
-                namespace: w.namespace.clone(),
+                workload: (&w.name).into(),
+                namespace: (&w.namespace).into(),
                 principal: UNKNOWN.into(),
-                app: w.app.clone().unwrap_or_else(|| UNKNOWN.into()),
+                app: w.app.as_ref().map_or(UNKNOWN.into(), Text::from),
             },
             None => Peer::unknown(),
         };
         if let Some(id) = identity {
-            p.principal = id.to_string();
+            p.principal = id.uri().into();
         }
         p
     }

@@ -1,13 +1,19 @@
 //! SPIFFE workload identities: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// A workload identity. Ordered and hashable so it can key pools and certificate stores.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Kept as its URI, made once: every connection writes its identities into its labels and
+/// access line, and a clone is a reference count, not three strings.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity {
-    pub trust_domain: String,
-    pub namespace: String,
-    pub service_account: String,
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    uri: Arc<str>,
+    /// Where the namespace and the service account start in `uri`.
+    ns: usize,
+    sa: usize,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -25,19 +31,24 @@ fn valid_segment(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
+const SCHEME: &str = "spiffe://";
+
 impl Identity {
     pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
+        let uri = format!("{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}");
+        let ns = SCHEME.len() + trust_domain.len() + "/ns/".len();
+        let sa = ns + namespace.len() + "/sa/".len();
         Self {
-            trust_domain: trust_domain.into(),
-            namespace: namespace.into(),
-            service_account: service_account.into(),
+            uri: uri.into(),
+            ns,
+            sa,
         }
     }
 
     /// Parses the URI form found in a certificate's URI SAN.
     pub fn parse(uri: &str) -> Result<Self, ParseError> {
         let err = || ParseError { uri: uri.into() };
-        let rest = uri.strip_prefix("spiffe://").ok_or_else(err)?;
+        let rest = uri.strip_prefix(SCHEME).ok_or_else(err)?;
         let mut parts = rest.split('/');
         let (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa), None) = (
             parts.next(),
@@ -55,22 +66,42 @@ impl Identity {
         Ok(Self::new(td, ns, sa))
     }
 
+    pub fn trust_domain(&self) -> &str {
+        &self.uri[SCHEME.len()..self.ns - "/ns/".len()]
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.uri[self.ns..self.sa - "/sa/".len()]
+    }
+
+    pub fn service_account(&self) -> &str {
+        &self.uri[self.sa..]
+    }
+
+    /// The URI form, shared.
+    pub fn uri(&self) -> &Arc<str> {
+        &self.uri
+    }
+
     /// The principal form used by AuthorizationPolicy: the URI without `spiffe://`.
-    pub fn principal(&self) -> String {
-        format!(
-            "{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+    pub fn principal(&self) -> &str {
+        &self.uri[SCHEME.len()..]
     }
 }
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        f.write_str(&self.uri)
+    }
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("trust_domain", &self.trust_domain())
+            .field("namespace", &self.namespace())
+            .field("service_account", &self.service_account())
+            .finish()
     }
 }
 
@@ -87,6 +118,10 @@ mod tests {
             "spiffe://cluster.local/ns/default/sa/ratings"
         );
         assert_eq!(id.principal(), "cluster.local/ns/default/sa/ratings");
+        assert_eq!(
+            (id.trust_domain(), id.namespace(), id.service_account()),
+            ("cluster.local", "default", "ratings")
+        );
     }
 
     #[test]

@@ -13,13 +13,14 @@ use crate::tls::Certificates;
 /// A workload as the data path sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
-    pub name: String,
-    pub namespace: String,
+    /// Shared (as the `app` label): a connection puts them in its metric labels.
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
     pub identity: Identity,
     /// Captured by an Ambit agent, so it serves HBONE on 15008.
     pub hbone: bool,
     /// The Pod's `app` label (metrics).
-    pub app: Option<String>,
+    pub app: Option<Arc<str>>,
 }
 
 /// The workload store, seen from the data path.

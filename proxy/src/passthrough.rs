@@ -138,7 +138,7 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
         Direction::Outbound => ("source", shared.me(), shared.peer(target.ip(), None)),
     };
     record.workloads(&src.workload, &dst_peer.workload);
-    let labels = |flags: &str| {
+    let labels = |flags: &'static str| {
         TrafficLabels::new(reporter, &src, &dst_peer, false, flags).with_service(service)
     };
     let metrics = &shared.mesh.metrics;
@@ -226,7 +226,7 @@ fn refuse_no_endpoint<'a>(
     let labels =
         TrafficLabels::new("source", &me, &Peer::unknown(), false, "UH").with_service(service);
     record.service(service, None);
-    record.workloads(&me.workload, crate::metrics::UNKNOWN);
+    record.workloads(&me.workload, &crate::metrics::UNKNOWN.into());
     record.count(&shared.mesh.metrics, labels, &shared.series);
     record.end(End::Failed(why.to_string()));
     hbone::abort(&client);
@@ -243,9 +243,8 @@ async fn outbound_hbone<'a>(
     dst_workload: &Workload,
     shared: &'a PodShared,
 ) {
-    let pod = &shared.ctx;
     let src_identity = shared.identity();
-    let me = shared.me();
+    let me = shared.me_as(&src_identity);
     let dst_peer = shared.peer(target.ip(), Some(&dst_workload.identity));
     record
         .protocol("hbone")
@@ -257,12 +256,9 @@ async fn outbound_hbone<'a>(
         dst_identity: dst_workload.identity.clone(),
         target,
         client: record.src_addr(),
-        baggage: format!(
-            "k8s.namespace.name={},k8s.pod.name={}",
-            pod.namespace, pod.name
-        ),
+        baggage: shared.baggage.clone(),
     };
-    let labels = |flags: &str| {
+    let labels = |flags: &'static str| {
         TrafficLabels::new("source", &me, &dst_peer, true, flags).with_service(service)
     };
     let metrics = &shared.mesh.metrics;

@@ -28,10 +28,11 @@ use std::sync::Arc;
 /// Which Service a connection was addressed to (telemetry).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceName {
-    pub name: String,
-    pub namespace: String,
+    /// Shared: a connection to the Service puts them in its metric labels.
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
     /// `<name>.<namespace>.svc.<cluster domain>`.
-    pub hostname: String,
+    pub hostname: Arc<str>,
 }
 
 /// An endpoint's readiness, from its EndpointSlice conditions.
@@ -108,7 +109,7 @@ impl Service {
     /// Chooses the endpoint for a connection from `client` to `vip` (one of this Service's
     /// VIPs and ports).
     pub fn pick(&self, vip: SocketAddr, client: IpAddr) -> Result<&Endpoint, NoEndpoint> {
-        let service = || self.name.hostname.clone();
+        let service = || self.name.hostname.to_string();
         let port = self
             .ports
             .iter()

@@ -205,7 +205,7 @@ impl ClientCertVerifier for SameTrustDomain {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
         let presented = svid_identity(end_entity).map_err(rejected)?;
-        if presented.trust_domain == self.trust_domain {
+        if presented.trust_domain() == self.trust_domain {
             return Ok(ClientCertVerified::assertion());
         }
         Err(rejected(format!(

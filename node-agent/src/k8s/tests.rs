@@ -120,7 +120,7 @@ async fn recorded_lists_feed_the_store_and_a_missing_crd_counts_as_empty() {
         "spiffe://td/ns/shop/sa/web"
     );
     let w = s.by_ip("10.9.0.4".parse().unwrap()).unwrap();
-    assert_eq!((w.namespace.as_str(), w.name.as_str()), ("shop", "web"));
+    assert_eq!((&*w.namespace, &*w.name), ("shop", "web"));
     assert!(w.hbone, "web carries the redirection annotation");
     assert!(!s.by_ip("10.9.0.5".parse().unwrap()).unwrap().hbone);
     assert!(s.by_ip("192.168.1.10".parse().unwrap()).is_none());
@@ -308,7 +308,7 @@ async fn services_and_endpoint_slices_follow_the_watch_as_endpoints_scale() {
     );
     assert_eq!(s.service_counts(), (1, 1));
     let svc = s.service("10.96.0.20".parse().unwrap()).unwrap();
-    assert_eq!(svc.name.hostname, "web.shop.svc.cluster.local");
+    assert_eq!(&*svc.name.hostname, "web.shop.svc.cluster.local");
     assert_eq!(
         s.service_of_endpoint("10.9.0.4:8080".parse().unwrap())
             .map(|n| n.name.clone()),

@@ -121,8 +121,8 @@ pub struct Request {
     pub target: SocketAddr,
     /// The app's own address (the `forwarded` header).
     pub client: SocketAddr,
-    /// `baggage` describing the source workload.
-    pub baggage: String,
+    /// `baggage` describing the source workload ([`crate::context::PodShared::baggage`]).
+    pub baggage: Option<http::HeaderValue>,
 }
 
 impl Pool {
@@ -222,12 +222,15 @@ impl Pool {
         app: &mut TcpStream,
         early: &mut Early,
     ) -> Result<Tunnel, Attempt> {
-        let request = http::Request::builder()
+        let mut request = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(req.target.to_string())
             .version(http::Version::HTTP_2)
-            .header("forwarded", format!("for=\"{}\"", req.client))
-            .header("baggage", req.baggage.as_str())
+            .header("forwarded", format!("for=\"{}\"", req.client));
+        if let Some(b) = &req.baggage {
+            request = request.header("baggage", b.clone());
+        }
+        let request = request
             .body(())
             .expect("a CONNECT request from a socket address is always valid");
         // Before the request is on the wire any failure is retryable; after, only a refusal

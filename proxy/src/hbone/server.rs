@@ -293,7 +293,7 @@ async fn stream(
         .dst(dst)
         .workloads(&src.workload, &me.workload)
         .service(service.as_deref(), None);
-    let labels = |flags: &str| {
+    let labels = |flags: &'static str| {
         TrafficLabels::new("destination", &src, &me, true, flags).with_service(service.as_deref())
     };
     let metrics = &pod.mesh.metrics;
