@@ -35,9 +35,20 @@ const SCHEME: &str = "spiffe://";
 
 impl Identity {
     pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
-        let uri = format!("{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}");
+        // Pieces pushed, not `format!`: a new connection looks its pod's identity up.
         let ns = SCHEME.len() + trust_domain.len() + "/ns/".len();
         let sa = ns + namespace.len() + "/sa/".len();
+        let mut uri = String::with_capacity(sa + service_account.len());
+        for piece in [
+            SCHEME,
+            trust_domain,
+            "/ns/",
+            namespace,
+            "/sa/",
+            service_account,
+        ] {
+            uri.push_str(piece);
+        }
         Self {
             uri: uri.into(),
             ns,

@@ -30,6 +30,7 @@ use tokio::sync::Mutex as AsyncMutex;
 use tracing::{debug, info};
 
 use super::{Error, Tunnel};
+use crate::access::Addr;
 use crate::identity::Identity;
 use crate::mesh::Mesh;
 use crate::metrics::{GaugeGuard, ProxyMetrics};
@@ -111,6 +112,16 @@ pub struct Pool {
     factory: Arc<dyn SocketFactory>,
     mesh: Arc<Mesh>,
     slots: Mutex<HashMap<Key, Slot>>,
+}
+
+/// The `forwarded` header naming the app's address. Never indexed (HPACK): it differs on every
+/// connection (the port), so adding it to the dynamic table only evicts entries that repeat
+/// (the `:authority`, `baggage`) and costs both ends a table update per CONNECT.
+fn forwarded(client: SocketAddr) -> http::HeaderValue {
+    let mut v = http::HeaderValue::try_from(format!("for=\"{}\"", Addr(client)))
+        .expect("a quoted socket address is a valid header value");
+    v.set_sensitive(true);
+    v
 }
 
 /// What the outbound side knows about one proxied connection.
@@ -224,9 +235,9 @@ impl Pool {
     ) -> Result<Tunnel, Attempt> {
         let mut request = http::Request::builder()
             .method(http::Method::CONNECT)
-            .uri(req.target.to_string())
+            .uri(Addr(req.target).to_string())
             .version(http::Version::HTTP_2)
-            .header("forwarded", format!("for=\"{}\"", req.client));
+            .header("forwarded", forwarded(req.client));
         if let Some(b) = &req.baggage {
             request = request.header("baggage", b.clone());
         }
