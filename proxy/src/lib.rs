@@ -9,6 +9,7 @@
 //! - [`passthrough`]: 15001 outbound and 15006 inbound plaintext forwarding.
 //! - [`pod`]: starts and stops the set of listeners of one pod; [`context`]: what they share.
 //! - [`access`]: one record per connection, its metrics and its access-log line.
+//! - [`cancel`]: waiting for a cancellation beside a relay.
 //! - [`hbone`]: HTTP/2 CONNECT over mutual TLS 1.3 (client pool, 15008 server).
 //! - [`identity`], [`tls`]: SPIFFE identities and the rustls configurations that check them.
 //! - [`mesh`]: what the data path asks of the node (workload store, certificates).
@@ -19,6 +20,7 @@
 
 pub mod access;
 pub mod authz;
+pub mod cancel;
 pub mod context;
 pub mod hbone;
 pub mod identity;

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::access::{ConnRecord, End};
+use crate::cancel::Cancelled;
 use crate::context::{PodShared, RESERVED_PORTS, stopped};
 use crate::hbone;
 use crate::mesh::Workload;
@@ -197,12 +198,12 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
         .unwrap_or_default();
     let copied = tokio::select! {
         r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => r,
-        _ = revoked.cancelled() => {
+        _ = Cancelled::new(&revoked) => {
             hbone::abort(&client);
             hbone::abort(&upstream);
             Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "closed by a policy change"))
         }
-        _ = shared.stopped.cancelled() => {
+        _ = Cancelled::new(&shared.stopped) => {
             hbone::abort(&client);
             hbone::abort(&upstream);
             Err(stopped())
@@ -276,7 +277,7 @@ async fn outbound_hbone<'a>(
     let _ = client.set_nodelay(true);
     let copied = tokio::select! {
         r = hbone::relay(&mut client, tunnel, shared.mesh.settings.copy_buffer) => r,
-        _ = shared.stopped.cancelled() => {
+        _ = Cancelled::new(&shared.stopped) => {
             // The stream is reset as the relay is dropped; the app's connection too.
             hbone::abort(&client);
             Err(stopped())

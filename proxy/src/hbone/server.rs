@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::{Tunnel, relay};
 use crate::access::{ConnRecord, End};
+use crate::cancel::Cancelled;
 use crate::context::{PodShared, RESERVED_PORTS};
 use crate::identity::Identity;
 use crate::metrics::{GaugeGuard, ProxyMetrics, TrafficLabels};
@@ -140,11 +141,15 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
     let streams = Arc::new(StreamCount::default());
     let mut draining = false;
     let mut idle_check = tokio::time::interval(idle_timeout / 4);
+    // Made once, not per turn of the loop: the loop turns for every frame the connection
+    // reads, and a new sleep is a timer registered and removed, a new wait a lock taken.
+    let mut stop_accepting = std::pin::pin!(Cancelled::new(&pod.accepting));
+    let mut expiry = std::pin::pin!(tokio::time::sleep_until(expires.into()));
     loop {
         let next = tokio::select! {
             n = conn.accept() => n,
             // Draining: GOAWAY lets the client finish its streams and open new ones elsewhere.
-            _ = pod.accepting.cancelled(), if !draining => {
+            _ = &mut stop_accepting, if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
                 continue;
@@ -157,7 +162,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
                 }
                 continue;
             }
-            _ = tokio::time::sleep_until(expires.into()) => {
+            _ = &mut expiry => {
                 info!(pod = %pod.ctx.name, %peer, client = %peer_id,
                     streams = streams.open(),
                     "HBONE connection closed: the client's certificate expired");
@@ -178,7 +183,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
                     tokio::select! {
                         biased;
                         _ = stream(req, respond, peer, peer_id, pod, expired) => {}
-                        _ = stopped.cancelled() => {}
+                        _ = Cancelled::new(&stopped) => {}
                     }
                 });
             }
@@ -334,9 +339,9 @@ async fn stream(
     let early = match early_data(&mut body) {
         Ok(Some(first)) => tokio::select! {
             biased;
-            _ = expired.cancelled() => Ok(0),
-            _ = admitted.revoked.cancelled() => Ok(0),
-            _ = pod.stopped.cancelled() => Ok(0),
+            _ = Cancelled::new(&expired) => Ok(0),
+            _ = Cancelled::new(&admitted.revoked) => Ok(0),
+            _ = Cancelled::new(&pod.stopped) => Ok(0),
             r = hold_answer(&mut upstream, &mut body, first) => r.map(|(n, why)| {
                 debug!(%peer, %dst, bytes = n, "200 held until {why}");
                 n
@@ -380,15 +385,15 @@ async fn stream(
     // connection is gone) is the consequence, not the cause.
     let result = tokio::select! {
         biased;
-        _ = expired.cancelled() => {
+        _ = Cancelled::new(&expired) => {
             super::abort(&upstream);
             Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "closed: the client's certificate expired"))
         }
-        _ = admitted.revoked.cancelled() => {
+        _ = Cancelled::new(&admitted.revoked) => {
             super::abort(&upstream);
             Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "closed by a policy change"))
         }
-        _ = pod.stopped.cancelled() => {
+        _ = Cancelled::new(&pod.stopped) => {
             super::abort(&upstream);
             Err(crate::context::stopped())
         }
