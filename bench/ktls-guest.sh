@@ -123,6 +123,9 @@ kill "$qemu" 2>/dev/null || true
 wait "$qemu" 2>/dev/null || true
 sed -n '/=== ktls spike begins/,$p' "$work/console.log"
 if ! grep -q '=== ktls spike exit 0' "$work/console.log"; then
+  # Without the spike's own lines the guest never got that far: its console says why.
+  grep -q '=== ktls spike begins' "$work/console.log" ||
+    { echo "the guest's console, last lines:"; tail -n 40 "$work/console.log"; } >&2
   echo "the spike failed in the guest" >&2
   exit 1
 fi

@@ -141,8 +141,8 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, pod
     let streams = Arc::new(StreamCount::default());
     let mut draining = false;
     let mut idle_check = tokio::time::interval(idle_timeout / 4);
-    // Made once, not per turn of the loop: the loop turns for every frame the connection
-    // reads, and a new sleep is a timer registered and removed, a new wait a lock taken.
+    // Made once, not per turn of the loop: the loop turns for every stream the connection
+    // accepts, and a new sleep is a timer registered and removed, a new wait a lock taken.
     let mut stop_accepting = std::pin::pin!(Cancelled::new(&pod.accepting));
     let mut expiry = std::pin::pin!(tokio::time::sleep_until(expires.into()));
     loop {
