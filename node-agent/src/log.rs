@@ -104,11 +104,15 @@ pub struct Clock;
 
 impl FormatTime for Clock {
     fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
-        write!(
-            w,
-            "{}",
-            humantime::format_rfc3339_micros(std::time::SystemTime::now())
-        )
+        let now = std::time::SystemTime::now();
+        match now.duration_since(std::time::UNIX_EPOCH) {
+            // Up to the end of year 9999, humantime's range.
+            Ok(d) if d.as_secs() < 253_402_300_800 => {
+                write!(w, "{}", humantime::format_rfc3339_micros(now))
+            }
+            // A clock set before 1970 (humantime would panic) or past 9999.
+            _ => tracing_subscriber::fmt::time::SystemTime.format_time(w),
+        }
     }
 }
 

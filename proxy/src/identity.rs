@@ -7,7 +7,7 @@ use std::sync::Arc;
 ///
 /// Kept as its URI, made once: every connection writes its identities into its labels and
 /// access line, and a clone is a reference count, not three strings.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Identity {
     /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
     uri: Arc<str>,
@@ -106,6 +106,29 @@ impl fmt::Display for Identity {
     }
 }
 
+/// By trust domain, namespace, then service account (not by the URI, whose `/` would sort a
+/// namespace after those it is a prefix of).
+impl Ord for Identity {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (
+            self.trust_domain(),
+            self.namespace(),
+            self.service_account(),
+        )
+            .cmp(&(
+                other.trust_domain(),
+                other.namespace(),
+                other.service_account(),
+            ))
+    }
+}
+
+impl PartialOrd for Identity {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Identity")
@@ -132,6 +155,17 @@ mod tests {
         assert_eq!(
             (id.trust_domain(), id.namespace(), id.service_account()),
             ("cluster.local", "default", "ratings")
+        );
+    }
+
+    #[test]
+    fn identities_order_by_their_parts() {
+        let id = |ns: &str, sa: &str| Identity::new("cluster.local", ns, sa);
+        let mut v = vec![id("a-b", "x"), id("a", "y"), id("a", "x"), id("b", "a")];
+        v.sort();
+        assert_eq!(
+            v,
+            [id("a", "x"), id("a", "y"), id("a-b", "x"), id("b", "a")]
         );
     }
 
