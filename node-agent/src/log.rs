@@ -171,18 +171,27 @@ impl Visit for PlainVisitor<'_> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
+        if field.name() == "message" {
+            return self.record_debug(field, &value);
+        }
         self.field(field.name(), |w| {
             w.write_str(itoa::Buffer::new().format(value))
         });
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
+        if field.name() == "message" {
+            return self.record_debug(field, &value);
+        }
         self.field(field.name(), |w| {
             w.write_str(itoa::Buffer::new().format(value))
         });
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
+        if field.name() == "message" {
+            return self.record_debug(field, &value);
+        }
         self.field(field.name(), |w| {
             w.write_str(if value { "true" } else { "false" })
         });
@@ -382,6 +391,9 @@ mod tests {
         tracing::debug!(only = 1u64);
         tracing::info!("");
         tracing::info!(message = "as a str field \u{1b}", after = "x");
+        tracing::info!(message = 7u64, flag = true);
+        tracing::info!(message = -7i64);
+        tracing::info!(message = false);
     }
 
     #[test]
@@ -389,7 +401,7 @@ mod tests {
         for ansi in [false, true] {
             let ours = render(PlainFields, ansi, events);
             let theirs = render(DefaultFields::new(), ansi, events);
-            assert_eq!(ours.lines().count(), 7, "{ours}");
+            assert_eq!(ours.lines().count(), 10, "{ours}");
             assert_eq!(ours, theirs, "ansi {ansi}");
         }
         // The awkward parts are there to compare, not escaped away by both.
