@@ -4,7 +4,8 @@
 //! policy revoked the connection, the client's certificate expired). `tokio::select!` polls
 //! every branch whenever the task wakes, and polling a token's `cancelled()` future takes
 //! the lock of its waiter list each time (so does `is_cancelled`): on the destination side,
-//! three locks per chunk relayed (callgrind, 2026-12-05: `poll_notified` and
+//! four locks per chunk relayed, three in the relay's select and one in the stream task's
+//! (callgrind, 2026-12-05: `poll_notified` and
 //! `WaitForCancellationFuture::poll` ~5% of the agents' user-space instructions per round
 //! trip). [`Cancelled`] gives the token's future a waker of its own, which records that the
 //! token woke it and then wakes the task; the future is polled again only then (or for a new
