@@ -142,6 +142,13 @@ pub struct Config {
     /// stays under net.ipv4.tcp_mem pressure (see docs/troubleshooting.md).
     #[arg(long, env = "AMBIT_APP_RECEIVE_BUFFER_KIB", default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=65536))]
     pub app_receive_buffer_kib: u32,
+    /// TCP congestion control of the same sockets (facing an app in its own pod), or
+    /// `default` to keep the pod's. Pacing congestion controls (BBR, many nodes' default)
+    /// cost a timer per burst to a peer microseconds away; the agent's sockets facing the
+    /// network keep the pod's choice. An algorithm the kernel lacks is reported at startup
+    /// and the pod's default kept.
+    #[arg(long, env = "AMBIT_APP_CONGESTION_CONTROL", default_value = "cubic", value_parser = parse_congestion_control)]
+    pub app_congestion_control: CongestionControl,
     /// Deliver HBONE traffic between two pods of this node socket to socket in the kernel
     /// (sk_msg on a sockhash) instead of through both pods' TCP stacks and the bridge; the
     /// bytes are the same TLS records. Off, or where the kernel refuses (no
@@ -174,6 +181,44 @@ fn parse_trust_domain(s: &str) -> Result<String, String> {
     ambit_proxy::identity::Identity::parse(&format!("spiffe://{s}/ns/n/sa/s"))
         .map(|id| id.trust_domain().to_owned())
         .map_err(|_| format!("{s:?} is not a trust domain (letters, digits, '-', '.', '_')"))
+}
+
+/// `--app-congestion-control`: a kernel algorithm's name, or the pod namespace's default.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CongestionControl {
+    PodDefault,
+    Named(String),
+}
+
+impl CongestionControl {
+    /// The algorithm to set, if any.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Self::PodDefault => None,
+            Self::Named(n) => Some(n),
+        }
+    }
+}
+
+impl std::fmt::Display for CongestionControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name().unwrap_or("default"))
+    }
+}
+
+/// The kernel's names are at most 15 bytes (`TCP_CA_NAME_MAX` less the NUL), lowercase
+/// letters, digits and `_`.
+fn parse_congestion_control(s: &str) -> Result<CongestionControl, String> {
+    if s == "default" {
+        return Ok(CongestionControl::PodDefault);
+    }
+    let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+    if s.is_empty() || s.len() > 15 || !s.chars().all(valid) {
+        return Err(format!(
+            "{s:?} is not a congestion control name (e.g. cubic, reno, bbr; or default)"
+        ));
+    }
+    Ok(CongestionControl::Named(s.to_owned()))
 }
 
 fn parse_lifetime(s: &str) -> Result<Duration, String> {
@@ -335,6 +380,7 @@ impl Config {
             "inbound-idle-timeout": humantime::format_duration(self.inbound_idle_timeout).to_string(),
             "pool-surplus-idle-timeout": humantime::format_duration(self.pool_surplus_idle_timeout).to_string(),
             "app-receive-buffer-kib": self.app_receive_buffer_kib,
+            "app-congestion-control": self.app_congestion_control.to_string(),
             "metrics-address": self.metrics_address,
             "readiness-address": self.readiness_address,
             "admin-address": self.admin_address,
@@ -537,6 +583,22 @@ mod tests {
         // Nothing given: the agent makes its own CA rather than failing to start.
         let c = Config::try_parse_from(["ambit-agent"]).unwrap();
         assert!(matches!(c.ca_source(), crate::ca::Source::Embedded { .. }));
+    }
+
+    #[test]
+    fn app_congestion_control_is_a_kernel_name_or_the_pods_default() {
+        let cc = |args: &[&str]| load(args).map(|c| c.app_congestion_control);
+        assert_eq!(cc(&[]).unwrap().name(), Some("cubic"));
+        let c = cc(&["--app-congestion-control", "default"]).unwrap();
+        assert_eq!((c.name(), c.to_string().as_str()), (None, "default"));
+        let c = cc(&["--app-congestion-control", "bbr"]).unwrap();
+        assert_eq!(c.name(), Some("bbr"));
+        for bad in ["", "BBR", "cubic reno", "../cubic", "sixteen_letters_"] {
+            let e = cc(&["--app-congestion-control", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("congestion control name"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -279,6 +279,14 @@ fn mesh(
         })
         .flatten();
     metrics.shortcut_enabled.set(shortcut.is_some().into());
+    let app_congestion_control = config.app_congestion_control.name().and_then(|name| {
+        ambit_proxy::socket::congestion_control_available(name)
+            .inspect_err(|e| {
+                warn!("--app-congestion-control {name}: not available ({e}); sockets facing apps keep their pod's default")
+            })
+            .ok()
+            .map(|()| name.to_owned())
+    });
     Arc::new(Mesh {
         directory: store.clone(),
         certs: certs.clone(),
@@ -288,6 +296,7 @@ fn mesh(
             inbound_idle_timeout: config.inbound_idle_timeout,
             pool_surplus_idle_timeout: config.pool_surplus_idle_timeout,
             app_receive_buffer: config.app_receive_buffer_kib as usize * 1024,
+            app_congestion_control,
             ..Settings::default()
         },
         metrics,

@@ -122,14 +122,19 @@ impl PodShared {
     }
 
     /// An unconnected socket to `dst`, an app of this pod (with `source` as its transparent
-    /// source address): its receive buffer is the fixed app-facing one.
+    /// source address): its receive buffer and congestion control are the app-facing ones.
     pub fn socket_to_app(
         &self,
         dst: std::net::SocketAddr,
         source: Option<std::net::IpAddr>,
     ) -> io::Result<tokio::net::TcpSocket> {
         let s = self.factory.upstream(dst, source)?;
-        crate::socket::limit_receive_buffer((&s).into(), self.mesh.settings.app_receive_buffer)?;
+        let settings = &self.mesh.settings;
+        crate::socket::limit_receive_buffer((&s).into(), settings.app_receive_buffer)?;
+        crate::socket::set_app_congestion_control(
+            (&s).into(),
+            settings.app_congestion_control.as_deref(),
+        );
         Ok(s)
     }
 

@@ -82,6 +82,9 @@ pub struct Settings {
     /// to the app for inbound traffic); 0 leaves the kernel's autotuning. See
     /// [`crate::socket::limit_receive_buffer`].
     pub app_receive_buffer: usize,
+    /// Congestion control of the same sockets (`TCP_CONGESTION`); `None` keeps the pod
+    /// namespace's default. See [`crate::socket::set_app_congestion_control`].
+    pub app_congestion_control: Option<String>,
 }
 
 impl Default for Settings {
@@ -98,6 +101,7 @@ impl Default for Settings {
             copy_buffer: 128 << 10,
             stream_send_buffer: 128 << 10,
             app_receive_buffer: 256 << 10,
+            app_congestion_control: None,
         }
     }
 }

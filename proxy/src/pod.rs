@@ -34,6 +34,8 @@ impl PodProxy {
         let out = factory.listener(OUTBOUND_PORT)?;
         // Every connection to 15001 comes from the pod's own apps.
         crate::socket::limit_receive_buffer((&out).into(), mesh.settings.app_receive_buffer)?;
+        let cc = mesh.settings.app_congestion_control.as_deref();
+        crate::socket::set_app_congestion_control((&out).into(), cc);
         let inb = factory.listener(INBOUND_PLAINTEXT_PORT)?;
         let hbone = factory.listener(INBOUND_HBONE_PORT)?;
         let stop = CancellationToken::new();

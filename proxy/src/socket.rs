@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use socket2::SockRef;
 use tokio::net::{TcpSocket, TcpStream};
+use tracing::debug;
 
 /// Creates sockets in the right network namespace.
 pub trait SocketFactory: Send + Sync + 'static {
@@ -38,6 +39,37 @@ pub fn limit_receive_buffer(sock: SockRef<'_>, bytes: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets the congestion control of a socket whose peer is an app in the same pod, when `name`
+/// is set; best effort (the agent checked at startup that the kernel has it, see
+/// [`congestion_control_available`]), so a refusal leaves the namespace's default.
+///
+/// Why: many nodes default to BBR, which paces every socket. With no `fq` qdisc (a pod's
+/// loopback has none) the kernel paces in TCP itself, one high-resolution timer per burst,
+/// each timer a softirq that sends the next burst; on a VM arming one is an exit to the
+/// hypervisor. A peer in the same namespace needs no pacing: it is microseconds away over a
+/// path that drops nothing. Measured across nodes on BBR nodes (ARCHITECTURE.md, "What the
+/// data path does per byte"). The sockets facing the network (HBONE, passthrough to remote
+/// destinations, plaintext from outside the mesh) keep the namespace's choice: their
+/// congestion control is the operator's, for a real network.
+///
+/// On a listener, set it before the first connection arrives (an accepted socket keeps the
+/// congestion control its listener was given); on an outgoing socket, before `connect()`.
+pub fn set_app_congestion_control(sock: SockRef<'_>, name: Option<&str>) {
+    if let Some(name) = name {
+        if let Err(e) = sock.set_tcp_congestion(name.as_bytes()) {
+            debug!("congestion control {name:?} refused, the namespace's default stays: {e}");
+        }
+    }
+}
+
+/// Whether the kernel lets this process give its sockets the congestion control `name`
+/// (tried on a socket of its own; the algorithms are the kernel's, the same in every
+/// namespace, and the agent's `CAP_NET_ADMIN` lifts the per-namespace allow list).
+pub fn congestion_control_available(name: &str) -> io::Result<()> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.set_tcp_congestion(name.as_bytes())
+}
+
 /// The destination a connection had before REDIRECT rewrote it; `peer` is its source as
 /// `accept` gave it (which family to ask for; taken from the caller, not `getpeername`, which
 /// would be one more system call per connection).
@@ -61,6 +93,25 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// reno is built into every kernel; a name no kernel has is refused with ENOENT, which the
+    /// agent reports at startup before keeping the pods' default.
+    #[test]
+    fn a_congestion_control_the_kernel_lacks_is_refused() {
+        congestion_control_available("reno").unwrap();
+        let e = congestion_control_available("no_such_cc").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        // The kernel answers with its whole name buffer, NUL-padded.
+        let cc = |s: &socket2::Socket| {
+            let name = s.tcp_congestion().unwrap();
+            String::from_utf8(name.split(|&b| b == 0).next().unwrap().to_vec()).unwrap()
+        };
+        set_app_congestion_control((&s).into(), Some("reno"));
+        assert_eq!(cc(&s), "reno");
+        set_app_congestion_control((&s).into(), Some("no_such_cc"));
+        assert_eq!(cc(&s), "reno", "a refusal changes nothing");
+    }
 
     #[test]
     fn v4_mapped_addresses_become_v4() {

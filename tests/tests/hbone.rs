@@ -895,16 +895,16 @@ fn a_burst_s_extra_pooled_connections_close_soon_and_the_first_stays_warm() {
     assert_eq!(established(&node), opened, "{}", node.agent_log());
 }
 
-/// The receive buffer (`rb`, SO_RCVBUF as the kernel holds it) of every established TCP
-/// socket in namespace `ns` that matches the `ss` filter.
-fn receive_buffers(ns: &str, filter: &str) -> Vec<u64> {
+/// The receive buffer (`rb`, SO_RCVBUF as the kernel holds it) and the congestion control of
+/// every established TCP socket in namespace `ns` that matches the `ss` filter.
+fn socket_settings(ns: &str, filter: &str) -> Vec<(u64, String)> {
     let out = std::process::Command::new("ip")
         .args([
             "netns",
             "exec",
             ns,
             "ss",
-            "-tmnH",
+            "-tmniH",
             "state",
             "established",
             filter,
@@ -912,23 +912,49 @@ fn receive_buffers(ns: &str, filter: &str) -> Vec<u64> {
         .output()
         .expect("running ss (package iproute2)");
     assert!(out.status.success(), "ss failed: {out:?}");
+    // Each socket's second line: `skmem:(r0,rb131072,…) cubic wscale:7,7 …`.
     String::from_utf8_lossy(&out.stdout)
-        .split("rb")
-        .skip(1)
-        .filter_map(|s| {
-            let digits: String = s.chars().take_while(char::is_ascii_digit).collect();
-            digits.parse().ok()
+        .lines()
+        .filter(|l| l.trim_start().starts_with("skmem:("))
+        .map(|l| {
+            let rb = l.split(",rb").nth(1).unwrap_or_default();
+            let rb: String = rb.chars().take_while(char::is_ascii_digit).collect();
+            let cc = l
+                .split_whitespace()
+                .find(|w| w.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or_default();
+            (rb.parse().expect("rb in ss output"), cc.to_owned())
         })
         .collect()
+}
+
+/// Sets the congestion control new sockets of namespace `ns` get by default.
+fn set_default_congestion_control(ns: &str, name: &str) {
+    let file = "/proc/sys/net/ipv4/tcp_congestion_control";
+    let st = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "sh",
+            "-c",
+            &format!("echo {name} > {file}"),
+        ])
+        .status()
+        .expect("ip netns exec");
+    assert!(st.success(), "setting {file} in {ns}");
 }
 
 /// 1,000 busy connections once stalled for minutes: autotuning grew the agent's app-facing
 /// receive buffers to tens of MiB while HTTP/2 flow control held their streams, the host
 /// crossed net.ipv4.tcp_mem's pressure threshold, and sockets over their share dropped
 /// segments. The sockets whose peer is an app in the same pod now have a fixed buffer (the
-/// agent flag), while those facing the network keep autotuning.
+/// agent flag), while those facing the network keep autotuning. The same sockets take the
+/// agent's app-facing congestion control (`--app-congestion-control`, default cubic: a pacing
+/// one, BBR, costs a timer per burst to a peer microseconds away), those facing the network
+/// the pod's (here reno, set in every pod's namespace so the two differ).
 #[test]
-fn app_facing_sockets_have_a_fixed_receive_buffer_and_network_facing_ones_autotune() {
+fn app_facing_sockets_get_the_app_settings_and_network_facing_ones_keep_the_pods() {
     let _shared = beside_captures();
     let mut node = Node::new("1.0.0").unwrap();
     node.agent_args = ["--app-receive-buffer-kib", "192"]
@@ -938,6 +964,9 @@ fn app_facing_sockets_have_a_fixed_receive_buffer_and_network_facing_ones_autotu
     let a = node.add_pod("a").unwrap();
     let b = node.add_pod("b").unwrap();
     let outside = node.add_pod_in("kube-system", "outside").unwrap();
+    for pod in [&a, &b, &outside] {
+        set_default_congestion_control(&pod.ns.name, "reno");
+    }
     let via_hbone = echo_server(&b.ns.open(), 7300, 1);
     let via_plaintext = echo_server(&b.ns.open(), 7301, 1);
     let msg = payload("buffers", 64 << 10);
@@ -953,7 +982,7 @@ fn app_facing_sockets_have_a_fixed_receive_buffer_and_network_facing_ones_autotu
     let conns = [(open(&a, 7300), a.ip), (open(&outside, 7301), outside.ip)];
     let to_app = "( dport = :7300 or dport = :7301 )";
     wait_for(Duration::from_secs(10), || {
-        receive_buffers(&b.ns.name, to_app).len() == 2
+        socket_settings(&b.ns.name, to_app).len() == 2
     })
     .unwrap_or_else(|_| panic!("the agent's sockets to B's app:\n{}", node.agent_log()));
 
@@ -965,21 +994,22 @@ fn app_facing_sockets_have_a_fixed_receive_buffer_and_network_facing_ones_autotu
         s.set_recv_buffer_size(192 * 1024).unwrap();
         s.recv_buffer_size().unwrap() as u64
     };
-    let from_app = receive_buffers(&a.ns.name, "( sport = :15001 )");
+    let app = (fixed, "cubic".to_owned());
+    let from_app = socket_settings(&a.ns.name, "( sport = :15001 )");
     assert_eq!(
         from_app,
-        vec![fixed],
+        vec![app.clone()],
         "the agent's socket accepted on 15001"
     );
     assert_eq!(
-        receive_buffers(&b.ns.name, to_app),
-        vec![fixed, fixed],
+        socket_settings(&b.ns.name, to_app),
+        vec![app.clone(), app],
         "the agent's sockets connected to B's app"
     );
     // Facing the network: the HBONE connection (both ends) and the plaintext client's socket.
     let network = [
-        receive_buffers(&a.ns.name, "( dport = :15008 )"),
-        receive_buffers(&b.ns.name, "( sport = :15008 or sport = :15006 )"),
+        socket_settings(&a.ns.name, "( dport = :15008 )"),
+        socket_settings(&b.ns.name, "( sport = :15008 or sport = :15006 )"),
     ]
     .concat();
     assert_eq!(
@@ -988,8 +1018,8 @@ fn app_facing_sockets_have_a_fixed_receive_buffer_and_network_facing_ones_autotu
         "HBONE client, HBONE server, 15006: {network:?}"
     );
     assert!(
-        network.iter().all(|&rb| rb != fixed),
-        "a network-facing socket got the app-facing buffer: {network:?}"
+        network.iter().all(|(rb, cc)| *rb != fixed && cc == "reno"),
+        "a network-facing socket got an app-facing setting: {network:?}"
     );
 
     for (mut s, from) in conns {
