@@ -239,6 +239,36 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    /// The client side of a CONNECT over `io` (the caller serves the other side), its stream
+    /// and connection windows `window`, and a TCP pair on loopback: (the tunnel, the app's
+    /// socket, the relay's socket).
+    async fn tunnel_and_app(
+        io: tokio::io::DuplexStream,
+        window: u32,
+    ) -> (Tunnel, TcpStream, TcpStream) {
+        let (mut h2, conn) = h2::client::Builder::new()
+            .initial_window_size(window)
+            .initial_connection_window_size(window)
+            .handshake(io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let connect = http::Request::connect("10.0.0.1:80").body(()).unwrap();
+        let (answer, send) = h2.send_request(connect, false).unwrap();
+        let recv = answer.await.unwrap().into_body();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tunnel = Tunnel {
+            send,
+            recv,
+            ended: false,
+        };
+        (tunnel, app, tcp)
+    }
+
     /// A relay on a data-path worker: once the app half-closes, its connection stops counting
     /// toward the worker's load; once more than [`DOWNLOAD_AFTER_CLOSE`] bytes went back to
     /// the app (a download), it counts again.
@@ -265,23 +295,9 @@ mod tests {
             send.send_data(Bytes::from(download), false).unwrap();
             std::future::pending::<()>().await;
         });
-        let (mut h2, conn) = h2::client::handshake(client_io).await.unwrap();
-        tokio::spawn(conn);
-        let connect = http::Request::connect("10.0.0.1:80").body(()).unwrap();
-        let (answer, send) = h2.send_request(connect, false).unwrap();
-        let recv = answer.await.unwrap().into_body();
-
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut app = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (tcp, _) = listener.accept().await.unwrap();
+        // HTTP/2's default windows.
+        let (tunnel, mut app, tcp) = tunnel_and_app(client_io, 65_535).await;
         workers.run(tcp, move |mut tcp| async move {
-            let tunnel = Tunnel {
-                send,
-                recv,
-                ended: false,
-            };
             let _ = copy(&mut tcp, tunnel, 64 << 10).await;
         });
         let load_is = async |what: &str, n: usize| until(what, || workers.load_of(0) == n).await;
@@ -340,34 +356,13 @@ mod tests {
             }
             std::future::pending::<()>().await;
         });
-        let (mut h2, conn) = h2::client::Builder::new()
-            .initial_window_size(16 << 20)
-            .initial_connection_window_size(16 << 20)
-            .handshake(client_io)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let connect = http::Request::connect("10.0.0.1:80").body(()).unwrap();
-        let (answer, send) = h2.send_request(connect, false).unwrap();
-        let recv = answer.await.unwrap().into_body();
-
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut app = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut tcp, _) = listener.accept().await.unwrap();
+        // Windows that hold every frame.
+        let (tunnel, mut app, mut tcp) = tunnel_and_app(client_io, 16 << 20).await;
         // A small send buffer: the relay's writes are cut short and resumed.
         socket2::SockRef::from(&tcp)
             .set_send_buffer_size(4096)
             .unwrap();
-        let relay = tokio::spawn(async move {
-            let tunnel = Tunnel {
-                send,
-                recv,
-                ended: false,
-            };
-            copy(&mut tcp, tunnel, 64 << 10).await
-        });
+        let relay = tokio::spawn(async move { copy(&mut tcp, tunnel, 64 << 10).await });
         let mut got = Vec::new();
         app.read_to_end(&mut got).await.unwrap();
         assert_eq!(got.len(), expected.len(), "bytes the app received");
