@@ -149,6 +149,12 @@ pub struct Config {
     /// and the pod's default kept.
     #[arg(long, env = "AMBIT_APP_CONGESTION_CONTROL", default_value = "cubic", value_parser = parse_congestion_control)]
     pub app_congestion_control: CongestionControl,
+    /// TCP congestion control of the agent's HBONE sockets (both ends), or `default` for the
+    /// pod's, as the app's own connection would have had. Choosing one (e.g. cubic on a node
+    /// whose default is BBR) trades the network behaviour of the pod's default for the CPU its
+    /// pacing costs; see ARCHITECTURE.md.
+    #[arg(long, env = "AMBIT_HBONE_CONGESTION_CONTROL", default_value = "default", value_parser = parse_congestion_control)]
+    pub hbone_congestion_control: CongestionControl,
     /// Deliver HBONE traffic between two pods of this node socket to socket in the kernel
     /// (sk_msg on a sockhash) instead of through both pods' TCP stacks and the bridge; the
     /// bytes are the same TLS records. Off, or where the kernel refuses (no
@@ -183,7 +189,8 @@ fn parse_trust_domain(s: &str) -> Result<String, String> {
         .map_err(|_| format!("{s:?} is not a trust domain (letters, digits, '-', '.', '_')"))
 }
 
-/// `--app-congestion-control`: a kernel algorithm's name, or the pod namespace's default.
+/// `--app-congestion-control` and `--hbone-congestion-control`: a kernel algorithm's name, or
+/// the pod namespace's default.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CongestionControl {
     PodDefault,
@@ -381,6 +388,7 @@ impl Config {
             "pool-surplus-idle-timeout": humantime::format_duration(self.pool_surplus_idle_timeout).to_string(),
             "app-receive-buffer-kib": self.app_receive_buffer_kib,
             "app-congestion-control": self.app_congestion_control.to_string(),
+            "hbone-congestion-control": self.hbone_congestion_control.to_string(),
             "metrics-address": self.metrics_address,
             "readiness-address": self.readiness_address,
             "admin-address": self.admin_address,
@@ -593,6 +601,10 @@ mod tests {
         assert_eq!((c.name(), c.to_string().as_str()), (None, "default"));
         let c = cc(&["--app-congestion-control", "bbr"]).unwrap();
         assert_eq!(c.name(), Some("bbr"));
+        let hbone = |args: &[&str]| load(args).unwrap().hbone_congestion_control;
+        assert_eq!(hbone(&[]).name(), None, "HBONE keeps the pod's by default");
+        let c = hbone(&["--hbone-congestion-control", "cubic"]);
+        assert_eq!(c.name(), Some("cubic"));
         for bad in ["", "BBR", "cubic reno", "../cubic", "sixteen_letters_"] {
             let e = cc(&["--app-congestion-control", bad])
                 .unwrap_err()

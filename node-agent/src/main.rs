@@ -279,14 +279,16 @@ fn mesh(
         })
         .flatten();
     metrics.shortcut_enabled.set(shortcut.is_some().into());
-    let app_congestion_control = config.app_congestion_control.name().and_then(|name| {
-        ambit_proxy::socket::congestion_control_available(name)
-            .inspect_err(|e| {
-                warn!("--app-congestion-control {name}: not available ({e}); sockets facing apps keep their pod's default")
-            })
-            .ok()
-            .map(|()| name.to_owned())
-    });
+    let app_congestion_control = congestion_control(
+        "--app-congestion-control",
+        &config.app_congestion_control,
+        "sockets facing apps",
+    );
+    let hbone_congestion_control = congestion_control(
+        "--hbone-congestion-control",
+        &config.hbone_congestion_control,
+        "HBONE sockets",
+    );
     Arc::new(Mesh {
         directory: store.clone(),
         certs: certs.clone(),
@@ -297,12 +299,26 @@ fn mesh(
             pool_surplus_idle_timeout: config.pool_surplus_idle_timeout,
             app_receive_buffer: config.app_receive_buffer_kib as usize * 1024,
             app_congestion_control,
+            hbone_congestion_control,
             ..Settings::default()
         },
         metrics,
         workers,
         shortcut,
     })
+}
+
+/// The congestion control `flag` names, if the kernel has it; if not, a warning that `sockets`
+/// keep their pod's default.
+fn congestion_control(flag: &str, cc: &config::CongestionControl, sockets: &str) -> Option<String> {
+    let name = cc.name()?;
+    match ambit_proxy::socket::congestion_control_available(name) {
+        Ok(()) => Some(name.to_owned()),
+        Err(e) => {
+            warn!("{flag} {name}: not available ({e}); {sockets} keep their pod's default");
+            None
+        }
+    }
 }
 
 /// Binds and serves the metrics, readiness and admin endpoints until `stop`.

@@ -131,7 +131,7 @@ impl PodShared {
         let s = self.factory.upstream(dst, source)?;
         let settings = &self.mesh.settings;
         crate::socket::limit_receive_buffer((&s).into(), settings.app_receive_buffer)?;
-        crate::socket::set_app_congestion_control(
+        crate::socket::set_congestion_control(
             (&s).into(),
             settings.app_congestion_control.as_deref(),
         );

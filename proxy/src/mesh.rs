@@ -83,8 +83,11 @@ pub struct Settings {
     /// [`crate::socket::limit_receive_buffer`].
     pub app_receive_buffer: usize,
     /// Congestion control of the same sockets (`TCP_CONGESTION`); `None` keeps the pod
-    /// namespace's default. See [`crate::socket::set_app_congestion_control`].
+    /// namespace's default. See [`crate::socket::set_congestion_control`].
     pub app_congestion_control: Option<String>,
+    /// Congestion control of the HBONE sockets, both ends (`None`: the pod namespace's, the
+    /// default); an operator's choice for the network between pods.
+    pub hbone_congestion_control: Option<String>,
 }
 
 impl Default for Settings {
@@ -102,6 +105,7 @@ impl Default for Settings {
             stream_send_buffer: 128 << 10,
             app_receive_buffer: 256 << 10,
             app_congestion_control: None,
+            hbone_congestion_control: None,
         }
     }
 }

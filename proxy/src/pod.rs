@@ -35,9 +35,11 @@ impl PodProxy {
         // Every connection to 15001 comes from the pod's own apps.
         crate::socket::limit_receive_buffer((&out).into(), mesh.settings.app_receive_buffer)?;
         let cc = mesh.settings.app_congestion_control.as_deref();
-        crate::socket::set_app_congestion_control((&out).into(), cc);
+        crate::socket::set_congestion_control((&out).into(), cc);
         let inb = factory.listener(INBOUND_PLAINTEXT_PORT)?;
         let hbone = factory.listener(INBOUND_HBONE_PORT)?;
+        let cc = mesh.settings.hbone_congestion_control.as_deref();
+        crate::socket::set_congestion_control((&hbone).into(), cc);
         let stop = CancellationToken::new();
         let shared = Arc::new(PodShared::new(ctx, factory, mesh, &stop));
         let workers = &shared.mesh.workers;

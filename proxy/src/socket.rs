@@ -39,22 +39,25 @@ pub fn limit_receive_buffer(sock: SockRef<'_>, bytes: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// Sets the congestion control of a socket whose peer is an app in the same pod, when `name`
-/// is set; best effort (the agent checked at startup that the kernel has it, see
-/// [`congestion_control_available`]), so a refusal leaves the namespace's default.
+/// Sets a socket's congestion control when `name` is set; best effort (the agent checked at
+/// startup that the kernel has it, see [`congestion_control_available`]), so a refusal leaves
+/// the namespace's default.
 ///
-/// Why: many nodes default to BBR, which paces every socket. With no `fq` qdisc (a pod's
-/// loopback has none) the kernel paces in TCP itself, one high-resolution timer per burst,
-/// each timer a softirq that sends the next burst; on a VM arming one is an exit to the
-/// hypervisor. A peer in the same namespace needs no pacing: it is microseconds away over a
-/// path that drops nothing. Measured across nodes on BBR nodes (ARCHITECTURE.md, "What the
-/// data path does per byte"). The sockets facing the network (HBONE, passthrough to remote
-/// destinations, plaintext from outside the mesh) keep the namespace's choice: their
-/// congestion control is the operator's, for a real network.
+/// Used for the sockets whose peer is an app in the same pod (`--app-congestion-control`,
+/// cubic by default) and, only when an operator asks, the HBONE sockets
+/// (`--hbone-congestion-control`). Why the app-facing ones: many nodes default to BBR, which
+/// paces every socket. With no `fq` qdisc (a pod's loopback has none) the kernel paces in TCP
+/// itself, one high-resolution timer per burst, each timer a softirq that sends the next burst;
+/// on a VM arming one is an exit to the hypervisor. A peer in the same namespace needs no
+/// pacing: it is microseconds away over a path that drops nothing. Measured across nodes on
+/// BBR nodes (ARCHITECTURE.md, "What the data path does per byte"). The sockets facing the
+/// network (HBONE, passthrough to remote destinations, plaintext from outside the mesh) keep
+/// the namespace's choice by default: their congestion control is the operator's, for a real
+/// network.
 ///
 /// On a listener, set it before the first connection arrives (an accepted socket keeps the
 /// congestion control its listener was given); on an outgoing socket, before `connect()`.
-pub fn set_app_congestion_control(sock: SockRef<'_>, name: Option<&str>) {
+pub fn set_congestion_control(sock: SockRef<'_>, name: Option<&str>) {
     if let Some(name) = name {
         if let Err(e) = sock.set_tcp_congestion(name.as_bytes()) {
             debug!("congestion control {name:?} refused, the namespace's default stays: {e}");
@@ -107,9 +110,9 @@ mod tests {
             let name = s.tcp_congestion().unwrap();
             String::from_utf8(name.split(|&b| b == 0).next().unwrap().to_vec()).unwrap()
         };
-        set_app_congestion_control((&s).into(), Some("reno"));
+        set_congestion_control((&s).into(), Some("reno"));
         assert_eq!(cc(&s), "reno");
-        set_app_congestion_control((&s).into(), Some("no_such_cc"));
+        set_congestion_control((&s).into(), Some("no_such_cc"));
         assert_eq!(cc(&s), "reno", "a refusal changes nothing");
     }
 

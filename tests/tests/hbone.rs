@@ -945,6 +945,38 @@ fn set_default_congestion_control(ns: &str, name: &str) {
     assert!(st.success(), "setting {file} in {ns}");
 }
 
+/// `--hbone-congestion-control` gives both ends of an HBONE connection the congestion control
+/// an operator names instead of the pod's (reno here, set as in the test below).
+#[test]
+fn hbone_sockets_take_the_congestion_control_an_operator_names() {
+    let _shared = beside_captures();
+    let mut node = Node::new("1.0.0").unwrap();
+    node.agent_args = ["--hbone-congestion-control", "cubic"]
+        .map(String::from)
+        .to_vec();
+    node.start_agent().unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    for pod in [&a, &b] {
+        set_default_congestion_control(&pod.ns.name, "reno");
+    }
+    let server = echo_server(&b.ns.open(), 7302, 1);
+    let dst = SocketAddr::new(b.ip, 7302);
+    assert_eq!(
+        talk(&a.ns.open(), dst, b"cc").unwrap(),
+        format!("peer={};cc", a.ip)
+    );
+    server.join().unwrap();
+    // The pooled connection stays open after the exchange.
+    let hbone = [
+        socket_settings(&a.ns.name, "( dport = :15008 )"),
+        socket_settings(&b.ns.name, "( sport = :15008 )"),
+    ]
+    .concat();
+    let names: Vec<&str> = hbone.iter().map(|(_, cc)| cc.as_str()).collect();
+    assert_eq!(names, ["cubic", "cubic"], "{}", node.agent_log());
+}
+
 /// 1,000 busy connections once stalled for minutes: autotuning grew the agent's app-facing
 /// receive buffers to tens of MiB while HTTP/2 flow control held their streams, the host
 /// crossed net.ipv4.tcp_mem's pressure threshold, and sockets over their share dropped

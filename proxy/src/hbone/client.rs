@@ -336,6 +336,8 @@ impl Pool {
             .factory
             .upstream(addr, None)
             .map_err(|source| Error::Connect { addr, source })?;
+        let cc = self.mesh.settings.hbone_congestion_control.as_deref();
+        crate::socket::set_congestion_control((&socket).into(), cc);
         let tcp = socket
             .connect(addr)
             .await
