@@ -919,8 +919,11 @@ fn socket_settings(ns: &str, filter: &str) -> Vec<(u64, String)> {
         .map(|l| {
             let rb = l.split(",rb").nth(1).unwrap_or_default();
             let rb: String = rb.chars().take_while(char::is_ascii_digit).collect();
+            // The first bare word but the TCP options some `ss` versions print before it.
+            let options = ["ts", "sack", "ecn", "ecnseen", "fastopen"];
             let cc = l
                 .split_whitespace()
+                .filter(|w| !options.contains(w))
                 .find(|w| w.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
                 .unwrap_or_default();
             (rb.parse().expect("rb in ss output"), cc.to_owned())
