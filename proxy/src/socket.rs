@@ -66,8 +66,8 @@ pub fn set_congestion_control(sock: SockRef<'_>, name: Option<&str>) {
 }
 
 /// Whether the kernel lets this process give its sockets the congestion control `name`
-/// (tried on a socket of its own; the algorithms are the kernel's, the same in every
-/// namespace, and the agent's `CAP_NET_ADMIN` lifts the per-namespace allow list).
+/// (tried on a socket of its own: the algorithms are the kernel's, the same in every
+/// namespace; the agent's `CAP_NET_ADMIN` lifts `net.ipv4.tcp_allowed_congestion_control`).
 pub fn congestion_control_available(name: &str) -> io::Result<()> {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     s.set_tcp_congestion(name.as_bytes())
