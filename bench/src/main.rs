@@ -118,6 +118,16 @@ struct Args {
     /// and reported as this build ÷ baseline.
     #[arg(long)]
     baseline_agent: Option<PathBuf>,
+    /// Extra arguments for the baseline agent alone (repeatable, after any `--agent-arg`,
+    /// which both get), e.g. `--baseline-agent target/release/ambit-agent
+    /// --baseline-agent-arg=--worker-spin-us=0`: a lever that is a flag, measured against the
+    /// same binary without it.
+    #[arg(
+        long = "baseline-agent-arg",
+        allow_hyphen_values = true,
+        requires = "baseline_agent"
+    )]
+    baseline_agent_args: Vec<String>,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -798,6 +808,8 @@ fn alternated(
         ..args.clone()
     };
     let (mut this, mut base) = (Vec::new(), Vec::new());
+    // Each node's own arguments; the baseline's agents get `--baseline-agent-arg` behind them.
+    let own: Vec<Vec<String>> = nodes.iter().map(|n| n.agent_args.clone()).collect();
     for &pinned in variants {
         let tag = pinned_tag(pinned);
         let (mut t, mut b) = (Vec::new(), Vec::new());
@@ -816,7 +828,12 @@ fn alternated(
                 eprintln!("  run {}/{} through {name}{tag}", i + 1, args.repeat);
                 let mut run = || -> Result<Vec<Figures>> {
                     let mut pids = Vec::new();
-                    for node in nodes.iter_mut() {
+                    for (node, own) in nodes.iter_mut().zip(&own) {
+                        node.agent_args = own.clone();
+                        if agent.is_some() {
+                            node.agent_args
+                                .extend(args.baseline_agent_args.iter().cloned());
+                        }
                         node.restart_agent(agent.clone())?;
                         let pid = node.agent_pid().context("agent pid")?;
                         pin_process(pid, pinned)?;
@@ -928,9 +945,13 @@ fn baseline_table(
     baseline: &[Vec<Figures>],
     direct: &[Vec<Figures>],
 ) -> (String, Vec<Value>) {
+    let mut label = bin.display().to_string();
+    for a in &args.baseline_agent_args {
+        label.push(' ');
+        label.push_str(a);
+    }
     let mut md = format!(
-        "\n| figure (same pods, same run; baseline {}) | baseline agent | this build | this ÷ baseline |\n|---|---|---|---|\n",
-        bin.display()
+        "\n| figure (same pods, same run; baseline {label}) | baseline agent | this build | this ÷ baseline |\n|---|---|---|---|\n"
     );
     let mut rows = Vec::new();
     let mut row = |name: String, unit: &str, b: f64, x: f64, b_all: Vec<f64>, x_all: Vec<f64>| {
@@ -1383,7 +1404,8 @@ fn main() -> Result<()> {
     let mut out = json!({
         "settings": {"seconds": args.seconds, "iterations": args.iterations,
                      "connections": args.connections, "repeat": args.repeat,
-                     "agent_args": args.agent_args, "smoke": args.smoke,
+                     "agent_args": args.agent_args,
+                     "baseline_agent_args": args.baseline_agent_args, "smoke": args.smoke,
                      "topology": topology},
     });
     if args.topology.contains(&Topology::SameNode) {
@@ -1410,7 +1432,33 @@ fn main() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{best, median, ratio};
+    use super::{Args, best, median, ratio};
+    use clap::Parser;
+
+    /// Arguments for the baseline's agents alone come with a baseline agent, hyphens and all.
+    #[test]
+    fn baseline_agent_arguments_need_a_baseline_agent() {
+        let Err(e) =
+            Args::try_parse_from(["ambit-bench", "--baseline-agent-arg=--worker-spin-us=0"])
+        else {
+            panic!("--baseline-agent-arg was taken without --baseline-agent");
+        };
+        assert_eq!(
+            e.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument,
+            "{e}"
+        );
+        let a = Args::try_parse_from([
+            "ambit-bench",
+            "--baseline-agent",
+            "/bin/agent",
+            "--baseline-agent-arg",
+            "--worker-spin-us=0",
+            "--baseline-agent-arg=--log=debug",
+        ])
+        .unwrap();
+        assert_eq!(a.baseline_agent_args, ["--worker-spin-us=0", "--log=debug"]);
+    }
 
     #[test]
     fn the_best_run_is_the_lowest_and_the_median_the_middle() {

@@ -163,7 +163,8 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
 
 /// An A/B run that fails says why: a baseline agent that cannot start stops the bench (a
 /// failure, not a table with a hole) and the bench prints that agent's last log lines, named
-/// by the binary and the node, before its error.
+/// by the binary and the node, before its error. The baseline's agents are started with the
+/// arguments both get (`--agent-arg`) and then their own (`--baseline-agent-arg`).
 #[test]
 fn an_alternated_run_that_fails_prints_the_failing_agents_log() {
     ambit_tests::require_root();
@@ -171,13 +172,17 @@ fn an_alternated_run_that_fails_prints_the_failing_agents_log() {
     let agent = dir.0.join("agent-that-refuses");
     std::fs::write(
         &agent,
-        "#!/bin/sh\necho 'baseline-marker: this agent refuses to start' >&2\nexit 3\n",
+        "#!/bin/sh\necho \"baseline-marker: this agent refuses to start: $*\" >&2\nexit 3\n",
     )
     .unwrap();
     std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_ambit-bench"))
         .args(["--smoke", "--topology", "cross-node", "--baseline-agent"])
         .arg(&agent)
+        .args([
+            "--agent-arg=--log=info",
+            "--baseline-agent-arg=--baseline-only-marker",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -190,6 +195,10 @@ fn an_alternated_run_that_fails_prints_the_failing_agents_log() {
     assert!(
         tail.contains("baseline-marker: this agent refuses to start"),
         "the tail is not the failing agent's log:\n{stderr}"
+    );
+    assert!(
+        tail.contains(" --log=info --baseline-only-marker\n"),
+        "the baseline agent's arguments are not both sides' then its own:\n{stderr}"
     );
     assert!(
         stderr.contains("exited (exit status: 3) before it created its socket"),
