@@ -61,10 +61,16 @@ fn a_surge_upgrade_hands_over_without_failing_a_new_connection() {
                 while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(120) {
                     let r = ns.run(|| -> std::io::Result<()> {
                         let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(3))?;
-                        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                        s.write_all(b"x")?;
+                        // The client's address names a failed connection in the report, to be
+                        // looked for in the agents' access lines.
+                        let at = s.local_addr()?;
+                        let failed =
+                            |e: std::io::Error| std::io::Error::new(e.kind(), format!("{at}: {e}"));
+                        s.set_read_timeout(Some(Duration::from_secs(5)))
+                            .map_err(failed)?;
+                        s.write_all(b"x").map_err(failed)?;
                         let mut b = [0u8; 1];
-                        s.read_exact(&mut b)?;
+                        s.read_exact(&mut b).map_err(failed)?;
                         Ok(())
                     });
                     match r.map_err(std::io::Error::other).and_then(|r| r) {
@@ -119,16 +125,21 @@ fn a_surge_upgrade_hands_over_without_failing_a_new_connection() {
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     println!(
-        "surge upgrade: {ok} connections succeeded ({} while both agents ran, {} after the old one left), {failed} failed",
+        "surge upgrade: {ok} connections succeeded ({} while both agents ran, {} after the old one left), {failed} failed; queued connections moved off a closed listener (client pod / server pod): {} / {}",
         before_term - at_second_start,
-        ok - after_term
+        ok - after_term,
+        migrated(&client.ns.open()),
+        migrated(&server.ns.open()),
     );
     assert_eq!(
         failed,
         0,
         "failed connections (phase 0 one agent, 1 both, 2 the old one draining, 3 it is gone): \
-         {:?}\n--- the old agent's log:\n{}\n--- the new agent's log:\n{}",
+         {:?}\n--- queued connections moved off a closed listener (client pod / server pod): \
+         {} / {}\n--- the old agent's log:\n{}\n--- the new agent's log:\n{}",
         errors.lock().unwrap(),
+        migrated(&client.ns.open()),
+        migrated(&server.ns.open()),
         above_debug(&node.agent_log()),
         above_debug(&node.log_of("new"))
     );
@@ -138,6 +149,32 @@ fn a_surge_upgrade_hands_over_without_failing_a_new_connection() {
     assert!(node.recorded_pods().contains(&late.container_id));
     assert!(node.log_of("new").contains(&late.container_id));
     drop(second);
+}
+
+/// The kernel's counts of requests moved off a closed listener to another of its SO_REUSEPORT
+/// group (`net.ipv4.tcp_migrate_req`) in the namespace `ns`: `TCPMigrateReqSuccess` and
+/// `TCPMigrateReqFailure` (a failure is a reset the client sees).
+fn migrated(ns: &ambit_common::netns::Netns) -> String {
+    // `/proc/thread-self`: `/proc/self/net` is the main thread's namespace, not this one's.
+    let netstat = ns
+        .run(|| std::fs::read_to_string("/proc/thread-self/net/netstat"))
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    let text = match netstat {
+        Ok(t) => t,
+        Err(e) => return format!("(netstat unreadable: {e})"),
+    };
+    let mut tcp_ext = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (tcp_ext.next(), tcp_ext.next()) else {
+        return "(no TcpExt in netstat)".into();
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .filter(|(n, _)| n.starts_with("TCPMigrateReq"))
+        .map(|(n, v)| format!("{n} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A draining agent sends GOAWAY on its inbound HBONE connections; a client may already have
