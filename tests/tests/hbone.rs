@@ -665,6 +665,106 @@ fn a_request_ended_ahead_of_the_answer_releases_the_held_answer() {
 /// answer, and the agent rightly sent nothing early). So each connection must deliver
 /// everything once and in order, and up to five connections are made until one has sent
 /// early bytes; none in five fails.
+/// Connects from inside `ns` to `dst` from the address `src` (its port given), sends a line,
+/// half-closes and returns the reply.
+fn talk_from(ns: &ambit_common::netns::Netns, src: SocketAddr, dst: SocketAddr) -> String {
+    let s = ns
+        .run(|| -> std::io::Result<std::net::TcpStream> {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.bind(&src.into())?;
+            s.connect_timeout(&dst.into(), Duration::from_secs(3))?;
+            Ok(s.into())
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("connect from {src} to {dst}: {e}"));
+    let mut s = s;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"who am I?").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)
+        .unwrap_or_else(|e| panic!("reply to {src}: {e}"));
+    reply
+}
+
+/// The app sees the client's own address and port, as the client's kernel chose it: the
+/// destination's agent binds that port instead of searching the port range for one (the
+/// search that made connection churn slow, see `ambit_proxy::hbone::server`). Where this pod
+/// holds the port (a listener of its own), or it lies outside the pod's ephemeral range, the
+/// connection is made from another port — and still made.
+#[test]
+fn the_app_sees_the_clients_own_port_unless_the_port_is_taken_or_not_ephemeral_here() {
+    let _shared = beside_captures();
+    let mut node = Node::new("1.0.0").unwrap();
+    node.start_agent().unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    let range = |ns: &ambit_common::netns::Netns| -> (u16, u16) {
+        let text = ns
+            .run(|| std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range"))
+            .unwrap()
+            .unwrap();
+        let mut it = text.split_whitespace().map(|p| p.parse::<u16>().unwrap());
+        (it.next().unwrap(), it.next().unwrap())
+    };
+    let (low, high) = range(&b.ns.open());
+    assert!(low > 1, "b's range: {low}-{high}");
+    // The app answers each connection with the address it came from.
+    let app =
+        b.ns.open()
+            .run(|| std::net::TcpListener::bind(("0.0.0.0", 7330)))
+            .unwrap()
+            .unwrap();
+    let server = std::thread::spawn(move || {
+        for _ in 0..3 {
+            let (mut c, peer) = app.accept().unwrap();
+            let mut got = Vec::new();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.read_to_end(&mut got).unwrap();
+            c.write_all(format!("peer={peer}").as_bytes()).unwrap();
+        }
+    });
+    let dst = SocketAddr::new(b.ip, 7330);
+    // A port b's own kernel could have chosen, free in both pods.
+    let free =
+        a.ns.open()
+            .run(|| std::net::TcpListener::bind((a.ip, 0)).map(|l| l.local_addr().unwrap().port()))
+            .unwrap()
+            .unwrap();
+    assert!((low..=high).contains(&free), "{free} not in {low}-{high}");
+    let src = SocketAddr::new(a.ip, free);
+    assert_eq!(talk_from(&a.ns.open(), src, dst), format!("peer={src}"));
+    // A port b holds (a listener on every address): the agent's bind fails, another is used.
+    let held =
+        b.ns.open()
+            .run(|| std::net::TcpListener::bind(("0.0.0.0", 0)))
+            .unwrap()
+            .unwrap();
+    let held_port = held.local_addr().unwrap().port();
+    assert!((low..=high).contains(&held_port));
+    let reply = talk_from(&a.ns.open(), SocketAddr::new(a.ip, held_port), dst);
+    let seen: SocketAddr = reply["peer=".len()..].parse().unwrap();
+    assert!(
+        seen.ip() == a.ip && seen.port() != held_port && (low..=high).contains(&seen.port()),
+        "held port {held_port}: the app saw {seen}"
+    );
+    // Below b's ephemeral range: not taken from the client.
+    let reply = talk_from(&a.ns.open(), SocketAddr::new(a.ip, low - 1), dst);
+    let seen: SocketAddr = reply["peer=".len()..].parse().unwrap();
+    assert!(
+        seen.ip() == a.ip && (low..=high).contains(&seen.port()),
+        "port {}: the app saw {seen}",
+        low - 1
+    );
+    server.join().unwrap();
+    drop(held);
+    let log = node.agent_log();
+    assert!(
+        log.contains("the client's port is taken here"),
+        "the fallback is logged:\n{log}"
+    );
+}
+
 #[test]
 fn early_bytes_reach_the_app_once_and_in_order() {
     let _shared = beside_captures();
