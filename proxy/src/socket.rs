@@ -13,10 +13,10 @@ pub trait SocketFactory: Send + Sync + 'static {
     fn listener(&self, port: u16) -> io::Result<std::net::TcpListener>;
     /// An unconnected socket for `dst`; when `source` is set the socket is transparent and bound
     /// to that (non-local) address, so the peer sees the original client IP. A source port of
-    /// 0 leaves the port to `connect`, which picks one from the full 4-tuple; any other port is
-    /// bound as given, beside the TIME_WAIT sockets of earlier connections from it
-    /// (`SO_REUSEADDR`), and fails with `EADDRINUSE` where a socket of the namespace holds it
-    /// otherwise (a listener, say).
+    /// 0 leaves the port to `connect`, which picks one from the full 4-tuple, and so does a port
+    /// outside the namespace's ephemeral range; any other port is bound as given, beside the
+    /// TIME_WAIT sockets of earlier connections from it (`SO_REUSEADDR`), and fails with
+    /// `EADDRINUSE` where a socket of the namespace holds it otherwise (a listener, say).
     fn upstream(&self, dst: SocketAddr, source: Option<SocketAddr>) -> io::Result<TcpSocket>;
 }
 

@@ -688,8 +688,8 @@ fn talk_from(ns: &ambit_common::netns::Netns, src: SocketAddr, dst: SocketAddr) 
 }
 
 /// The app sees the client's own address and port, as the client's kernel chose it: the
-/// destination's agent binds that port instead of searching the port range for one (the
-/// search that made connection churn slow, see `ambit_proxy::hbone::server`). Where this pod
+/// destination's agent binds that port instead of searching the port range for one (see
+/// `ambit_proxy::hbone::server::connect_to_app`). Where this pod
 /// holds the port (a listener of its own), or it lies outside the pod's ephemeral range, the
 /// connection is made from another port — and still made.
 #[test]

@@ -284,13 +284,14 @@ fn client_port(headers: &http::HeaderMap, peer_ip: IpAddr) -> Option<u16> {
 
 /// Connects to the app `dst` from `source` (transparent, see
 /// [`crate::socket::SocketFactory::upstream`]). From the client's own port where `source` names
-/// one: the kernel binds it without searching the port range, where a port chosen at `connect`
-/// is searched for among every port the namespace's sockets hold — TIME_WAIT ones included,
-/// which under connection churn (each connection leaves one, as the agent closes first) made
-/// that search most of the agent's CPU and the connection's latency. The client's kernel
-/// already made that 4-tuple unique on its side, so here it is almost always free; where it is
-/// not (a socket of this namespace holds the port, or a TIME_WAIT one the same 4-tuple), the
-/// connection is made again from a port `connect` picks.
+/// one, so the app sees the address the client's kernel chose, as it would without the mesh;
+/// and the kernel binds it without searching the port range, where a port chosen at `connect`
+/// is searched for among every port the namespace's sockets hold, TIME_WAIT ones included
+/// (each connection leaves one, as the agent closes first): once those of one (client, app)
+/// pair wrap the range, that search was most of the agent's CPU (a 40,000-connection run). The
+/// client's kernel already made the 4-tuple unique on its side, so here it is almost always
+/// free; where it is not (a socket of this namespace holds the port, or a TIME_WAIT one the
+/// same 4-tuple), the connection is made again from a port `connect` picks.
 async fn connect_to_app(
     pod: &PodShared,
     dst: SocketAddr,
