@@ -775,7 +775,11 @@ pub fn connect_in(ns: &Netns, dst: SocketAddr) -> std::io::Result<TcpStream> {
 
 /// Connects from inside `ns` to `dst`, sends `msg`, half-closes, and returns the reply.
 pub fn talk(ns: &Netns, dst: SocketAddr, msg: &[u8]) -> std::io::Result<String> {
-    let mut s = connect_in(ns, dst)?;
+    exchange(connect_in(ns, dst)?, msg)
+}
+
+/// On a connected socket: sends `msg`, half-closes, and returns the reply (read for up to 10 s).
+pub fn exchange(mut s: TcpStream, msg: &[u8]) -> std::io::Result<String> {
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.write_all(msg)?;
     s.shutdown(std::net::Shutdown::Write)?;

@@ -677,14 +677,7 @@ fn talk_from(ns: &ambit_common::netns::Netns, src: SocketAddr, dst: SocketAddr) 
         })
         .unwrap()
         .unwrap_or_else(|e| panic!("connect from {src} to {dst}: {e}"));
-    let mut s = s;
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"who am I?").unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply)
-        .unwrap_or_else(|e| panic!("reply to {src}: {e}"));
-    reply
+    exchange(s, b"who am I?").unwrap_or_else(|e| panic!("reply to {src}: {e}"))
 }
 
 /// The app sees the client's own address and port, as the client's kernel chose it: the
