@@ -1,19 +1,31 @@
-//! Where the agent's log goes: stderr, one `write` per line as before, except that a line the
-//! reader of a pipe is not taking (the pipe is full) is dropped and counted instead of
-//! blocking the thread that logged it. Most lines — the access log — are written by the
-//! data-path threads: a container runtime whose log reader stalls (a rotation, a busy shim)
-//! would otherwise stall every connection those threads carry once the pipe's 64 KiB are full.
-//! Written here rather than taken from `tracing-appender`'s non-blocking writer because that
-//! one adds a thread and a wake-up of it per line; this keeps the single `write` per line and
-//! its cost.
+//! Where the agent's log goes: stderr, written so that logging never waits for the reader and
+//! costs the data path as little as it can.
 //!
-//! The non-blocking mode itself is set once at start, only when stderr is a pipe
-//! ([`ambit_common::sys::nonblocking_if_pipe`]); on a file or a terminal writes block as
-//! before (a file does not fill up behind a reader).
+//! - A line the reader of a pipe is not taking (the pipe is full) is dropped and counted
+//!   instead of blocking the thread that logged it. Most lines — the access log — are written
+//!   by the data-path threads: a container runtime whose log reader stalls (a rotation, a busy
+//!   shim) would otherwise stall every connection those threads carry once the pipe's 64 KiB
+//!   are full. The non-blocking mode itself is set once at start, only when stderr is a pipe
+//!   ([`ambit_common::sys::nonblocking_if_pipe`]); on a file or a terminal writes block as
+//!   before (a file does not fill up behind a reader).
+//! - A data-path thread batches its lines ([`idle`]): it writes them when it runs out of work
+//!   and is about to sleep, when [`BATCH_MAX`] bytes are waiting, or when the oldest has waited
+//!   [`BATCH_DELAY`] — one `write` for many lines instead of one per line, off the path of the
+//!   connection that logged them when the thread has nothing else to do. The write of one
+//!   access line was about 5 µs of a new connection on a single vCPU (ARCHITECTURE.md). A batch
+//!   is at most `PIPE_BUF` bytes, so a full pipe still takes or drops whole lines. Every other
+//!   thread writes each line at once, as one `write`.
+//!
+//! Written here rather than taken from `tracing-appender`'s non-blocking writer because that
+//! one hands every line to a thread of its own (a copy, a channel send and a wake-up of that
+//! thread per line), and keeps lines in an unbounded or blocking queue rather than dropping
+//! them at the pipe.
 
+use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 use std::io::{self, Write};
 use std::sync::LazyLock;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use tracing::field::{Field, Visit};
@@ -24,6 +36,117 @@ use tracing_subscriber::fmt::{FormatFields, MakeWriter};
 
 /// Lines dropped because stderr's reader was not taking them (`ambit_log_lines_dropped_total`).
 pub static DROPPED: LazyLock<Counter> = LazyLock::new(Counter::default);
+
+/// The most a thread batches: `PIPE_BUF` on Linux, the largest write a pipe takes whole or not
+/// at all. A longer line is written alone, at once.
+pub const BATCH_MAX: usize = 4096;
+
+/// The longest a batched line waits while its thread keeps working (Envoy flushes its access
+/// log every second; a tenth of that keeps `kubectl logs -f` current).
+pub const BATCH_DELAY: Duration = Duration::from_millis(100);
+
+thread_local! {
+    /// The lines of a thread that batches ([`idle`] has been called on it).
+    static BATCH: RefCell<ThreadBatch> = const { RefCell::new(ThreadBatch(None)) };
+}
+
+/// The data-path workers' idle hook (`ambit_proxy::workers::Idle`): from its first call the
+/// thread batches its lines; it writes them now if it is about to sleep (`sleeps`) or the
+/// oldest has waited [`BATCH_DELAY`].
+pub fn idle(sleeps: bool) {
+    let _ = BATCH.try_with(|b| {
+        let Ok(mut b) = b.try_borrow_mut() else {
+            return;
+        };
+        match &mut b.0 {
+            Some(batch) => {
+                DROPPED.inc_by(batch.idle(sleeps, &mut io::stderr()));
+            }
+            None => b.0 = Some(Batch::default()),
+        }
+    });
+}
+
+/// A thread's batch, written when the thread ends.
+struct ThreadBatch(Option<Batch>);
+
+impl Drop for ThreadBatch {
+    fn drop(&mut self) {
+        if let Some(b) = &mut self.0 {
+            DROPPED.inc_by(b.write(&mut io::stderr()));
+        }
+    }
+}
+
+/// Lines logged and not yet written.
+#[derive(Default)]
+struct Batch {
+    /// Whole lines, at most [`BATCH_MAX`] bytes.
+    buf: Vec<u8>,
+    /// When the oldest line in `buf` came.
+    since: Option<Instant>,
+}
+
+impl Batch {
+    /// Adds `line`, writing to `out` first what would not fit or has waited too long (and a
+    /// line too long to batch at once, after the rest); returns the lines dropped.
+    fn push(&mut self, line: &[u8], out: &mut impl Write) -> u64 {
+        let mut dropped = 0;
+        if self.buf.len() + line.len() > BATCH_MAX || self.overdue() {
+            dropped += self.write(out);
+        }
+        if line.len() > BATCH_MAX {
+            return dropped + write_lines(line, out);
+        }
+        if self.buf.is_empty() {
+            self.buf.reserve_exact(BATCH_MAX);
+            self.since = Some(Instant::now());
+        }
+        self.buf.extend_from_slice(line);
+        dropped
+    }
+
+    /// The thread ran out of work: writes the batch if it sleeps or the batch is overdue.
+    fn idle(&mut self, sleeps: bool, out: &mut impl Write) -> u64 {
+        if sleeps || self.overdue() {
+            self.write(out)
+        } else {
+            0
+        }
+    }
+
+    fn overdue(&self) -> bool {
+        self.since.is_some_and(|t| t.elapsed() >= BATCH_DELAY)
+    }
+
+    /// Writes the batch in one `write`; returns the lines dropped.
+    fn write(&mut self, out: &mut impl Write) -> u64 {
+        let dropped = write_lines(&self.buf, out);
+        self.buf.clear();
+        self.since = None;
+        dropped
+    }
+}
+
+/// Writes `bytes` (whole lines) to `out`, dropping what a full pipe does not take; returns the
+/// number of lines dropped that way. Another error (stderr closed) loses the rest uncounted,
+/// as the fmt layer ignores a writer's errors.
+fn write_lines(bytes: &[u8], out: &mut impl Write) -> u64 {
+    let mut done = 0;
+    while done < bytes.len() {
+        match out.write(&bytes[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // A line cut short (only one longer than PIPE_BUF can be) counts as dropped.
+                return bytes[done..].iter().filter(|&&b| b == b'\n').count() as u64;
+            }
+            Err(_) => break,
+        }
+    }
+    0
+}
 
 /// The agent's log writer (a [`MakeWriter`] for the fmt layers).
 #[derive(Clone, Copy, Debug, Default)]
@@ -45,6 +168,15 @@ pub struct Line {
 
 impl Write for Line {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let batched = BATCH.try_with(|b| {
+            let mut b = b.try_borrow_mut().ok()?;
+            let batch = b.0.as_mut()?;
+            Some(batch.push(buf, &mut io::stderr()))
+        });
+        if let Ok(Some(dropped)) = batched {
+            DROPPED.inc_by(dropped);
+            return Ok(buf.len());
+        }
         if self.dropped {
             return Ok(buf.len());
         }
@@ -60,7 +192,15 @@ impl Write for Line {
         }
     }
 
+    /// Writes what this thread has batched.
     fn flush(&mut self) -> io::Result<()> {
+        let _ = BATCH.try_with(|b| {
+            if let Ok(mut b) = b.try_borrow_mut()
+                && let Some(batch) = &mut b.0
+            {
+                DROPPED.inc_by(batch.write(&mut io::stderr()));
+            }
+        });
         match io::stderr().flush() {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             r => r,
@@ -298,6 +438,7 @@ impl fmt::Write for EscapingWriter<'_, '_> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Read;
     use std::sync::{Arc, Mutex};
 
     use proptest::prelude::*;
@@ -394,6 +535,150 @@ mod tests {
         tracing::info!(message = 7u64, flag = true);
         tracing::info!(message = -7i64);
         tracing::info!(message = false);
+    }
+
+    /// Records each `write` it is given, whole.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl Write for Writes {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.push(b.to_vec());
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn line(i: usize, len: usize) -> Vec<u8> {
+        let mut l = format!("line {i} ").into_bytes();
+        l.resize(len - 1, b'.');
+        l.push(b'\n');
+        l
+    }
+
+    /// A batching thread's lines wait while it works (idle with an event ready) and go out in
+    /// one write, in order, when it is about to sleep.
+    #[test]
+    fn a_batch_waits_while_the_thread_works_and_is_written_in_one_write_before_it_sleeps() {
+        let mut b = Batch::default();
+        let mut out = Writes::default();
+        let lines: Vec<_> = (0..3).map(|i| line(i, 200)).collect();
+        for l in &lines {
+            assert_eq!(b.push(l, &mut out), 0);
+        }
+        assert_eq!(b.idle(false, &mut out), 0);
+        assert!(
+            out.0.is_empty(),
+            "written while the thread worked: {:?}",
+            out.0.len()
+        );
+        assert_eq!(b.idle(true, &mut out), 0);
+        assert_eq!(out.0, vec![lines.concat()]);
+        // Nothing is written twice, and an empty batch writes nothing.
+        b.idle(true, &mut out);
+        assert_eq!(out.0.len(), 1);
+    }
+
+    /// No write is longer than PIPE_BUF or ends inside a line; a line too long to batch goes
+    /// alone, after what was batched before it; nothing is lost or reordered.
+    #[test]
+    fn batches_are_whole_lines_of_at_most_pipe_buf_and_keep_the_order() {
+        let mut b = Batch::default();
+        let mut out = Writes::default();
+        let mut all = Vec::new();
+        for i in 0..100 {
+            // 37 bytes..., and now and then one longer than a batch.
+            let l = line(
+                i,
+                if i % 40 == 39 {
+                    BATCH_MAX + 100
+                } else {
+                    37 + i * 7
+                },
+            );
+            b.push(&l, &mut out);
+            all.extend_from_slice(&l);
+        }
+        b.idle(true, &mut out);
+        assert_eq!(out.0.concat(), all);
+        for w in &out.0 {
+            assert!(w.ends_with(b"\n"), "a write ends inside a line");
+            let one_line = w.iter().filter(|&&c| c == b'\n').count() == 1;
+            assert!(
+                w.len() <= BATCH_MAX || one_line,
+                "{} bytes in one batch",
+                w.len()
+            );
+        }
+        // Batched, not one write per line (100 lines of ~400 bytes on average).
+        assert!(out.0.len() < 20, "{} writes", out.0.len());
+    }
+
+    /// A thread that keeps working (never sleeps) still writes a batch once its oldest line
+    /// has waited BATCH_DELAY: at its next idle turn or its next line.
+    #[test]
+    fn an_overdue_batch_is_written_at_the_next_idle_turn_or_line() {
+        let mut out = Writes::default();
+        let mut b = Batch::default();
+        b.push(&line(0, 50), &mut out);
+        b.idle(false, &mut out);
+        assert!(out.0.is_empty());
+        b.since = Some(Instant::now() - BATCH_DELAY);
+        b.idle(false, &mut out);
+        assert_eq!(out.0, vec![line(0, 50)]);
+
+        b.push(&line(1, 50), &mut out);
+        b.since = Some(Instant::now() - BATCH_DELAY);
+        b.push(&line(2, 50), &mut out);
+        assert_eq!(
+            out.0,
+            vec![line(0, 50), line(1, 50)],
+            "the overdue line went first"
+        );
+        b.idle(true, &mut out);
+        assert_eq!(out.0[2], line(2, 50));
+    }
+
+    /// Written to a non-blocking pipe its reader is not emptying: a batch the pipe cannot take
+    /// is dropped whole and its lines counted, never cut; once the reader catches up, batches
+    /// arrive whole again.
+    #[test]
+    fn a_full_pipe_drops_whole_batches_and_counts_their_lines() {
+        let (mut reader, mut writer) = io::pipe().unwrap();
+        use std::os::fd::AsFd;
+        assert!(ambit_common::sys::nonblocking_if_pipe(writer.as_fd()).unwrap());
+        // Fill the pipe (bounded: the default pipe holds 64 KiB).
+        let filler = [b'f'; 1024];
+        let mut filled = 0;
+        for _ in 0..1024 {
+            match writer.write(&filler) {
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let mut b = Batch::default();
+        for i in 0..3 {
+            assert_eq!(b.push(&line(i, 100), &mut writer), 0);
+        }
+        assert_eq!(b.idle(true, &mut writer), 3, "three lines dropped");
+        let mut got = vec![0u8; filled];
+        reader.read_exact(&mut got).unwrap();
+        assert!(
+            got.iter().all(|&c| c == b'f'),
+            "part of a dropped batch went out"
+        );
+        let lines: Vec<_> = (3..5).map(|i| line(i, 100)).collect();
+        for l in &lines {
+            b.push(l, &mut writer);
+        }
+        assert_eq!(b.idle(true, &mut writer), 0);
+        drop(writer);
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, lines.concat());
     }
 
     #[test]

@@ -5,11 +5,22 @@
 //! documented in docs/operations.md ("Access log"); tests and dashboards parse it. Optional
 //! fields (`src.identity`, `dst.identity`, `dst.service`, `dst.vip`) are absent when they do
 //! not apply; every other field is on every line.
+//!
+//! On a data-path worker the line is not written when the connection ends but kept, with the
+//! figures of that moment, and written with the worker's other waiting lines when it runs out
+//! of work and is about to sleep, when [`DEFER_MAX`] are waiting, or when the oldest has
+//! waited [`DEFER_DELAY`] ([`idle`], called by the workers). Formatting a line through
+//! tracing-subscriber costs a few µs with the caches cold, as they are at the end of each new
+//! connection; written together, the lines share warm caches, and a worker that sleeps between
+//! connections writes them when it has nothing else to do (ARCHITECTURE.md, "A new
+//! connection's user-space work"). Elsewhere (the control plane, tests) a line is written at
+//! once.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::context::PodContext;
 use crate::identity::Identity;
@@ -197,9 +208,9 @@ impl<'a> ConnRecord<'a> {
         if std::mem::replace(&mut self.ended, true) {
             return;
         }
-        let (sent, recv, error) = match &end {
-            End::Complete { sent, recv, error } => (*sent, *recv, error.as_deref().unwrap_or("")),
-            End::Failed(e) | End::Refused(e) => (0, 0, e.as_str()),
+        let (sent, recv) = match &end {
+            End::Complete { sent, recv, .. } => (*sent, *recv),
+            End::Failed(_) | End::Refused(_) => (0, 0),
         };
         if let Some(s) = &self.counted {
             // Istio's meaning: `received` is source → destination (what `sent` is here).
@@ -207,6 +218,96 @@ impl<'a> ConnRecord<'a> {
             s.received_bytes.inc_by(sent);
             s.sent_bytes.inc_by(recv);
         }
+        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+            return;
+        }
+        let message = end.message();
+        let error = match end {
+            End::Complete { error, .. } => error.unwrap_or_default(),
+            End::Failed(e) | End::Refused(e) => e,
+        };
+        let line = Line {
+            direction: self.direction,
+            protocol: self.protocol,
+            src_addr: self.src_addr,
+            src_identity: self.src_identity.take(),
+            src_workload: self.src_workload.take(),
+            dst_workload: self.dst_workload.take(),
+            dst_addr: self.dst_addr,
+            dst_identity: self.dst_identity.take(),
+            dst_service: self.dst_service.take(),
+            dst_vip: self.dst_vip,
+            pod: &*self.pod.name,
+            namespace: &*self.pod.namespace,
+            sent,
+            recv,
+            duration_ms: self.start.elapsed().as_millis() as u64,
+            error,
+            message,
+        };
+        let mut line = Some(line);
+        let _ = DEFERRED.try_with(|d| {
+            if let Ok(mut d) = d.try_borrow_mut()
+                && let Some(d) = d.as_mut()
+                && let Some(l) = line.take()
+            {
+                d.push(l.owned());
+            }
+        });
+        if let Some(l) = line {
+            l.write();
+        }
+    }
+}
+
+/// One access line's fields; `S` is how the pod's names are held (borrowed from the pod when
+/// the line is written at once, owned when it waits).
+struct Line<S> {
+    direction: &'static str,
+    protocol: &'static str,
+    src_addr: SocketAddr,
+    src_identity: Option<Arc<str>>,
+    src_workload: Option<Text>,
+    dst_workload: Option<Text>,
+    dst_addr: Option<SocketAddr>,
+    dst_identity: Option<Arc<str>>,
+    dst_service: Option<Arc<str>>,
+    dst_vip: Option<SocketAddr>,
+    pod: S,
+    namespace: S,
+    sent: u64,
+    recv: u64,
+    duration_ms: u64,
+    error: String,
+    message: &'static str,
+}
+
+impl Line<&str> {
+    fn owned(self) -> Line<Box<str>> {
+        Line {
+            direction: self.direction,
+            protocol: self.protocol,
+            src_addr: self.src_addr,
+            src_identity: self.src_identity,
+            src_workload: self.src_workload,
+            dst_workload: self.dst_workload,
+            dst_addr: self.dst_addr,
+            dst_identity: self.dst_identity,
+            dst_service: self.dst_service,
+            dst_vip: self.dst_vip,
+            pod: self.pod.into(),
+            namespace: self.namespace.into(),
+            sent: self.sent,
+            recv: self.recv,
+            duration_ms: self.duration_ms,
+            error: self.error,
+            message: self.message,
+        }
+    }
+}
+
+impl<S: std::ops::Deref<Target = str>> Line<S> {
+    fn write(&self) {
         tracing::info!(target: "access",
             direction = self.direction,
             protocol = self.protocol,
@@ -218,13 +319,90 @@ impl<'a> ConnRecord<'a> {
             dst.identity = self.dst_identity.as_ref().map(tracing::field::display),
             dst.service = self.dst_service.as_deref(),
             dst.vip = self.dst_vip.map(|a| tracing::field::display(Addr(a))),
-            pod = %self.pod.name,
-            namespace = %self.pod.namespace,
-            bytes_sent = sent,
-            bytes_recv = recv,
-            duration_ms = self.start.elapsed().as_millis() as u64,
-            error,
-            "{}", end.message());
+            pod = %&*self.pod,
+            namespace = %&*self.namespace,
+            bytes_sent = self.sent,
+            bytes_recv = self.recv,
+            duration_ms = self.duration_ms,
+            error = self.error.as_str(),
+            "{}", self.message);
+    }
+}
+
+/// The most lines a worker keeps waiting.
+pub const DEFER_MAX: usize = 16;
+
+/// The longest a line waits while its worker keeps working.
+pub const DEFER_DELAY: Duration = Duration::from_millis(50);
+
+thread_local! {
+    /// On a data-path worker, its waiting lines.
+    static DEFERRED: RefCell<Option<Deferred>> = const { RefCell::new(None) };
+}
+
+/// Lines kept to be written together.
+#[derive(Default)]
+struct Deferred {
+    lines: Vec<Line<Box<str>>>,
+    /// When the oldest came.
+    since: Option<Instant>,
+}
+
+impl Deferred {
+    fn push(&mut self, line: Line<Box<str>>) {
+        if self.lines.is_empty() {
+            self.lines.reserve_exact(DEFER_MAX);
+            self.since = Some(Instant::now());
+        }
+        self.lines.push(line);
+        if self.lines.len() >= DEFER_MAX || self.overdue() {
+            self.write();
+        }
+    }
+
+    fn overdue(&self) -> bool {
+        self.since.is_some_and(|t| t.elapsed() >= DEFER_DELAY)
+    }
+
+    fn write(&mut self) {
+        for l in self.lines.drain(..) {
+            l.write();
+        }
+        self.since = None;
+    }
+}
+
+/// From now on, this thread keeps its access lines to write them in [`idle`] (a data-path
+/// worker, at its start).
+pub(crate) fn defer_on_this_thread() {
+    DEFERRED.with(|d| *d.borrow_mut() = Some(Deferred::default()));
+}
+
+/// The worker ran out of work (`sleeps`: and is about to sleep): writes its waiting lines if
+/// it sleeps or they have waited [`DEFER_DELAY`].
+pub(crate) fn idle(sleeps: bool) {
+    let _ = DEFERRED.try_with(|d| {
+        let taken = d.try_borrow_mut().ok().and_then(|mut d| {
+            let d = d.as_mut()?;
+            (sleeps || d.overdue()).then(|| std::mem::take(d))
+        });
+        // Written outside the borrow: a line written may end a record (never, today) and
+        // must find the cell free.
+        if let Some(mut lines) = taken {
+            lines.write();
+        }
+    });
+}
+
+/// Writes this thread's waiting lines and stops keeping them (a worker, before it ends: its
+/// thread-local values are dropped after the log's, too late to format a line).
+pub(crate) fn stop_deferring() {
+    let taken = DEFERRED
+        .try_with(|d| d.try_borrow_mut().ok().and_then(|mut d| d.take()))
+        .ok()
+        .flatten();
+    if let Some(mut lines) = taken {
+        lines.write();
     }
 }
 
@@ -485,6 +663,100 @@ mod tests {
             );
             metrics.forget(&std::mem::take(&mut *new.lock().unwrap()));
             assert_eq!(closed(&metrics), None, "{}", exported(&metrics));
+        });
+    }
+
+    /// On a data-path worker a line waits: not written when its connection ends, nor while
+    /// the worker still has work, but when it is about to sleep, when DEFER_MAX wait, or when
+    /// the oldest has waited DEFER_DELAY; in the order the connections ended, each as it
+    /// would have been written at once (the figures of its end), and none twice. Once the
+    /// worker stops deferring (it ends), what waited is written and the rest goes at once.
+    #[test]
+    fn on_a_worker_lines_wait_for_it_to_run_out_of_work_and_are_written_as_they_were() {
+        let pod = pod();
+        let src: SocketAddr = "10.0.0.5:40000".parse().unwrap();
+        let record = |error: &str| {
+            let mut r = ConnRecord::new(&pod, "outbound", "hbone", src);
+            r.dst("10.0.1.7:9080".parse().unwrap())
+                .workloads(&"reviews-1".into(), &"ratings-1".into());
+            r.end(End::Complete {
+                sent: 5,
+                recv: 7,
+                error: Some(error.into()),
+            });
+        };
+        let at_once = lines(|| record("e0"));
+        assert_eq!(at_once.len(), 1);
+
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .without_time()
+            .with_writer(move || writer.clone())
+            .finish();
+        let written = || {
+            let out = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+            out.lines().map(str::to_owned).collect::<Vec<_>>()
+        };
+        let overdue = || {
+            DEFERRED.with(|d| {
+                d.borrow_mut().as_mut().unwrap().since = Some(Instant::now() - DEFER_DELAY)
+            })
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            defer_on_this_thread();
+            record("e0");
+            assert!(written().is_empty(), "written when the connection ended");
+            idle(false);
+            assert!(written().is_empty(), "written while the worker had work");
+            idle(true);
+            assert_eq!(written(), at_once, "not written as at once, or not once");
+            idle(true);
+            assert_eq!(written().len(), 1, "written twice");
+
+            for i in 1..DEFER_MAX {
+                record(&format!("e{i}"));
+            }
+            assert_eq!(written().len(), 1);
+            record(&format!("e{DEFER_MAX}"));
+            let out = written();
+            assert_eq!(out.len(), 1 + DEFER_MAX, "DEFER_MAX lines waited");
+            for (i, l) in out.iter().enumerate() {
+                assert!(
+                    l.ends_with(&format!("error=\"e{i}\"")),
+                    "out of order: {out:#?}"
+                );
+            }
+
+            record("late");
+            idle(false);
+            assert_eq!(written().len(), 2 + DEFER_MAX - 1);
+            overdue();
+            idle(false);
+            assert_eq!(
+                written().len(),
+                2 + DEFER_MAX,
+                "an overdue line still waits"
+            );
+            record("late too");
+            overdue();
+            record("after");
+            assert_eq!(
+                written().len(),
+                4 + DEFER_MAX,
+                "an overdue line still waits"
+            );
+
+            record("at the end");
+            stop_deferring();
+            assert_eq!(
+                written().len(),
+                5 + DEFER_MAX,
+                "a waiting line lost at the end"
+            );
+            record("after the end");
+            assert_eq!(written().len(), 6 + DEFER_MAX, "deferred after the end");
         });
     }
 }

@@ -24,7 +24,9 @@
 //! thread put to sleep in `epoll_wait` has to be woken for it, which on a virtual machine
 //! whose idle vCPUs halt is a trip through the hypervisor at every hop of a round trip.
 //! `ambit_worker_polls_total` counts, per worker, the polls that ended in an event and those
-//! that ended in sleep.
+//! that ended in sleep. Each time a worker runs out of work, once its polling is over, it
+//! calls the `idle` hook it was started with ([`Workers::start_with`]): the agent's log
+//! writes the lines a worker batched then, before it sleeps (`ambit_agent::log`).
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -52,7 +54,14 @@ thread_local! {
     /// On a worker thread that polls before parking: its runtime's epoll instance and how
     /// long to poll it.
     static SPIN: RefCell<Option<Spin>> = const { RefCell::new(None) };
+    /// On a worker thread, the hook it calls each time it runs out of work ([`Idle`]).
+    static IDLE: Cell<Option<Idle>> = const { Cell::new(None) };
 }
+
+/// Called on a worker thread each time it has run out of work, after its polling (if it
+/// polls): with `true` when it is about to sleep (nothing came), `false` when the polling
+/// found an event and it goes on at once. It runs on the data path: it must be short.
+pub type Idle = fn(sleeps: bool);
 
 /// What a polling worker needs before it parks.
 struct Spin {
@@ -91,6 +100,8 @@ pub fn current() -> Option<usize> {
 pub struct Workers {
     /// At least one.
     handles: Vec<Handle>,
+    /// The workers' threads, waited for when dropped.
+    threads: Vec<std::thread::JoinHandle<()>>,
     id: usize,
     next: AtomicUsize,
     stop: CancellationToken,
@@ -183,11 +194,20 @@ impl Workers {
     /// polling yields the CPU at every turn, so a thread runnable on the same CPU (often the
     /// app the worker waits for) is not held up by it.
     pub fn start(n: usize, spin: Duration) -> io::Result<Self> {
+        Self::start_with(n, spin, None)
+    }
+
+    /// As [`Workers::start`], and each worker calls `idle` each time it runs out of work.
+    /// Dropping the returned value stops the workers and waits (at most [`STOP_WAIT`]) for
+    /// their threads to end, so what their last tasks and `idle` left (batched log lines, in
+    /// thread-local destructors) is done before the process exits.
+    pub fn start_with(n: usize, spin: Duration, idle: Option<Idle>) -> io::Result<Self> {
         let stop = CancellationToken::new();
         let id = IDS.fetch_add(1, Ordering::Relaxed);
         let polls = Family::<PollLabels, Counter>::default();
         let connections = Family::<WorkerLabels, Gauge>::default();
         let mut handles = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
         for i in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -196,10 +216,12 @@ impl Workers {
             handles.push(rt.handle().clone());
             let stop = stop.clone();
             let polls = polls.clone();
-            std::thread::Builder::new()
+            let thread = std::thread::Builder::new()
                 .name(format!("ambit-data-{i}"))
                 .spawn(move || {
                     WORKER.with(|w| w.set(Some((id, i))));
+                    IDLE.with(|h| h.set(idle));
+                    crate::access::defer_on_this_thread();
                     if !spin.is_zero() {
                         let _in_runtime = rt.enter();
                         match runtime_epoll() {
@@ -227,11 +249,16 @@ impl Workers {
                     rt.spawn(anchor_timers());
                     rt.block_on(stop.cancelled());
                     // Dropping the runtime cancels what still runs on it (the process is
-                    // ending: the agent drained its connections before).
+                    // ending: the agent drained its connections before); their access lines
+                    // are written after it.
+                    drop(rt);
+                    crate::access::stop_deferring();
                 })?;
+            threads.push(thread);
         }
         Ok(Self {
             handles,
+            threads,
             id,
             next: AtomicUsize::new(0),
             stop,
@@ -346,24 +373,31 @@ fn runtime_epoll() -> io::Result<OwnedFd> {
 /// measured and lost the whole latency gain: once a worker stops polling, the other threads'
 /// wake-ups land on halted vCPUs again, spells lengthen, and the window shrinks further
 /// (ARCHITECTURE.md, "What the data path does per byte").
+///
+/// Then it writes the access lines the worker kept if it is to sleep (or they are overdue,
+/// [`crate::access::idle`]), and calls its [`Idle`] hook, if any, with whether it sleeps.
 fn poll_before_park() {
-    SPIN.with(|s| {
+    let sleeps = SPIN.with(|s| {
         let Some(spin) = &*s.borrow() else {
-            return;
+            return true;
         };
         let start = Instant::now();
         loop {
             if sys::readable_now(spin.epoll.as_fd()) {
                 spin.polls[0].inc();
-                return;
+                return false;
             }
             if start.elapsed() >= spin.window {
                 spin.polls[1].inc();
-                return;
+                return true;
             }
             std::thread::yield_now();
         }
     });
+    crate::access::idle(sleeps);
+    if let Some(idle) = IDLE.with(Cell::get) {
+        idle(sleeps);
+    }
 }
 
 /// How far ahead a worker always has a timer ([`anchor_timers`]).
@@ -386,9 +420,27 @@ async fn anchor_timers() {
     }
 }
 
+/// How long dropping [`Workers`] waits for their threads to end.
+pub const STOP_WAIT: Duration = Duration::from_secs(2);
+
 impl Drop for Workers {
     fn drop(&mut self) {
         self.stop.cancel();
+        // Bounded: std's `join` has no timeout, and a worker held up (a task whose drop
+        // blocks) must not hold up the agent's exit.
+        let deadline = Instant::now() + STOP_WAIT;
+        for t in std::mem::take(&mut self.threads) {
+            // Dropped by a task of a worker: that thread ends after this returns.
+            if t.thread().id() == std::thread::current().id() {
+                continue;
+            }
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
     }
 }
 
@@ -630,6 +682,99 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Calls of the idle hook in the test below: `[went on, about to sleep]`.
+    static IDLE_CALLS: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+    fn count_idle(sleeps: bool) {
+        IDLE_CALLS[usize::from(sleeps)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A worker calls its idle hook every time it runs out of work, once its polling is over:
+    /// `false` exactly when the polling found an event, `true` exactly when it goes to sleep
+    /// (every time, for a worker that does not poll); and dropping the workers waits for
+    /// their threads to end.
+    #[tokio::test]
+    async fn workers_tell_their_idle_hook_each_time_they_run_out_of_work_whether_they_sleep() {
+        let calls = || IDLE_CALLS.each_ref().map(|c| c.load(Ordering::Relaxed));
+        for spin in [Duration::from_millis(100), Duration::ZERO] {
+            let before = calls();
+            let workers = Workers::start_with(1, spin, Some(count_idle)).unwrap();
+            let ended = ENDED.load(Ordering::Relaxed);
+            let count = |outcome: &str| {
+                workers
+                    .polls
+                    .get_or_create(&PollLabels {
+                        worker: "0".into(),
+                        outcome: outcome.into(),
+                    })
+                    .get()
+            };
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut client = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (tcp, _) = listener.accept().await.unwrap();
+            workers.run(tcp, |mut tcp| async move {
+                AT_END.with(|e| *e.borrow_mut() = Some(AtThreadEnd));
+                let mut b = [0u8; 1];
+                while tcp.read_exact(&mut b).await.is_ok() {
+                    if tcp.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            // Bytes sent back to back, each within the window of the worker's polling.
+            for byte in *b"abcde" {
+                client.write_all(&[byte]).await.unwrap();
+                let mut b = [0u8; 1];
+                client.read_exact(&mut b).await.unwrap();
+                assert_eq!(b[0], byte);
+            }
+            let delta = || {
+                let now = calls();
+                [now[0] - before[0], now[1] - before[1]]
+            };
+            // Then nothing: the worker goes to sleep, and says so first.
+            until("the worker tells its hook it sleeps", || delta()[1] > 0).await;
+            if spin.is_zero() {
+                assert_eq!(delta()[0], 0, "a worker that does not poll always sleeps");
+            } else {
+                // Each call as the polling ended (read together once the worker is asleep;
+                // its one-second timer can wake it between two readings).
+                until("one call per poll, with its outcome", || {
+                    delta() == [count("event") as usize, count("slept") as usize]
+                })
+                .await;
+                assert!(
+                    delta()[0] > 0,
+                    "bytes sent back to back came while it polled"
+                );
+            }
+            drop(client);
+            drop(workers);
+            assert_eq!(
+                ENDED.load(Ordering::Relaxed),
+                ended + 1,
+                "the worker's thread-local values were not dropped when the workers were"
+            );
+        }
+    }
+
+    /// Thread-local values of worker threads dropped (the test below).
+    static ENDED: AtomicUsize = AtomicUsize::new(0);
+
+    struct AtThreadEnd;
+
+    impl Drop for AtThreadEnd {
+        fn drop(&mut self) {
+            ENDED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    thread_local! {
+        static AT_END: RefCell<Option<AtThreadEnd>> = const { RefCell::new(None) };
     }
 
     /// Workers started with a spin find their runtime's epoll instance — the one watching the
