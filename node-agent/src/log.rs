@@ -41,9 +41,11 @@ pub static DROPPED: LazyLock<Counter> = LazyLock::new(Counter::default);
 /// at all. A longer line is written alone, at once.
 pub const BATCH_MAX: usize = 4096;
 
-/// The longest a batched line waits while its thread keeps working (Envoy flushes its access
-/// log every second; a tenth of that keeps `kubectl logs -f` current).
-pub const BATCH_DELAY: Duration = Duration::from_millis(100);
+/// The longest a batched line waits while its thread keeps working; with the access lines'
+/// own wait (`ambit_proxy::access::DEFER_DELAY`, also 50 ms) a line is out within 0.1 s of
+/// its connection's end (Envoy flushes its access log every second; a tenth of that keeps
+/// `kubectl logs -f` current).
+pub const BATCH_DELAY: Duration = Duration::from_millis(50);
 
 thread_local! {
     /// The lines of a thread that batches ([`idle`] has been called on it).

@@ -384,8 +384,9 @@ impl Node {
         self.dir.0.join("state")
     }
 
+    /// The agent's log, read once it has been quiet for a moment ([`settled_log`]).
     pub fn agent_log(&self) -> String {
-        std::fs::read_to_string(self.dir.0.join("agent.log")).unwrap_or_default()
+        settled_log(&self.dir.0.join("agent.log"))
     }
 
     pub fn cni_log(&self) -> String {
@@ -475,8 +476,10 @@ impl Node {
         )
     }
 
+    /// The log of the agent started as `tag`, read once it has been quiet for a moment
+    /// ([`settled_log`]).
     pub fn log_of(&self, tag: &str) -> String {
-        std::fs::read_to_string(self.dir.0.join(format!("agent-{tag}.log"))).unwrap_or_default()
+        settled_log(&self.dir.0.join(format!("agent-{tag}.log")))
     }
 
     /// The agent's pid (`ip netns exec` execs it in place).
@@ -1021,4 +1024,29 @@ pub fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// An agent's log file, read once it has not grown for 30 ms (or after 2 s of steady
+/// growth): the agent's data-path threads write their lines in batches when they run out of
+/// work, from microseconds to ~0.1 s after the connections they describe ended
+/// (docs/operations.md, "Access log"), so a client that has just seen its connection end can
+/// be ahead of the line about it.
+pub fn settled_log(path: &Path) -> String {
+    let len = || std::fs::metadata(path).map(|m| m.len()).ok();
+    let mut last = len();
+    let mut quiet = 0;
+    for _ in 0..200 {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = len();
+        if now == last {
+            quiet += 1;
+            if quiet == 3 {
+                break;
+            }
+        } else {
+            quiet = 0;
+            last = now;
+        }
+    }
+    std::fs::read_to_string(path).unwrap_or_default()
 }

@@ -455,6 +455,19 @@ fn sigterm_stops_accepting_drains_and_cuts_what_is_left() {
         ),
         "{log}"
     );
+    // Both cut legs are in the access log, as cut: their lines were written before the agent
+    // exited (a data-path thread keeps its lines until it runs out of work or ends).
+    let cut: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&format!("dst.addr={dst} ")) && l.contains("connection complete"))
+        .collect();
+    assert!(
+        cut.len() == 2
+            && cut
+                .iter()
+                .all(|l| l.contains("error=\"closed: the pod's proxy stopped\"")),
+        "{cut:#?}\n{log}"
+    );
     // Cut with a reset: the app must not take the end for an orderly close (a reply that
     // looks complete).
     let r = c.read(&mut buf).map_err(|e| e.kind());
