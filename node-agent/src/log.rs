@@ -27,6 +27,8 @@ use std::io::{self, Write};
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
+use ambit_proxy::access;
+use ambit_proxy::workers::Hooks;
 use prometheus_client::metrics::counter::Counter;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::field::RecordFields;
@@ -47,13 +49,29 @@ pub const BATCH_MAX: usize = 4096;
 /// `kubectl logs -f` current).
 pub const BATCH_DELAY: Duration = Duration::from_millis(50);
 
+/// The hooks of the data-path workers: they keep their access lines
+/// ([`ambit_proxy::access`]) and batch their log lines (here), and write both when they run
+/// out of work and are about to sleep.
+pub const WORKER_HOOKS: Hooks = Hooks {
+    started: Some(access::defer_on_this_thread),
+    idle: Some(worker_idle),
+    ended: Some(access::stop_deferring),
+};
+
+/// A worker ran out of work: its access lines first (they go into its log batch), then the
+/// batch.
+fn worker_idle(sleeps: bool) {
+    access::idle(sleeps);
+    idle(sleeps);
+}
+
 thread_local! {
     /// The lines of a thread that batches ([`idle`] has been called on it).
     static BATCH: RefCell<ThreadBatch> = const { RefCell::new(ThreadBatch(None)) };
 }
 
-/// The data-path workers' idle hook (`ambit_proxy::workers::Idle`): from its first call the
-/// thread batches its lines; it writes them now if it is about to sleep (`sleeps`) or the
+/// A data-path worker ran out of work ([`WORKER_HOOKS`]): from the first call on a thread,
+/// the thread batches its lines; it writes them now if it is about to sleep (`sleeps`) or the
 /// oldest has waited [`BATCH_DELAY`].
 pub fn idle(sleeps: bool) {
     let _ = BATCH.try_with(|b| {

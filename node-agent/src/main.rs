@@ -153,11 +153,11 @@ async fn run(
     proxy_metrics.register(&mut registry);
     agent_metrics.register(&mut registry);
     store.register_metrics(&mut registry);
-    // The workers batch their log lines and write them when they run out of work (`log`).
+    // The workers keep their access and log lines and write them when they run out of work.
     let workers = Workers::start_with(
         config.worker_threads(),
         Duration::from_micros(config.worker_spin_us.into()),
-        Some(ambit_agent::log::idle),
+        ambit_agent::log::WORKER_HOOKS,
     )
     .context("starting the data-path threads")?;
     workers.register_metrics(&mut registry);

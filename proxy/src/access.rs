@@ -9,7 +9,8 @@
 //! On a data-path worker the line is not written when the connection ends but kept, with the
 //! figures of that moment, and written with the worker's other waiting lines when it runs out
 //! of work and is about to sleep, when [`DEFER_MAX`] are waiting, or when the oldest has
-//! waited [`DEFER_DELAY`] ([`idle`], called by the workers). Formatting a line through
+//! waited [`DEFER_DELAY`] ([`idle`]; the agent's workers call these functions through their
+//! hooks, `workers::Hooks`). Formatting a line through
 //! tracing-subscriber costs a few µs with the caches cold, as they are at the end of each new
 //! connection; written together, the lines share warm caches, and a worker that sleeps between
 //! connections writes them when it has nothing else to do (ARCHITECTURE.md, "A new
@@ -373,14 +374,14 @@ impl Deferred {
 }
 
 /// From now on, this thread keeps its access lines to write them in [`idle`] (a data-path
-/// worker, at its start).
-pub(crate) fn defer_on_this_thread() {
+/// worker's `started` hook).
+pub fn defer_on_this_thread() {
     DEFERRED.with(|d| *d.borrow_mut() = Some(Deferred::default()));
 }
 
 /// The worker ran out of work (`sleeps`: and is about to sleep): writes its waiting lines if
-/// it sleeps or they have waited [`DEFER_DELAY`].
-pub(crate) fn idle(sleeps: bool) {
+/// it sleeps or they have waited [`DEFER_DELAY`] (part of a worker's `idle` hook).
+pub fn idle(sleeps: bool) {
     let _ = DEFERRED.try_with(|d| {
         let taken = d.try_borrow_mut().ok().and_then(|mut d| {
             let d = d.as_mut()?;
@@ -394,9 +395,9 @@ pub(crate) fn idle(sleeps: bool) {
     });
 }
 
-/// Writes this thread's waiting lines and stops keeping them (a worker, before it ends: its
-/// thread-local values are dropped after the log's, too late to format a line).
-pub(crate) fn stop_deferring() {
+/// Writes this thread's waiting lines and stops keeping them (a worker's `ended` hook: its
+/// thread-local values may be dropped after the log's, too late to format a line).
+pub fn stop_deferring() {
     let taken = DEFERRED
         .try_with(|d| d.try_borrow_mut().ok().and_then(|mut d| d.take()))
         .ok()
