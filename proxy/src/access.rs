@@ -441,15 +441,19 @@ mod tests {
         }
     }
 
-    fn lines(f: impl FnOnce()) -> Vec<String> {
-        let sink = Sink::default();
+    /// A plain fmt subscriber, without time, writing into `sink`.
+    fn into_sink(sink: &Sink) -> impl tracing::Subscriber + Send + Sync + 'static {
         let writer = sink.clone();
-        let subscriber = tracing_subscriber::fmt()
+        tracing_subscriber::fmt()
             .with_ansi(false)
             .without_time()
             .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, f);
+            .finish()
+    }
+
+    fn lines(f: impl FnOnce()) -> Vec<String> {
+        let sink = Sink::default();
+        tracing::subscriber::with_default(into_sink(&sink), f);
         let out = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
         out.lines().map(str::to_owned).collect()
     }
@@ -690,12 +694,7 @@ mod tests {
         assert_eq!(at_once.len(), 1);
 
         let sink = Sink::default();
-        let writer = sink.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .without_time()
-            .with_writer(move || writer.clone())
-            .finish();
+        let subscriber = into_sink(&sink);
         let written = || {
             let out = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
             out.lines().map(str::to_owned).collect::<Vec<_>>()

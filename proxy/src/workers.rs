@@ -645,35 +645,46 @@ mod tests {
         stage.send(2).unwrap();
     }
 
+    /// Worker 0's polls that ended in `outcome`.
+    fn polls(workers: &Workers, outcome: &str) -> u64 {
+        workers
+            .polls
+            .get_or_create(&PollLabels {
+                worker: "0".into(),
+                outcome: outcome.into(),
+            })
+            .get()
+    }
+
+    /// A client of a connection the workers echo byte by byte, after calling `first` on the
+    /// worker.
+    async fn echoed(workers: &Workers, first: fn()) -> TcpStream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        workers.run(tcp, move |mut tcp| async move {
+            first();
+            let mut b = [0u8; 1];
+            while tcp.read_exact(&mut b).await.is_ok() {
+                if tcp.write_all(&b).await.is_err() {
+                    break;
+                }
+            }
+        });
+        client
+    }
+
     /// The runtime calls the poll each time a spinning worker runs out of work, and counts it
     /// (ending in an event or in sleep). A worker that does not spin counts nothing.
     #[tokio::test]
     async fn spinning_workers_poll_each_time_they_run_out_of_work_and_count_it() {
         for spin in [Duration::from_micros(50), Duration::ZERO] {
             let workers = Workers::start(1, spin).unwrap();
-            let count = |outcome: &str| {
-                workers
-                    .polls
-                    .get_or_create(&PollLabels {
-                        worker: "0".into(),
-                        outcome: outcome.into(),
-                    })
-                    .get()
-            };
+            let count = |outcome: &str| polls(&workers, outcome);
             let polled = || count("event") + count("slept");
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let mut client = TcpStream::connect(listener.local_addr().unwrap())
-                .await
-                .unwrap();
-            let (tcp, _) = listener.accept().await.unwrap();
-            workers.run(tcp, |mut tcp| async move {
-                let mut b = [0u8; 1];
-                while tcp.read_exact(&mut b).await.is_ok() {
-                    if tcp.write_all(&b).await.is_err() {
-                        break;
-                    }
-                }
-            });
+            let mut client = echoed(&workers, || {}).await;
             for byte in *b"abc" {
                 let before = polled();
                 client.write_all(&[byte]).await.unwrap();
@@ -731,29 +742,11 @@ mod tests {
             let starts_ends = STARTS_ENDS.each_ref().map(|c| c.load(Ordering::Relaxed));
             let workers = Workers::start_with(1, spin, hooks).unwrap();
             let ended = ENDED.load(Ordering::Relaxed);
-            let count = |outcome: &str| {
-                workers
-                    .polls
-                    .get_or_create(&PollLabels {
-                        worker: "0".into(),
-                        outcome: outcome.into(),
-                    })
-                    .get()
-            };
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let mut client = TcpStream::connect(listener.local_addr().unwrap())
-                .await
-                .unwrap();
-            let (tcp, _) = listener.accept().await.unwrap();
-            workers.run(tcp, |mut tcp| async move {
+            let count = |outcome: &str| polls(&workers, outcome);
+            let mut client = echoed(&workers, || {
                 AT_END.with(|e| *e.borrow_mut() = Some(AtThreadEnd));
-                let mut b = [0u8; 1];
-                while tcp.read_exact(&mut b).await.is_ok() {
-                    if tcp.write_all(&b).await.is_err() {
-                        break;
-                    }
-                }
-            });
+            })
+            .await;
             let delta = || {
                 let now = calls();
                 [now[0] - before[0], now[1] - before[1]]
