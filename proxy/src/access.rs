@@ -383,14 +383,13 @@ pub fn defer_on_this_thread() {
 /// it sleeps or they have waited [`DEFER_DELAY`] (part of a worker's `idle` hook).
 pub fn idle(sleeps: bool) {
     let _ = DEFERRED.try_with(|d| {
-        let taken = d.try_borrow_mut().ok().and_then(|mut d| {
-            let d = d.as_mut()?;
-            (sleeps || d.overdue()).then(|| std::mem::take(d))
-        });
-        // Written outside the borrow: a line written may end a record (never, today) and
-        // must find the cell free.
-        if let Some(mut lines) = taken {
-            lines.write();
+        // Written inside the borrow, keeping the list's allocation: a record ended while the
+        // lines are written (none is, today) would find the cell taken and write at once.
+        if let Ok(mut d) = d.try_borrow_mut()
+            && let Some(d) = d.as_mut()
+            && (sleeps || d.overdue())
+        {
+            d.write();
         }
     });
 }
