@@ -10,12 +10,11 @@
 //! figures of that moment, and written with the worker's other waiting lines when it runs out
 //! of work and is about to sleep, when [`DEFER_MAX`] are waiting, or when the oldest has
 //! waited [`DEFER_DELAY`] ([`idle`]; the agent's workers call these functions through their
-//! hooks, `workers::Hooks`). Formatting a line through
-//! tracing-subscriber costs a few µs with the caches cold, as they are at the end of each new
-//! connection; written together, the lines share warm caches, and a worker that sleeps between
-//! connections writes them when it has nothing else to do (ARCHITECTURE.md, "A new
-//! connection's user-space work"). Elsewhere (the control plane, tests) a line is written at
-//! once.
+//! hooks, `workers::Hooks`). Formatting a line through tracing-subscriber costs a few µs with
+//! the caches cold, as they are at the end of each new connection; written together, the
+//! lines share warm caches, and a worker that sleeps between connections writes them when it
+//! has nothing else to do (ARCHITECTURE.md, "A new connection's user-space work"). Elsewhere
+//! (the control plane, tests) a line is written at once.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -238,8 +237,8 @@ impl<'a> ConnRecord<'a> {
             dst_identity: self.dst_identity.take(),
             dst_service: self.dst_service.take(),
             dst_vip: self.dst_vip,
-            pod: &*self.pod.name,
-            namespace: &*self.pod.namespace,
+            pod: self.pod.name.as_str().into(),
+            namespace: self.pod.namespace.as_str().into(),
             sent,
             recv,
             duration_ms: self.start.elapsed().as_millis() as u64,
@@ -252,7 +251,7 @@ impl<'a> ConnRecord<'a> {
                 && let Some(d) = d.as_mut()
                 && let Some(l) = line.take()
             {
-                d.push(l.owned());
+                d.push(l);
             }
         });
         if let Some(l) = line {
@@ -261,9 +260,8 @@ impl<'a> ConnRecord<'a> {
     }
 }
 
-/// One access line's fields; `S` is how the pod's names are held (borrowed from the pod when
-/// the line is written at once, owned when it waits).
-struct Line<S> {
+/// One access line's fields, owned (a line may wait for its worker to run out of work).
+struct Line {
     direction: &'static str,
     protocol: &'static str,
     src_addr: SocketAddr,
@@ -274,8 +272,8 @@ struct Line<S> {
     dst_identity: Option<Arc<str>>,
     dst_service: Option<Arc<str>>,
     dst_vip: Option<SocketAddr>,
-    pod: S,
-    namespace: S,
+    pod: Box<str>,
+    namespace: Box<str>,
     sent: u64,
     recv: u64,
     duration_ms: u64,
@@ -283,31 +281,7 @@ struct Line<S> {
     message: &'static str,
 }
 
-impl Line<&str> {
-    fn owned(self) -> Line<Box<str>> {
-        Line {
-            direction: self.direction,
-            protocol: self.protocol,
-            src_addr: self.src_addr,
-            src_identity: self.src_identity,
-            src_workload: self.src_workload,
-            dst_workload: self.dst_workload,
-            dst_addr: self.dst_addr,
-            dst_identity: self.dst_identity,
-            dst_service: self.dst_service,
-            dst_vip: self.dst_vip,
-            pod: self.pod.into(),
-            namespace: self.namespace.into(),
-            sent: self.sent,
-            recv: self.recv,
-            duration_ms: self.duration_ms,
-            error: self.error,
-            message: self.message,
-        }
-    }
-}
-
-impl<S: std::ops::Deref<Target = str>> Line<S> {
+impl Line {
     fn write(&self) {
         tracing::info!(target: "access",
             direction = self.direction,
@@ -344,13 +318,13 @@ thread_local! {
 /// Lines kept to be written together.
 #[derive(Default)]
 struct Deferred {
-    lines: Vec<Line<Box<str>>>,
+    lines: Vec<Line>,
     /// When the oldest came.
     since: Option<Instant>,
 }
 
 impl Deferred {
-    fn push(&mut self, line: Line<Box<str>>) {
+    fn push(&mut self, line: Line) {
         if self.lines.is_empty() {
             self.lines.reserve_exact(DEFER_MAX);
             self.since = Some(Instant::now());
