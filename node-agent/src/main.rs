@@ -162,7 +162,13 @@ async fn run(
     .context("starting the data-path threads")?;
     workers.register_metrics(&mut registry);
     let mesh = mesh(&config, &store, &certs, proxy_metrics, workers);
-    let mgr = Manager::new(state, exemption, mesh, store.clone(), agent_metrics.clone());
+    let mgr = Manager::new(
+        state,
+        exemption,
+        mesh.clone(),
+        store.clone(),
+        agent_metrics.clone(),
+    );
 
     // Endpoints first: readiness answers "not ready" while pods are re-adopted.
     let admin = Arc::new(Admin {
@@ -215,6 +221,8 @@ async fn run(
     for t in tasks {
         let _ = t.await;
     }
+    // The access lines of the last connections before the agent's last line.
+    mesh.workers.flush().await;
     // Pod records stay in the state directory: the next agent re-adopts the pods.
     info!(pods = mgr.len(), "stopped");
     Ok(())

@@ -435,6 +435,33 @@ async fn anchor_timers() {
 /// How long dropping [`Workers`] waits for their threads to end.
 pub const STOP_WAIT: Duration = Duration::from_secs(2);
 
+impl Workers {
+    /// Has every worker call its [`Idle`] hook on its own thread as before a sleep (`true`),
+    /// and waits (at most [`STOP_WAIT`]) until all have: what the workers keep until they run
+    /// out of work (the agent's access lines) is written when this returns. For an orderly
+    /// stop: without it a worker writes its last kept lines when it next parks or ends, which
+    /// can come after the agent's own last line.
+    pub async fn flush(&self) {
+        let mut done = Vec::with_capacity(self.handles.len());
+        for h in &self.handles {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            h.spawn(async move {
+                if let Some(idle) = IDLE.with(Cell::get) {
+                    idle(true);
+                }
+                let _ = tx.send(());
+            });
+            done.push(rx);
+        }
+        let _ = tokio::time::timeout(STOP_WAIT, async {
+            for rx in done {
+                let _ = rx.await;
+            }
+        })
+        .await;
+    }
+}
+
 impl Drop for Workers {
     fn drop(&mut self) {
         self.stop.cancel();
@@ -791,6 +818,44 @@ mod tests {
                 "started and ended hooks, once each"
             );
         }
+    }
+
+    /// The idle hook's calls made from a task rather than as a worker parked: (the
+    /// `Workers`' id, the worker's index, `sleeps`).
+    static FLUSHED: std::sync::Mutex<Vec<(usize, usize, bool)>> = std::sync::Mutex::new(Vec::new());
+
+    fn record_flush(sleeps: bool) {
+        if tokio::task::try_id().is_some() {
+            let (id, i) = WORKER.with(Cell::get).expect("on a worker thread");
+            FLUSHED.lock().unwrap().push((id, i, sleeps));
+        }
+    }
+
+    /// `flush` has every worker call its idle hook on its own thread, as before a sleep, and
+    /// returns once all have: with it, what the hook writes is out when `flush` returns.
+    #[tokio::test]
+    async fn flush_has_each_worker_call_its_idle_hook_on_its_thread_before_it_returns() {
+        let hooks = Hooks {
+            idle: Some(record_flush),
+            ..Hooks::default()
+        };
+        let workers = Workers::start_with(2, Duration::ZERO, hooks).unwrap();
+        let calls = || {
+            let mut v: Vec<_> = FLUSHED
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|c| c.0 == workers.id)
+                .map(|c| (c.1, c.2))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(calls(), []);
+        workers.flush().await;
+        assert_eq!(calls(), [(0, true), (1, true)]);
+        workers.flush().await;
+        assert_eq!(calls(), [(0, true), (0, true), (1, true), (1, true)]);
     }
 
     /// Thread-local values of worker threads dropped (the test below).
