@@ -204,6 +204,10 @@ struct Figures {
     rss_many_peak_kib: u64,
     /// The agent's CPU (cores) while 1-byte round trips go at `PACED_PER_SECOND`.
     paced_cores: f64,
+    /// The agents' CPU per connection of the new-connection figure, in µs (per-thread
+    /// `schedstat`, polling included): with everything on one vCPU the new-connection
+    /// latency is mostly CPU, and this reads it without the latency's run-to-run spread.
+    connect_cpu_us: f64,
     /// How many agent processes the agent figures summed (0: the direct run).
     agents: usize,
 }
@@ -751,7 +755,10 @@ fn measure(
     let rss_many_peak_kib = sampler.map_or(0, RssPeak::stop);
     let rtt1 = ping_pong(client, echo_dst, 1, args.iterations).context("1 B round trips")?;
     let rtt1k = ping_pong(client, echo_dst, 1024, args.iterations).context("1 KiB round trips")?;
+    let cpu0 = sum(cpu_ns);
     let connect = connections(client, echo_dst, args.connections).context("new connections")?;
+    let connect_cpu_us =
+        sum(cpu_ns).saturating_sub(cpu0) as f64 / 1e3 / args.connections.max(1) as f64;
     let cpu0 = sum(cpu_ns);
     let paced_secs = paced(client, echo_dst, args.seconds).context("paced round trips")?;
     let paced_cores = sum(cpu_ns).saturating_sub(cpu0) as f64 / 1e9 / paced_secs;
@@ -770,6 +777,7 @@ fn measure(
         rss_before_kib,
         rss_many_peak_kib,
         paced_cores,
+        connect_cpu_us,
         agents: agents.len(),
     })
 }
@@ -931,6 +939,14 @@ fn path_table(
             json!({"figure": format!("{scope}{PACED_ROW}{tag}"), "unit": "core",
                    "ambit": paced, "pinned": pinned}),
         );
+        let per_conn = med(&ambit[i], |f| f.connect_cpu_us);
+        md.push_str(&format!(
+            "| {scope}{CONNECT_CPU_ROW}{tag} | – | {per_conn:.1} µs | – |\n"
+        ));
+        json_rows.push(
+            json!({"figure": format!("{scope}{CONNECT_CPU_ROW}{tag}"), "unit": "µs",
+                   "ambit": per_conn, "pinned": pinned}),
+        );
         // Scaling: does throughput grow with parallel streams and connections?
         for (what, pick) in [
             (
@@ -1028,9 +1044,10 @@ fn baseline_table(
                 );
             }
         }
-        let extra: [Row; 4] = [
+        let extra: [Row; 5] = [
             ("agent CPU per Gbit/s, 1 stream", "core", core_per_gbit),
             (PACED_ROW, "core", |f| f.paced_cores),
+            (CONNECT_CPU_ROW, "µs", |f| f.connect_cpu_us),
             ("agent context switches per GB, 1 stream", "", |f| {
                 f.ctx_per_gb
             }),
@@ -1050,6 +1067,8 @@ fn baseline_table(
 
 /// The light-load figure's name.
 const PACED_ROW: &str = "agent CPU at 1,000 round trips/s (1 B)";
+/// The new-connection CPU figure's name.
+const CONNECT_CPU_ROW: &str = "agent CPU per new connection";
 
 /// Whether a figure is a latency's median (the rows that get a best run and an added row).
 fn latency_p50(name: &str, unit: &str) -> bool {

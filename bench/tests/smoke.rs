@@ -29,12 +29,12 @@ fn run_bench(tag: &str, args: &[&str]) -> (serde_json::Value, ambit_tests::TempD
 }
 
 /// The through-Ambit-vs-direct rows of one topology (names prefixed `scope`): 9 data-path
-/// figures + agent CPU during throughput and at a paced load + 2 scaling rows, unpinned and
-/// pinned, each measured (above zero) on both sides; the agent figures summed over `agents`
-/// agent processes in every run.
+/// figures + agent CPU during throughput, at a paced load and per new connection + 2 scaling
+/// rows, unpinned and pinned, each measured (above zero) on both sides; the agent figures
+/// summed over `agents` agent processes in every run.
 fn check_path_figures(figures: &serde_json::Value, scope: &str, agents: u64) {
     let figures = figures.as_array().unwrap();
-    assert_eq!(figures.len(), 26, "{figures:#?}");
+    assert_eq!(figures.len(), 28, "{figures:#?}");
     for f in figures {
         assert!(f["figure"].as_str().unwrap().starts_with(scope), "{f}");
         if let Some(runs) = f.get("agents") {
@@ -54,11 +54,11 @@ fn check_path_figures(figures: &serde_json::Value, scope: &str, agents: u64) {
 
 /// The this-build-vs-baseline rows of one topology (names prefixed `scope`).
 fn check_baseline_rows(baseline: &serde_json::Value, scope: &str) {
-    // This build ÷ baseline: every figure once per variant (9 + 4 agent rows), the best run
+    // This build ÷ baseline: every figure once per variant (9 + 5 agent rows), the best run
     // of each latency p50 (3) and the latency each agent adds over the direct run (3 p50s),
     // each with a ratio.
     let baseline = baseline.as_array().unwrap();
-    assert_eq!(baseline.len(), 2 * (9 + 4 + 3 + 3), "{baseline:#?}");
+    assert_eq!(baseline.len(), 2 * (9 + 5 + 3 + 3), "{baseline:#?}");
     for r in baseline {
         assert!(r["figure"].as_str().unwrap().starts_with(scope), "{r}");
         let (b, x) = (r["baseline"].as_f64().unwrap(), r["this"].as_f64().unwrap());
@@ -155,6 +155,7 @@ fn the_benchmark_suite_runs_in_smoke_mode_and_reports_every_figure() {
         "| new conn + 1 B echo p50, best run (pinned, 1 vCPU) | ",
         "| across nodes: throughput, 1 stream (pinned, 1 vCPU) | ",
         "| across nodes: agent context switches per GB, 1 stream |",
+        "| across nodes: agent CPU per new connection (pinned, 1 vCPU) |",
         "| across nodes: added RTT 1 B p50 (over direct ",
     ] {
         assert!(table.contains(row), "{row} missing:\n{table}");
