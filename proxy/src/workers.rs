@@ -368,6 +368,31 @@ impl Workers {
             }
         }));
     }
+
+    /// Has every worker call its [`Idle`] hook on its own thread as before a sleep (`true`),
+    /// and waits (at most [`STOP_WAIT`]) until all have: what the workers keep until they run
+    /// out of work (the agent's access lines) is written when this returns. For an orderly
+    /// stop: without it a worker writes its last kept lines when it next parks or ends, which
+    /// can come after the agent's own last line.
+    pub async fn flush(&self) {
+        let mut done = Vec::with_capacity(self.handles.len());
+        for h in &self.handles {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            h.spawn(async move {
+                if let Some(idle) = IDLE.with(Cell::get) {
+                    idle(true);
+                }
+                let _ = tx.send(());
+            });
+            done.push(rx);
+        }
+        let _ = tokio::time::timeout(STOP_WAIT, async {
+            for rx in done {
+                let _ = rx.await;
+            }
+        })
+        .await;
+    }
 }
 
 /// The epoll instance of the runtime the caller is in: the one a socket registered with the
@@ -434,33 +459,6 @@ async fn anchor_timers() {
 
 /// How long dropping [`Workers`] waits for their threads to end.
 pub const STOP_WAIT: Duration = Duration::from_secs(2);
-
-impl Workers {
-    /// Has every worker call its [`Idle`] hook on its own thread as before a sleep (`true`),
-    /// and waits (at most [`STOP_WAIT`]) until all have: what the workers keep until they run
-    /// out of work (the agent's access lines) is written when this returns. For an orderly
-    /// stop: without it a worker writes its last kept lines when it next parks or ends, which
-    /// can come after the agent's own last line.
-    pub async fn flush(&self) {
-        let mut done = Vec::with_capacity(self.handles.len());
-        for h in &self.handles {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            h.spawn(async move {
-                if let Some(idle) = IDLE.with(Cell::get) {
-                    idle(true);
-                }
-                let _ = tx.send(());
-            });
-            done.push(rx);
-        }
-        let _ = tokio::time::timeout(STOP_WAIT, async {
-            for rx in done {
-                let _ = rx.await;
-            }
-        })
-        .await;
-    }
-}
 
 impl Drop for Workers {
     fn drop(&mut self) {
