@@ -931,22 +931,26 @@ fn path_table(
                    "core_per_gbps": per_gbit, "ctx_switches_per_gb": ctx, "pinned": pinned,
                    "agents": agents}),
         );
-        let paced = med(&ambit[i], |f| f.paced_cores);
-        md.push_str(&format!(
-            "| {scope}{PACED_ROW}{tag} | – | {paced:.4} cores | – |\n"
-        ));
-        json_rows.push(
-            json!({"figure": format!("{scope}{PACED_ROW}{tag}"), "unit": "core",
-                   "ambit": paced, "pinned": pinned}),
-        );
-        let per_conn = med(&ambit[i], |f| f.connect_cpu_us);
-        md.push_str(&format!(
-            "| {scope}{CONNECT_CPU_ROW}{tag} | – | {per_conn:.1} µs | – |\n"
-        ));
-        json_rows.push(
-            json!({"figure": format!("{scope}{CONNECT_CPU_ROW}{tag}"), "unit": "µs",
-                   "ambit": per_conn, "pinned": pinned}),
-        );
+        // The agents' figures without a direct counterpart.
+        let agent_only: [Row; 2] = [
+            (PACED_ROW, "core", |f| f.paced_cores),
+            (CONNECT_CPU_ROW, "µs", |f| f.connect_cpu_us),
+        ];
+        for (name, unit, pick) in agent_only {
+            let (shown, decimals) = if unit == "core" {
+                ("cores", 4)
+            } else {
+                (unit, 1)
+            };
+            let v = med(&ambit[i], pick);
+            md.push_str(&format!(
+                "| {scope}{name}{tag} | – | {v:.decimals$} {shown} | – |\n"
+            ));
+            json_rows.push(
+                json!({"figure": format!("{scope}{name}{tag}"), "unit": unit,
+                                  "ambit": v, "pinned": pinned}),
+            );
+        }
         // Scaling: does throughput grow with parallel streams and connections?
         for (what, pick) in [
             (
