@@ -206,7 +206,7 @@ struct Figures {
     paced_cores: f64,
     /// The agents' CPU per connection of the new-connection figure, in µs (per-thread
     /// `schedstat`, polling included): with everything on one vCPU the new-connection
-    /// latency is mostly CPU, and this reads it without the latency's run-to-run spread.
+    /// latency is mostly CPU, and this reads it as CPU.
     connect_cpu_us: f64,
     /// How many agent processes the agent figures summed (0: the direct run).
     agents: usize,
