@@ -141,7 +141,9 @@ impl Manager {
             namespace: pod.namespace.clone(),
             ips: pod.ips.clone(),
         };
-        let factory = Arc::new(InPodSockets::new(Arc::new(netns)));
+        let factory = Arc::new(InPodSockets {
+            netns: Arc::new(netns),
+        });
         let proxy =
             PodProxy::start(factory, ctx, self.mesh.clone()).map_err(|source| Error::Listen {
                 pod: label(&pod),

@@ -165,12 +165,10 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
         None
     };
     // Inbound: connect to the app from the client's own address, unless the client is the pod
-    // itself (then the ordinary local address is already right). Not from its port: the
-    // client's own connection, redirected here, keeps its original 4-tuple in this
-    // namespace's conntrack table, and a second connection with the same tuple would clash.
+    // itself (then the ordinary local address is already right).
     let source = match dir {
         Direction::Inbound if !pod.ips.contains(&peer.ip()) && !peer.ip().is_loopback() => {
-            Some(SocketAddr::new(peer.ip(), 0))
+            Some(peer.ip())
         }
         _ => None,
     };

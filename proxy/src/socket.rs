@@ -1,7 +1,7 @@
 //! Socket creation is delegated to a factory; socket options live here.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use socket2::SockRef;
 use tokio::net::{TcpSocket, TcpStream};
@@ -12,12 +12,8 @@ pub trait SocketFactory: Send + Sync + 'static {
     /// A non-blocking listener bound to `port` on every address of the pod.
     fn listener(&self, port: u16) -> io::Result<std::net::TcpListener>;
     /// An unconnected socket for `dst`; when `source` is set the socket is transparent and bound
-    /// to that (non-local) address, so the peer sees the original client IP. A source port of
-    /// 0 leaves the port to `connect`, which picks one from the full 4-tuple, and so does a port
-    /// outside the namespace's ephemeral range; any other port is bound as given, beside the
-    /// TIME_WAIT sockets of earlier connections from it (`SO_REUSEADDR`), and fails with
-    /// `EADDRINUSE` where a socket of the namespace holds it otherwise (a listener, say).
-    fn upstream(&self, dst: SocketAddr, source: Option<SocketAddr>) -> io::Result<TcpSocket>;
+    /// to that (non-local) address, so the peer sees the original client IP.
+    fn upstream(&self, dst: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpSocket>;
 }
 
 /// Caps the kernel receive buffer of a socket whose peer is an app in the same pod.
