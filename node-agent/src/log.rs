@@ -73,7 +73,7 @@ thread_local! {
 /// A data-path worker ran out of work ([`WORKER_HOOKS`]): from the first call on a thread,
 /// the thread batches its lines; it writes them now if it is about to sleep (`sleeps`) or the
 /// oldest has waited [`BATCH_DELAY`].
-pub fn idle(sleeps: bool) {
+fn idle(sleeps: bool) {
     let _ = BATCH.try_with(|b| {
         let Ok(mut b) = b.try_borrow_mut() else {
             return;
