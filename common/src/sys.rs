@@ -447,3 +447,33 @@ pub fn nonblocking_if_pipe(fd: BorrowedFd<'_>) -> io::Result<bool> {
     fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map_err(io::Error::from)?;
     Ok(true)
 }
+
+/// `IP_LOCAL_PORT_RANGE` from linux/in.h (Linux 6.3+; not in the `libc` crate yet).
+const IP_LOCAL_PORT_RANGE: libc::c_int = 51;
+
+/// Narrows the ports `connect` may pick for the socket `fd` (bound with
+/// `IP_BIND_ADDRESS_NO_PORT`, or not bound) to `low..=high`, within the namespace's
+/// `net.ipv4.ip_local_port_range` (the kernel keeps the namespace's bound wherever the given one
+/// lies outside it). With `low == high` the socket connects from that port when the 4-tuple is
+/// free there and `connect` fails with `EADDRNOTAVAIL` when it is not; unlike a `bind` to the
+/// port, the port is then shared the way a port `connect` picked is, so it does not take the
+/// port from other sockets' `connect`. Fails with `ENOPROTOOPT` before Linux 6.3.
+pub fn set_local_port_range(fd: BorrowedFd<'_>, low: u16, high: u16) -> io::Result<()> {
+    let range: u32 = (u32::from(high) << 16) | u32::from(low);
+    // SAFETY: `range` is a live u32 for the duration of the call and its size is the length
+    // passed; setsockopt only reads it. `fd` is a borrowed, open descriptor.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IP,
+            IP_LOCAL_PORT_RANGE,
+            (&raw const range).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -4,9 +4,11 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use ambit_common::netns::Netns;
+use ambit_common::sys;
 use ambit_proxy::socket::SocketFactory;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpSocket;
@@ -56,7 +58,7 @@ impl SocketFactory for InPodSockets {
         })
     }
 
-    fn upstream(&self, dst: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpSocket> {
+    fn upstream(&self, dst: SocketAddr, source: Option<SocketAddr>) -> io::Result<TcpSocket> {
         in_ns(&self.netns, || {
             let domain = if dst.is_ipv4() {
                 Domain::IPV4
@@ -72,8 +74,8 @@ impl SocketFactory for InPodSockets {
                 // sysctl): IP_FREEBIND beside it, as ztunnel sets, would be one more
                 // `setsockopt` per connection for nothing.
                 match src {
-                    IpAddr::V4(_) => s.set_ip_transparent_v4(true)?,
-                    IpAddr::V6(_) => s.set_ip_transparent_v6(true)?,
+                    SocketAddr::V4(_) => s.set_ip_transparent_v4(true)?,
+                    SocketAddr::V6(_) => s.set_ip_transparent_v6(true)?,
                 }
                 // The port is picked at connect time, from the full 4-tuple: a bind to port 0
                 // would reserve a port unique across every socket of the namespace, a search
@@ -85,7 +87,17 @@ impl SocketFactory for InPodSockets {
                     nix::sys::socket::sockopt::IpBindAddressNoPort,
                     &true,
                 );
-                s.bind(&SocketAddr::new(src, 0).into())?;
+                if src.port() != 0 {
+                    // A given port is `connect`'s only choice (a one-port range), not bound:
+                    // a port bound by `bind` is skipped by every `connect` of the namespace
+                    // that picks a port, for as long as a socket (TIME_WAIT included) holds
+                    // it; one `connect` took is shared wherever the 4-tuple differs. Best
+                    // effort (Linux 6.3+): without it `connect` picks as for port 0.
+                    if let Err(e) = sys::set_local_port_range(s.as_fd(), src.port(), src.port()) {
+                        tracing::debug!("the source port {} is left to connect: {e}", src.port());
+                    }
+                }
+                s.bind(&SocketAddr::new(src.ip(), 0).into())?;
             }
             Ok(TcpSocket::from_std_stream(s.into()))
         })
@@ -94,8 +106,6 @@ impl SocketFactory for InPodSockets {
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::AsFd;
-
     use nix::fcntl::{FcntlArg, OFlag, fcntl};
 
     use super::*;
@@ -109,7 +119,7 @@ mod tests {
             netns: Arc::new(Netns::current_thread().unwrap()),
         };
         let dst: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        for source in [None, Some(IpAddr::from([127, 0, 0, 2]))] {
+        for source in [None, Some(SocketAddr::from(([127, 0, 0, 2], 0)))] {
             let s = f.upstream(dst, source).unwrap();
             let flags = OFlag::from_bits_truncate(fcntl(s.as_fd(), FcntlArg::F_GETFL).unwrap());
             assert!(
@@ -117,5 +127,42 @@ mod tests {
                 "source {source:?}: {flags:?}"
             );
         }
+    }
+
+    /// A given source port is the one `connect` takes where the 4-tuple is free, and
+    /// `connect` fails with `EADDRNOTAVAIL` where it is not (the same 4-tuple open, the port
+    /// bound by a listener) — the caller then asks for none. As root.
+    #[tokio::test]
+    async fn a_given_source_port_is_the_only_one_connect_takes() {
+        let f = InPodSockets {
+            netns: Arc::new(Netns::current_thread().unwrap()),
+        };
+        let app = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dst = app.local_addr().unwrap();
+        // A port of the namespace's ephemeral range, free now.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let source = SocketAddr::from(([127, 0, 0, 2], port));
+        let first = f.upstream(dst, Some(source)).unwrap().connect(dst).await;
+        let first = first.unwrap();
+        assert_eq!(first.local_addr().unwrap(), source);
+        let again = f.upstream(dst, Some(source)).unwrap().connect(dst).await;
+        let e = again.expect_err("the same 4-tuple twice");
+        assert_eq!(e.kind(), io::ErrorKind::AddrNotAvailable, "{e}");
+        // Another destination from the same port: a different 4-tuple.
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = other.local_addr().unwrap();
+        let second = f.upstream(to, Some(source)).unwrap().connect(to).await;
+        assert_eq!(second.unwrap().local_addr().unwrap(), source);
+        drop(first);
+        // A port a listener holds.
+        let held = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let source = SocketAddr::from(([127, 0, 0, 2], held.local_addr().unwrap().port()));
+        let e = f.upstream(dst, Some(source)).unwrap().connect(dst).await;
+        let e = e.expect_err("a port a listener holds");
+        assert_eq!(e.kind(), io::ErrorKind::AddrNotAvailable, "{e}");
     }
 }

@@ -122,11 +122,12 @@ impl PodShared {
     }
 
     /// An unconnected socket to `dst`, an app of this pod (with `source` as its transparent
-    /// source address): its receive buffer and congestion control are the app-facing ones.
+    /// source address, see [`SocketFactory::upstream`]): its receive buffer and congestion
+    /// control are the app-facing ones.
     pub fn socket_to_app(
         &self,
         dst: std::net::SocketAddr,
-        source: Option<std::net::IpAddr>,
+        source: Option<std::net::SocketAddr>,
     ) -> io::Result<tokio::net::TcpSocket> {
         let s = self.factory.upstream(dst, source)?;
         let settings = &self.mesh.settings;

@@ -165,10 +165,12 @@ async fn forward(dir: Direction, mut client: TcpStream, peer: SocketAddr, shared
         None
     };
     // Inbound: connect to the app from the client's own address, unless the client is the pod
-    // itself (then the ordinary local address is already right).
+    // itself (then the ordinary local address is already right). Not from its port: the
+    // client's own connection, redirected here, keeps its original 4-tuple in this
+    // namespace's conntrack table, and a second connection with the same tuple would clash.
     let source = match dir {
         Direction::Inbound if !pod.ips.contains(&peer.ip()) && !peer.ip().is_loopback() => {
-            Some(peer.ip())
+            Some(SocketAddr::new(peer.ip(), 0))
         }
         _ => None,
     };

@@ -1,7 +1,7 @@
 //! Socket creation is delegated to a factory; socket options live here.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use socket2::SockRef;
 use tokio::net::{TcpSocket, TcpStream};
@@ -12,8 +12,13 @@ pub trait SocketFactory: Send + Sync + 'static {
     /// A non-blocking listener bound to `port` on every address of the pod.
     fn listener(&self, port: u16) -> io::Result<std::net::TcpListener>;
     /// An unconnected socket for `dst`; when `source` is set the socket is transparent and bound
-    /// to that (non-local) address, so the peer sees the original client IP.
-    fn upstream(&self, dst: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpSocket>;
+    /// to that (non-local) address, so the peer sees the original client IP. Its port is left
+    /// to `connect`; a source port other than 0 is the one `connect` must take, if the 4-tuple
+    /// is free there and the port lies in the namespace's ephemeral range (else `connect`
+    /// fails with `EADDRNOTAVAIL`; outside the range it picks as for port 0) — never bound
+    /// beforehand, which would keep the port from every other socket's `connect` for as long
+    /// as the connection and its TIME_WAIT last.
+    fn upstream(&self, dst: SocketAddr, source: Option<SocketAddr>) -> io::Result<TcpSocket>;
 }
 
 /// Caps the kernel receive buffer of a socket whose peer is an app in the same pod.

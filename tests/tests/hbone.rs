@@ -733,6 +733,99 @@ fn early_bytes_reach_the_app_once_and_in_order() {
     );
 }
 
+/// Connects from inside `ns` to `dst` from the address `src` (its port given), sends a line,
+/// half-closes and returns the reply.
+fn talk_from(ns: &ambit_common::netns::Netns, src: SocketAddr, dst: SocketAddr) -> String {
+    let s = ns
+        .run(|| -> std::io::Result<std::net::TcpStream> {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.bind(&src.into())?;
+            s.connect_timeout(&dst.into(), Duration::from_secs(3))?;
+            Ok(s.into())
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("connect from {src} to {dst}: {e}"));
+    exchange(s, b"who am I?").unwrap_or_else(|e| panic!("reply to {src}: {e}"))
+}
+
+/// The app sees the client's own address and port, as the client's kernel chose it: the
+/// destination's agent has `connect` take that port instead of searching the port range for
+/// one (see `ambit_proxy::hbone::server::connect_to_app`). Where this pod holds the port (a
+/// listener of its own), or it lies outside the pod's ephemeral range, the connection is made
+/// from another port — and still made.
+#[test]
+fn the_app_sees_the_clients_own_port_unless_the_port_is_taken_or_not_ephemeral_here() {
+    let _shared = beside_captures();
+    let mut node = Node::new("1.0.0").unwrap();
+    node.start_agent().unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    let range = |ns: &ambit_common::netns::Netns| -> (u16, u16) {
+        let text = ns
+            .run(|| std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range"))
+            .unwrap()
+            .unwrap();
+        let mut it = text.split_whitespace().map(|p| p.parse::<u16>().unwrap());
+        (it.next().unwrap(), it.next().unwrap())
+    };
+    let (low, high) = range(&b.ns.open());
+    assert!(low > 1, "b's range: {low}-{high}");
+    // The app answers each connection with the address it came from.
+    let app =
+        b.ns.open()
+            .run(|| std::net::TcpListener::bind(("0.0.0.0", 7330)))
+            .unwrap()
+            .unwrap();
+    let server = std::thread::spawn(move || {
+        for _ in 0..3 {
+            let (mut c, peer) = app.accept().unwrap();
+            let mut got = Vec::new();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.read_to_end(&mut got).unwrap();
+            c.write_all(format!("peer={peer}").as_bytes()).unwrap();
+        }
+    });
+    let dst = SocketAddr::new(b.ip, 7330);
+    // A port b's own kernel could have chosen, free in both pods.
+    let free =
+        a.ns.open()
+            .run(|| std::net::TcpListener::bind((a.ip, 0)).map(|l| l.local_addr().unwrap().port()))
+            .unwrap()
+            .unwrap();
+    assert!((low..=high).contains(&free), "{free} not in {low}-{high}");
+    let src = SocketAddr::new(a.ip, free);
+    assert_eq!(talk_from(&a.ns.open(), src, dst), format!("peer={src}"));
+    // A port b holds (a listener on every address): the agent's bind fails, another is used.
+    let held =
+        b.ns.open()
+            .run(|| std::net::TcpListener::bind(("0.0.0.0", 0)))
+            .unwrap()
+            .unwrap();
+    let held_port = held.local_addr().unwrap().port();
+    assert!((low..=high).contains(&held_port));
+    let reply = talk_from(&a.ns.open(), SocketAddr::new(a.ip, held_port), dst);
+    let seen: SocketAddr = reply["peer=".len()..].parse().unwrap();
+    assert!(
+        seen.ip() == a.ip && seen.port() != held_port && (low..=high).contains(&seen.port()),
+        "held port {held_port}: the app saw {seen}"
+    );
+    // Below b's ephemeral range: not taken from the client.
+    let reply = talk_from(&a.ns.open(), SocketAddr::new(a.ip, low - 1), dst);
+    let seen: SocketAddr = reply["peer=".len()..].parse().unwrap();
+    assert!(
+        seen.ip() == a.ip && (low..=high).contains(&seen.port()),
+        "port {}: the app saw {seen}",
+        low - 1
+    );
+    server.join().unwrap();
+    drop(held);
+    let log = node.agent_log();
+    assert!(
+        log.contains("the client's port is taken here"),
+        "the fallback is logged:\n{log}"
+    );
+}
+
 /// Sets the ephemeral port range of the namespace `ns` is (per namespace in Linux).
 fn set_port_range(ns: &ambit_common::netns::Netns, low: u16, high: u16) {
     ns.run(|| {
@@ -745,15 +838,16 @@ fn set_port_range(ns: &ambit_common::netns::Netns, low: u16, high: u16) {
     .unwrap();
 }
 
-/// The agent's connections to an app leave the app's own `connect()` its ports. Each one
-/// ends in TIME_WAIT in the app's namespace (the agent passes the client's end on first);
-/// a socket the agent had bound to a given port (the client's own, as it once did) leaves a
-/// port that `connect()` then skips when it picks one for anybody, to any destination, until
-/// the TIME_WAIT ends — so once a client's connections had gone through every port of the
-/// range, the pod's own connections failed with `EADDRNOTAVAIL` for a minute (and so did the
-/// agent's own retry from a port `connect` picks: a 503, seen in a 30,000-connection bench).
-/// Here the client's ports go through all of a 16-port range the server pod shares; then the
-/// server pod's app must still connect out (to a listener of its own on loopback).
+/// The agent's connections to an app leave the app's own `connect()` its ports, though they
+/// come from the client's own ports. Each one ends in TIME_WAIT in the app's namespace (the
+/// agent passes the client's end on first); when the agent bound the client's port (as it
+/// once did), the port was one that `connect()` then skips when it picks one for anybody, to
+/// any destination, until the TIME_WAIT ends — so once a client's connections had gone
+/// through every port of the range, the pod's own connections failed with `EADDRNOTAVAIL` for
+/// a minute (and so did the agent's own retry from a port `connect` picks: a 503, seen in a
+/// 30,000-connection bench). Here the client's ports go through all of a 16-port range the
+/// server pod shares; then the server pod's app must still connect out (to a listener of its
+/// own on loopback).
 #[test]
 fn the_apps_own_connections_find_a_port_after_the_agent_used_every_client_port() {
     let _shared = beside_captures();

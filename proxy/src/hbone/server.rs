@@ -266,6 +266,66 @@ fn target(req: &Request<h2::RecvStream>, pod_ips: &[IpAddr]) -> Result<SocketAdd
     Ok(addr)
 }
 
+/// The client's own port, from the `forwarded` header's `for` (RFC 7239; the client side sends
+/// `for="10.1.2.3:4567"` or `for="[fd00::1]:4567"`), when it names `peer_ip`, the address the
+/// HBONE connection came from (its port is the client's choice within that address alone).
+/// None without a header, a port or a match (a peer that names no port, as ztunnel does).
+fn client_port(headers: &http::HeaderMap, peer_ip: IpAddr) -> Option<u16> {
+    let value = headers.get(http::header::FORWARDED)?.to_str().ok()?;
+    // The first element names the client; a proxy in between would append its own.
+    let first = value.split(',').next()?;
+    let node = first.split(';').find_map(|pair| {
+        let (key, value) = pair.trim().split_once('=')?;
+        key.eq_ignore_ascii_case("for").then_some(value)
+    })?;
+    let addr: SocketAddr = node.trim_matches('"').parse().ok()?;
+    (canonical(addr).ip() == peer_ip.to_canonical() && addr.port() != 0).then_some(addr.port())
+}
+
+/// Connects to the app `dst` from `source` (transparent, see
+/// [`crate::socket::SocketFactory::upstream`]). From the client's own port where `source` names
+/// one, so the app sees the address the client's kernel chose, as it would without the mesh,
+/// and `connect` searches no port range (a search among every port the namespace's sockets
+/// hold, TIME_WAIT ones included: each connection leaves one, as the agent closes first). The
+/// port is `connect`'s only choice, not bound (a bound port would be skipped by every other
+/// `connect` of the pod for as long as its TIME_WAIT lasts: the app's own connections failed
+/// once a client had gone through the range). The client's kernel already made the 4-tuple
+/// unique on its side, so here it is almost always free; where it is not (a TIME_WAIT socket
+/// of this namespace with the same 4-tuple, a listener on the port), `connect` fails with
+/// `EADDRNOTAVAIL` and the connection is made again from a port `connect` picks.
+async fn connect_to_app(
+    pod: &PodShared,
+    dst: SocketAddr,
+    source: Option<SocketAddr>,
+) -> std::io::Result<TcpStream> {
+    let attempt = async |source: Option<SocketAddr>| {
+        let socket = pod.socket_to_app(dst, source)?;
+        tokio::time::timeout(pod.mesh.settings.connect_timeout, socket.connect(dst))
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                ))
+            })
+    };
+    match attempt(source).await {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable
+            ) =>
+        {
+            let Some(taken) = source.filter(|s| s.port() != 0) else {
+                return Err(e);
+            };
+            debug!(%dst, source = %taken, "the client's port is taken here ({e}); another");
+            attempt(Some(SocketAddr::new(taken.ip(), 0))).await
+        }
+        r => r,
+    }
+}
+
 async fn stream(
     req: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
@@ -312,19 +372,13 @@ async fn stream(
         }
     };
     // The app sees the client's own address (transparent bind), unless the client is this pod.
-    let source =
-        (!pod.ctx.ips.contains(&peer.ip()) && !peer.ip().is_loopback()).then_some(peer.ip());
-    let upstream = match pod.socket_to_app(dst, source) {
-        Ok(s) => tokio::time::timeout(pod.mesh.settings.connect_timeout, s.connect(dst))
-            .await
-            .unwrap_or_else(|_| {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connect timed out",
-                ))
-            }),
-        Err(e) => Err(e),
-    };
+    let source = (!pod.ctx.ips.contains(&peer.ip()) && !peer.ip().is_loopback()).then(|| {
+        SocketAddr::new(
+            peer.ip(),
+            client_port(req.headers(), peer.ip()).unwrap_or(0),
+        )
+    });
+    let upstream = connect_to_app(&pod, dst, source).await;
     let mut upstream = match upstream {
         Ok(u) => u,
         Err(e) => {
@@ -503,6 +557,42 @@ impl std::fmt::Display for Released {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The client's port is taken from the first `forwarded` element's `for`, only where it
+    /// names the address the HBONE connection came from.
+    #[test]
+    fn the_clients_port_comes_from_forwarded_for_the_peers_own_address() {
+        let v4: IpAddr = "10.1.2.3".parse().unwrap();
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        let port = |value: Option<&str>, peer: IpAddr| {
+            let mut headers = http::HeaderMap::new();
+            if let Some(v) = value {
+                headers.insert(http::header::FORWARDED, v.parse().unwrap());
+            }
+            client_port(&headers, peer)
+        };
+        assert_eq!(port(Some("for=\"10.1.2.3:4567\""), v4), Some(4567));
+        assert_eq!(port(Some("for=\"[fd00::1]:4567\""), v6), Some(4567));
+        assert_eq!(port(Some("proto=https; For=\"10.1.2.3:80\""), v4), Some(80));
+        assert_eq!(
+            port(Some("for=\"10.1.2.3:1\", for=\"10.9.9.9:2\""), v4),
+            Some(1)
+        );
+        // An IPv4 client over an IPv6 socket.
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(port(Some("for=\"10.1.2.3:4567\""), mapped), Some(4567));
+        for (value, peer) in [
+            (None, v4),
+            (Some("for=\"10.1.2.4:4567\""), v4),
+            (Some("for=10.1.2.3"), v4),
+            (Some("for=\"10.1.2.3:0\""), v4),
+            (Some("for=\"10.1.2.3:4567\""), v6),
+            (Some("by=\"10.1.2.3:4567\""), v4),
+            (Some("for=\"10.9.9.9:2\", for=\"10.1.2.3:1\""), v4),
+        ] {
+            assert_eq!(port(value, peer), None, "{value:?} from {peer}");
+        }
+    }
 
     /// One CONNECT stream over an in-memory HTTP/2 connection: the client's request stream
     /// (`send`, for its early bytes), the destination's view of it, and a loopback TCP
