@@ -795,7 +795,8 @@ fn the_app_sees_the_clients_own_port_unless_the_port_is_taken_or_not_ephemeral_h
     assert!((low..=high).contains(&free), "{free} not in {low}-{high}");
     let src = SocketAddr::new(a.ip, free);
     assert_eq!(talk_from(&a.ns.open(), src, dst), format!("peer={src}"));
-    // A port b holds (a listener on every address): the agent's bind fails, another is used.
+    // A port b holds (a listener on every address): the agent's connect from it fails,
+    // another is used.
     let held =
         b.ns.open()
             .run(|| std::net::TcpListener::bind(("0.0.0.0", 0)))
