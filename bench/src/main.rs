@@ -948,7 +948,7 @@ fn path_table(
             ));
             json_rows.push(
                 json!({"figure": format!("{scope}{name}{tag}"), "unit": unit,
-                                  "ambit": v, "pinned": pinned}),
+                       "ambit": v, "pinned": pinned}),
             );
         }
         // Scaling: does throughput grow with parallel streams and connections?
