@@ -28,6 +28,47 @@ fn migrate_requests() {
     }
 }
 
+/// This kernel's answer to `IP_LOCAL_PORT_RANGE` (Linux 6.3+, [`sys::set_local_port_range`]).
+static PORT_RANGE: PortRange = PortRange::new();
+
+/// Remembers a kernel's refusal of `IP_LOCAL_PORT_RANGE` (`ENOPROTOOPT`, before Linux 6.3, which
+/// many nodes still run), so such a kernel costs one failed `setsockopt` per agent instead of
+/// one per inbound HBONE connection, and the operator reads why apps see other ports once.
+struct PortRange {
+    refused: std::sync::atomic::AtomicBool,
+}
+
+impl PortRange {
+    const fn new() -> Self {
+        Self {
+            refused: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Makes `port` the socket's only source port through `set` (the `setsockopt`), unless the
+    /// kernel refused the option before. Returns whether it was set.
+    fn narrow(&self, port: u16, set: impl FnOnce(u16) -> io::Result<()>) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.refused.load(Relaxed) {
+            return false;
+        }
+        let Err(e) = set(port) else {
+            return true;
+        };
+        if e.raw_os_error() == Some(nix::errno::Errno::ENOPROTOOPT as i32) {
+            if !self.refused.swap(true, Relaxed) {
+                tracing::info!(
+                    "this kernel has no IP_LOCAL_PORT_RANGE (Linux 6.3+): apps see inbound HBONE \
+                     connections from a port of their own pod's kernel, not their client's ({e})"
+                );
+            }
+        } else {
+            tracing::debug!("the source port {port} is left to connect: {e}");
+        }
+        false
+    }
+}
+
 fn in_ns<T>(ns: &Netns, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     ns.run(f).map_err(io::Error::other)?
 }
@@ -93,9 +134,9 @@ impl SocketFactory for InPodSockets {
                     // that picks a port, for as long as a socket (TIME_WAIT included) holds
                     // it; one `connect` took is shared wherever the 4-tuple differs. Best
                     // effort (Linux 6.3+): without it `connect` picks as for port 0.
-                    if let Err(e) = sys::set_local_port_range(s.as_fd(), src.port(), src.port()) {
-                        tracing::debug!("the source port {} is left to connect: {e}", src.port());
-                    }
+                    PORT_RANGE.narrow(src.port(), |port| {
+                        sys::set_local_port_range(s.as_fd(), port, port)
+                    });
                 }
                 s.bind(&SocketAddr::new(src.ip(), 0).into())?;
             }
@@ -127,6 +168,42 @@ mod tests {
                 "source {source:?}: {flags:?}"
             );
         }
+    }
+
+    /// A kernel that refuses `IP_LOCAL_PORT_RANGE` is asked once, not per connection; any
+    /// other failure leaves the next connection asking again.
+    #[test]
+    fn a_kernel_without_the_port_range_option_is_asked_once() {
+        let range = PortRange::new();
+        let calls = std::cell::Cell::new(0);
+        let refuse = |errno| {
+            let calls = &calls;
+            move |_| {
+                calls.set(calls.get() + 1);
+                Err(io::Error::from_raw_os_error(errno as i32))
+            }
+        };
+        assert!(!range.narrow(40000, refuse(nix::errno::Errno::EINVAL)));
+        assert!(!range.narrow(40001, refuse(nix::errno::Errno::EINVAL)));
+        assert_eq!(calls.get(), 2, "another error is no verdict on the kernel");
+        assert!(!range.narrow(40002, refuse(nix::errno::Errno::ENOPROTOOPT)));
+        assert!(!range.narrow(40003, refuse(nix::errno::Errno::ENOPROTOOPT)));
+        assert!(!range.narrow(40004, refuse(nix::errno::Errno::ENOPROTOOPT)));
+        assert_eq!(
+            calls.get(),
+            3,
+            "asked again after the kernel said it has no such option"
+        );
+        // A kernel that takes it: set every time.
+        let takes = PortRange::new();
+        let mut set = Vec::new();
+        for port in [40005, 40006] {
+            assert!(takes.narrow(port, |p| {
+                set.push(p);
+                Ok(())
+            }));
+        }
+        assert_eq!(set, [40005, 40006]);
     }
 
     /// A given source port is the one `connect` takes where the 4-tuple is free, and
