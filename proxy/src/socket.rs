@@ -70,6 +70,26 @@ pub fn set_congestion_control(sock: SockRef<'_>, name: Option<&str>) {
     }
 }
 
+/// Before `connect()` to an app, when the client's first bytes are already in hand: the
+/// handshake's last ACK is held back (`TCP_QUICKACK` off, the kernel's delayed-ACK mode), so it
+/// rides with those bytes, written right after `connect` returns, instead of a segment of its
+/// own. One segment through the pod's stack fewer per connection, and the app's `accept` finds
+/// the connection with its first bytes (one wake-up of the app, not two). Only with bytes in
+/// hand: with nothing to send, the ACK would wait for the delayed-ACK timer (~200 ms after a
+/// handshake) and the app would not see the connection until then. [`ack_promptly`] undoes it
+/// after the first write. Best effort: a refusal only costs the segment.
+pub fn hold_handshake_ack(sock: SockRef<'_>) {
+    let _ = sock.set_tcp_quickack(false);
+}
+
+/// After the first write on a socket [`hold_handshake_ack`] set up: back to the kernel's usual
+/// acknowledgements (quick ones at the start of a connection), so an app that writes its answer
+/// in pieces with Nagle's algorithm on is not held up by an ACK delayed for a write of ours
+/// that may never come.
+pub fn ack_promptly(sock: SockRef<'_>) {
+    let _ = sock.set_tcp_quickack(true);
+}
+
 /// Whether the kernel lets this process give its sockets the congestion control `name`
 /// (tried on a socket of its own: the algorithms are the kernel's, the same in every
 /// namespace; the agent's `CAP_NET_ADMIN` lifts `net.ipv4.tcp_allowed_congestion_control`).

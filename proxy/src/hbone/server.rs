@@ -293,13 +293,22 @@ fn client_port(headers: &http::HeaderMap, peer_ip: IpAddr) -> Option<u16> {
 /// unique on its side, so here it is almost always free; where it is not (a TIME_WAIT socket
 /// of this namespace with the same 4-tuple, a listener on the port), `connect` fails with
 /// `EADDRNOTAVAIL` and the connection is made again from a port `connect` picks.
+///
+/// `bytes_in_hand`: the client's first bytes are here to be written as soon as the connection
+/// exists, so the handshake's last ACK waits to ride with them
+/// ([`crate::socket::hold_handshake_ack`]; [`hold_answer`] writes them and restores prompt
+/// ACKs).
 async fn connect_to_app(
     pod: &PodShared,
     dst: SocketAddr,
     source: Option<SocketAddr>,
+    bytes_in_hand: bool,
 ) -> std::io::Result<TcpStream> {
     let attempt = async |source: Option<SocketAddr>| {
         let socket = pod.socket_to_app(dst, source)?;
+        if bytes_in_hand {
+            crate::socket::hold_handshake_ack((&socket).into());
+        }
         tokio::time::timeout(pod.mesh.settings.connect_timeout, socket.connect(dst))
             .await
             .unwrap_or_else(|_| {
@@ -378,7 +387,21 @@ async fn stream(
             client_port(req.headers(), peer.ip()).unwrap_or(0),
         )
     });
-    let upstream = connect_to_app(&pod, dst, source).await;
+    // Bytes the client sent ahead of the answer, if already here: the app's connection then
+    // acknowledges its handshake with them. Looked for again once it exists (they may come
+    // while it is made).
+    let mut body = req.into_body();
+    let in_hand = match early_data(&mut body) {
+        Ok(f) => f,
+        Err(e) => {
+            debug!(%peer, %dst, "HBONE stream failed before 200: {e}");
+            record.count(metrics, labels("-"), &pod.series);
+            record.end(End::relayed(Err(e)));
+            return;
+        }
+    };
+    let held_ack = in_hand.is_some();
+    let upstream = connect_to_app(&pod, dst, source, held_ack).await;
     let mut upstream = match upstream {
         Ok(u) => u,
         Err(e) => {
@@ -389,14 +412,17 @@ async fn stream(
         }
     };
     let _ = upstream.set_nodelay(true);
-    let mut body = req.into_body();
-    let early = match early_data(&mut body) {
+    let first = match in_hand {
+        Some(f) => Ok(Some(f)),
+        None => early_data(&mut body),
+    };
+    let early = match first {
         Ok(Some(first)) => tokio::select! {
             biased;
             _ = Cancelled::new(&expired) => Ok(0),
             _ = Cancelled::new(&admitted.revoked) => Ok(0),
             _ = Cancelled::new(&pod.stopped) => Ok(0),
-            r = hold_answer(&mut upstream, &mut body, first) => r.map(|(n, why)| {
+            r = hold_answer(&mut upstream, &mut body, first, held_ack) => r.map(|(n, why)| {
                 debug!(%peer, %dst, bytes = n, "200 held until {why}");
                 n
             }),
@@ -486,7 +512,8 @@ fn early_data(body: &mut h2::RecvStream) -> std::io::Result<Option<Bytes>> {
 /// ([`early_data`], `first`): writes them to the app and holds the answer until the app's
 /// first bytes or its end are there to read, the client's side ends, [`ANSWER_HOLD_BYTES`]
 /// went to the app, or [`ANSWER_HOLD`] passed. Returns the bytes written to the app, and
-/// which of these ended the hold.
+/// which of these ended the hold. `held_ack`: the app's socket holds its handshake's ACK for
+/// these bytes ([`connect_to_app`]); prompt ACKs come back once they are written.
 ///
 /// Why: the 200 then leaves in the same TLS record as the app's reply, instead of a record of
 /// its own that wakes the client's agent for nothing (the client does not wait for it: its
@@ -497,6 +524,7 @@ async fn hold_answer(
     upstream: &mut TcpStream,
     body: &mut h2::RecvStream,
     first: Bytes,
+    held_ack: bool,
 ) -> std::io::Result<(u64, Released)> {
     use tokio::io::AsyncWriteExt;
     let hold = tokio::time::sleep(ANSWER_HOLD);
@@ -506,6 +534,9 @@ async fn hold_answer(
     loop {
         if let Some(d) = chunk.take() {
             upstream.write_all(&d).await?;
+            if held_ack && written == 0 {
+                crate::socket::ack_promptly((&*upstream).into());
+            }
             written += d.len() as u64;
             let _ = body.flow_control().release_capacity(d.len());
         }
@@ -646,9 +677,10 @@ mod tests {
         mut upstream: TcpStream,
         mut body: h2::RecvStream,
         first: Bytes,
+        held_ack: bool,
     ) -> tokio::task::JoinHandle<(std::io::Result<(u64, Released)>, TcpStream)> {
         tokio::spawn(async move {
-            let r = hold_answer(&mut upstream, &mut body, first).await;
+            let r = hold_answer(&mut upstream, &mut body, first, held_ack).await;
             drop(body);
             (r, upstream)
         })
@@ -675,7 +707,7 @@ mod tests {
             mut app,
         } = setup(b"hello", false).await;
         let first = body.data().await.unwrap().unwrap();
-        let held = hold(upstream, body, first);
+        let held = hold(upstream, body, first, false);
         assert_eq!(read_exactly(&mut app, 5).await, b"hello");
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(
@@ -702,6 +734,39 @@ mod tests {
         assert_eq!(read_exactly(&mut upstream, 5).await, b"reply");
     }
 
+    /// A socket that held its handshake's ACK for the client's early bytes acknowledges promptly
+    /// again once they are written: an app answering in pieces (Nagle on) must not wait for an
+    /// ACK delayed until a write of ours that may never come. A socket that held nothing is
+    /// left as it was.
+    #[tokio::test]
+    async fn prompt_acks_come_back_once_the_held_bytes_are_written() {
+        let quick = |s: &socket2::Socket| s.tcp_quickack().unwrap();
+        for held_ack in [true, false] {
+            let Setup {
+                send: _open,
+                mut body,
+                upstream,
+                mut app,
+            } = setup(b"hello", false).await;
+            // The same socket, looked at while the hold owns it.
+            let probe = socket2::SockRef::from(&upstream).try_clone().unwrap();
+            if held_ack {
+                crate::socket::hold_handshake_ack((&upstream).into());
+            }
+            assert_eq!(quick(&probe), !held_ack, "before the write");
+            let first = body.data().await.unwrap().unwrap();
+            // This runtime has one thread: the hold runs up to its next wait (after the write
+            // and what follows it) before the app's read returns here.
+            let held = hold(upstream, body, first, held_ack);
+            assert_eq!(read_exactly(&mut app, 5).await, b"hello");
+            assert!(
+                quick(&probe),
+                "held ACK {held_ack}: prompt ACKs once the bytes are written"
+            );
+            held.abort();
+        }
+    }
+
     /// The answer is not held past the client's end, past half of an Ambit client's early
     /// limit (it would then stop to wait for the 200 while the app waits for more), or past
     /// [`ANSWER_HOLD`] when the app stays silent.
@@ -712,7 +777,7 @@ mod tests {
         let s = setup(b"bye", true).await;
         let (mut body, mut app) = (s.body, s.app);
         let first = body.data().await.unwrap().unwrap();
-        let (r, _) = tokio::time::timeout(limit, hold(s.upstream, body, first))
+        let (r, _) = tokio::time::timeout(limit, hold(s.upstream, body, first, false))
             .await
             .expect("ended client: answer held")
             .unwrap();
@@ -723,7 +788,7 @@ mod tests {
         let s = setup(&big, false).await;
         let (mut body, mut app) = (s.body, s.app);
         let first = body.data().await.unwrap().unwrap();
-        let (r, _) = tokio::time::timeout(limit, hold(s.upstream, body, first))
+        let (r, _) = tokio::time::timeout(limit, hold(s.upstream, body, first, false))
             .await
             .expect("enough early bytes: answer held")
             .unwrap();
@@ -735,10 +800,11 @@ mod tests {
         let s = setup(b"x", false).await;
         let mut body = s.body;
         let first = body.data().await.unwrap().unwrap();
-        let (r, _) = tokio::time::timeout(ANSWER_HOLD + limit, hold(s.upstream, body, first))
-            .await
-            .expect("silent app: answer held past ANSWER_HOLD")
-            .unwrap();
+        let (r, _) =
+            tokio::time::timeout(ANSWER_HOLD + limit, hold(s.upstream, body, first, false))
+                .await
+                .expect("silent app: answer held past ANSWER_HOLD")
+                .unwrap();
         assert_eq!(r.unwrap(), (1, Released::Timeout));
     }
 
