@@ -741,7 +741,8 @@ fn early_bytes_reach_the_app_once_and_in_order() {
 /// Whether the bytes are here before the agent connects depends on the client's agent having
 /// sent them right behind the CONNECT, which a loaded machine can delay (as in
 /// `early_bytes_reach_the_app_once_and_in_order`); so up to five connections are made until
-/// one shows it, and none in five fails.
+/// one shows it, and none in five fails (a connection whose start the capture missed counts as
+/// none).
 #[test]
 fn the_apps_handshake_ack_rides_with_the_clients_first_bytes() {
     let _alone = capture_alone();
@@ -772,22 +773,24 @@ fn the_apps_handshake_ack_rides_with_the_clients_first_bytes() {
             .iter()
             .filter(|s| s.dst == app && s.src.ip() == a.ip)
             .collect();
-        assert!(
-            to_app.first().is_some_and(|s| s.syn),
-            "connection {attempt}: the capture has no SYN to the app: {to_app:?}"
-        );
-        let Some(after_syn) = to_app.iter().find(|s| !s.syn) else {
-            panic!("connection {attempt}: nothing after the SYN: {to_app:?}");
+        // A capture that missed the connection's start proves nothing either way (seen once
+        // in CI: no segment of the flow at all); the next connection is looked at instead.
+        let after_syn = match to_app.first() {
+            Some(first) if first.syn => to_app.iter().find(|s| !s.syn),
+            _ => None,
         };
-        if after_syn.payload == msg.as_bytes() {
-            eprintln!("connection {attempt}: the handshake's ACK came with the bytes");
-            return;
+        match after_syn {
+            Some(s) if s.payload == msg.as_bytes() => {
+                eprintln!("connection {attempt}: the handshake's ACK came with the bytes");
+                return;
+            }
+            Some(s) => seen.push(format!("{} bytes after the SYN", s.payload.len())),
+            None => seen.push(format!("captured from its start: {to_app:?}")),
         }
-        seen.push(after_syn.payload.len());
     }
     panic!(
-        "in five connections the agent's handshake with the app ended in a segment of its own \
-         ({seen:?} bytes after each SYN):\n{}",
+        "in five connections the agent's handshake with the app never carried the client's \
+         bytes: {seen:?}\n{}",
         node.agent_log()
     );
 }
