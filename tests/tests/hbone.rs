@@ -785,7 +785,7 @@ fn the_apps_handshake_ack_rides_with_the_clients_first_bytes() {
                 return;
             }
             Some(s) => seen.push(format!("{} bytes after the SYN", s.payload.len())),
-            None => seen.push(format!("captured from its start: {to_app:?}")),
+            None => seen.push(format!("the capture missed its start: {to_app:?}")),
         }
     }
     panic!(
